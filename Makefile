@@ -1,0 +1,33 @@
+# qtl: two commands do all set-up on a fresh machine.
+#   make demo   -> creates .venv, trains CDL and DQC on the built-in synthetic CXR-LT, prints AUROCs
+#   make test   -> creates .venv, runs the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint venv clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python launch.py -m experiment=demo task=cxr8 head=cdl,dqc seed=0
+	$(BIN)/python -m qtl.summary multirun/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-demo:
+	rm -rf multirun/demo outputs/demo

@@ -1,0 +1,230 @@
+"""Typed schema for every config group.
+
+Hydra merges the YAML files in ``conf/`` into these dataclasses, so a misspelt key or a
+value outside an enum fails when the config is composed, not an hour into a run.
+Checks that need more than one field (a crop larger than the resize, a label that is not
+in the dataset) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class Mode(StrEnum):
+    train = "train"  # train, evaluate the best checkpoint, write records
+    describe = "describe"  # print the parameter table per component, no training
+
+
+class HeadName(StrEnum):
+    cdl = "cdl"  # classical: Linear + sigmoid
+    dqc = "dqc"  # dressed quantum circuit
+
+
+class Simulator(StrEnum):
+    pennylane = "pennylane"  # PennyLane default.qubit, jax interface, backprop (reference)
+    fast = "fast"  # qtl's real-amplitude simulator, tested equal to pennylane
+
+
+class ThetaInit(StrEnum):
+    normal = "normal"  # N(0, (2*pi)^2), as the study's code
+    uniform = "uniform"  # U[0, 2*pi), as the study's later text
+
+
+class Backend(StrEnum):
+    jax = "jax"
+    torch = "torch"
+    tf = "tf"
+
+
+class DataName(StrEnum):
+    synthetic = "synthetic"
+    nih_cxr_lt = "nih_cxr_lt"
+
+
+class LayerType(StrEnum):
+    bottleneck = "bottleneck"
+    basic = "basic"
+
+
+class BatchNormMode(StrEnum):
+    inference = "inference"  # running statistics always, never updated (pretrained backbone)
+    batch = "batch"  # batch statistics + running-average updates in training (from scratch)
+
+
+class LoggerName(StrEnum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(StrEnum):
+    auto = "auto"  # online when an API key is configured, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING  # cxr8 | cxr14 | cxr19
+    labels: list[str] = MISSING  # output column order; one sigmoid (and one qubit) per label
+
+
+@dataclass
+class HeadConfig:
+    name: HeadName = MISSING
+    depth: int = 3  # variational layers (dqc only)
+    theta_init: ThetaInit = ThetaInit.normal  # how circuit weights start (dqc only)
+    simulator: Simulator = Simulator.pennylane  # which simulator runs the circuit (dqc only)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # resnet50 | resnet_small | any name for a custom shape
+    layer_type: LayerType = LayerType.bottleneck  # ResNet block type (HF ResNetConfig.layer_type)
+    embedding_size: int = 64  # channels of the 7x7 stem
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # per stage
+    depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])  # blocks per stage
+    pretrained: str | None = None  # HF hub id or local dir with model.safetensors; null = random
+    freeze: bool = False  # true: train the head only (the study fine-tunes everything)
+    batch_norm: BatchNormMode = BatchNormMode.inference  # inference: frozen running stats
+    conv1x1_as_matmul: bool = True  # 1x1 convs as einsum: same result, ~2x faster CPU backward
+
+
+@dataclass
+class DataConfig:
+    name: DataName = MISSING
+    root: str | None = None  # NIH: folder with the label CSVs; synthetic: where to write it
+    image_dir: str | None = None  # NIH image folder; null = <root>/images
+    external_csv: str | None = None  # MIMIC-CXR-LT test label CSV; null = no external test
+    external_root: str | None = None  # MIMIC-CXR-JPG root the CSV's `path` column is relative to
+    resize: int = 256  # shortest side after resize
+    crop: int = 224  # centre crop (train and test)
+    augment: bool = True  # random flip + rotation on training batches
+    hflip_p: float = 0.5  # probability of a horizontal flip
+    max_rotation_deg: float = 15.0  # rotation drawn uniformly in [-x, x] degrees
+    workers: int = 0  # threads decoding images; 0 = one per CPU core
+    limit: int | None = None  # use only the first N records per split (smoke tests)
+    # synthetic generator (ignored for real data)
+    synth_seed: int = 0  # the dataset's own seed (independent of the training seed)
+    synth_sizes: dict[str, int] = field(
+        default_factory=lambda: {"train": 3000, "val": 600, "test": 1000, "external": 800}
+    )  # images per split
+    synth_image_px: int = 256  # side of the square PNGs written (NIH's are 1024)
+    synth_difficulty: float = 1.0  # >1 = fainter traces and more noise
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4  # learning rate
+    weight_decay: float = 0.0  # adamw only
+    batch_size: int = 32  # training batch (last partial batch is padded + masked, not dropped)
+    eval_batch_size: int = 64  # batch for validation / test passes
+    max_epochs: int = 50  # hard cap on epochs
+    patience: int = 5  # stop after this many epochs without a lower val loss
+    min_delta: float = 0.0  # improvement smaller than this does not reset patience
+    log_every: int = 10  # W&B train-loss logging period in steps
+
+
+@dataclass
+class WandbConfig:
+    project: str = "qtl"  # W&B project
+    entity: str | None = None  # W&B entity (team/user); null = default
+    mode: WandbMode = WandbMode.auto  # online | offline | auto (offline without an API key)
+    tags: list[str] = field(default_factory=list)  # extra tags (task/head/seed are added)
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class BackendConfig:
+    name: Backend = Backend.jax  # framework that runs the train step (jax trains)
+
+
+@dataclass
+class QtlConfig:
+    mode: Mode = Mode.train
+    name: str = "default"  # experiment name: groups run directories under outputs/<name>
+    seed: int = 0  # one seed drives init, batch order and augmentation
+    task: TaskConfig = MISSING
+    head: HeadConfig = MISSING
+    backbone: BackboneConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    progress: bool | None = None  # progress bars; null = only when stderr is a terminal
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can extend it."""
+    cs = ConfigStore.instance()
+    cs.store(name="qtl_schema", node=QtlConfig)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to use."""
+
+
+def to_schema(cfg: DictConfig | QtlConfig) -> QtlConfig:
+    """Typed view (real dataclasses and enums) of a composed config."""
+    if isinstance(cfg, QtlConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QtlConfig), cfg))  # type: ignore[return-value]
+
+
+def validate(cfg: QtlConfig) -> None:
+    """Cross-field checks with messages a researcher can act on."""
+    from qtl.labels import ALL_LABELS
+
+    unknown = [label for label in cfg.task.labels if label not in ALL_LABELS]
+    if unknown:
+        raise ConfigError(
+            f"task.labels: unknown label(s) {unknown} in task '{cfg.task.name}'. "
+            f"Valid NIH-CXR-LT labels: {', '.join(ALL_LABELS)}."
+        )
+    if len(set(cfg.task.labels)) != len(cfg.task.labels):
+        raise ConfigError(f"task.labels: duplicate labels in task '{cfg.task.name}'.")
+    if cfg.data.crop > cfg.data.resize:
+        raise ConfigError(
+            f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
+            "the centre crop must fit inside the resized image."
+        )
+    checks: list[tuple[str, Any, bool]] = [
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size > 0),
+        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size > 0),
+        ("train.max_epochs", cfg.train.max_epochs, cfg.train.max_epochs > 0),
+        ("train.patience", cfg.train.patience, cfg.train.patience > 0),
+        ("train.lr", cfg.train.lr, cfg.train.lr > 0),
+        ("head.depth", cfg.head.depth, cfg.head.depth > 0),
+        ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
+        ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
+    ]
+    for key, value, ok in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} is out of range.")
+    if cfg.train.optimizer not in ("adam", "adamw", "sgd"):
+        raise ConfigError(
+            f"train.optimizer='{cfg.train.optimizer}' is not supported; use adam, adamw or sgd."
+        )
+    if len(cfg.backbone.hidden_sizes) != len(cfg.backbone.depths):
+        raise ConfigError(
+            "backbone.hidden_sizes and backbone.depths must have one entry per stage "
+            f"(got {len(cfg.backbone.hidden_sizes)} and {len(cfg.backbone.depths)})."
+        )
+    if cfg.data.name == DataName.nih_cxr_lt and not cfg.data.root:
+        raise ConfigError(
+            "data.root is not set: data=nih_cxr_lt needs data.root=<folder with "
+            "miccai2023_nih-cxr-lt_labels_{train,val,test}.csv>. "
+            "Use data=synthetic to try qtl without data."
+        )

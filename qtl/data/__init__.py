@@ -1,0 +1,1 @@
+"""Data flow: readers (real on-disk formats) -> preprocessing -> batch stream + augmentation."""

@@ -1,0 +1,105 @@
+"""The batch stream: which examples, in which order, with which augmentation key.
+
+Everything here is a function of (seed, epoch, batch index) alone, never of the head or the
+model, so CDL and DQC runs with the same seed see the same batches. The last partial batch is
+padded to full size with a zero mask, so one compiled train step serves every batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch: uint8 images, float labels, 1/0 mask of real rows, indices."""
+
+    images: np.ndarray  # (B, H, W) uint8
+    labels: np.ndarray  # (B, L) float32
+    mask: np.ndarray  # (B,) float32, 0 on padding rows
+    indices: np.ndarray  # (B,) int64 example indices (padding repeats index 0)
+    key: jax.Array | None  # augmentation key (training batches only)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Permutation of ``range(n)`` for one epoch (NumPy's PCG64 seeded by (seed, epoch))."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def augment_key(seed: int, epoch: int, index: int) -> jax.Array:
+    """Augmentation key of batch ``index`` of ``epoch`` (independent of model init)."""
+    root = jax.random.fold_in(jax.random.key(seed), 0x5EED)
+    return jax.random.fold_in(jax.random.fold_in(root, epoch), index)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def _pad(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.zeros(batch_size, np.float32)
+    mask[: len(indices)] = 1.0
+    padded = np.zeros(batch_size, np.int64)
+    padded[: len(indices)] = indices
+    return padded, mask
+
+
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int | None = None,
+    epoch: int = 0,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Yield padded batches; with ``seed`` shuffled and keyed for training, else in order.
+
+    A background thread gathers the next ``prefetch`` batches while the device computes.
+    """
+    n = len(images)
+    order = epoch_order(seed, epoch, n) if seed is not None else np.arange(n)
+    count = num_batches(n, batch_size)
+
+    def make(i: int) -> Batch:
+        idx, mask = _pad(order[i * batch_size : (i + 1) * batch_size], batch_size)
+        key = augment_key(seed, epoch, i) if seed is not None else None
+        return Batch(images[idx], labels[idx], mask, idx, key)
+
+    if prefetch <= 0:
+        for i in range(count):
+            yield make(i)
+        return
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for i in range(count):
+                if stop.is_set():
+                    return
+                q.put(make(i))
+        except BaseException as exc:  # surfaced in the consumer thread
+            q.put(exc)
+        q.put(None)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -1,0 +1,36 @@
+"""Run the jitted eval step over a whole split (padded last batch, same compiled shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from qtl.data.loader import batches, num_batches
+from qtl.progress import bar
+
+
+def predict(
+    eval_step: Callable,
+    state,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    desc: str = "eval",
+    progress: bool = False,
+) -> tuple[np.ndarray, float]:
+    """Probabilities (N, L) and mean BCE loss over the split."""
+    n = len(images)
+    probs = np.zeros(labels.shape, np.float32)
+    total = 0.0
+    done = 0
+    with bar(total=num_batches(n, batch_size), desc=desc, enabled=progress, leave=False) as pbar:
+        for batch in batches(images, labels, batch_size):
+            p, loss_sum = eval_step(state, batch.images, batch.labels, batch.mask)
+            real = int(batch.mask.sum())
+            probs[done : done + real] = np.asarray(p)[:real]
+            total += float(loss_sum)
+            done += real
+            pbar.update(1)
+    return probs, total / max(n, 1)

@@ -1,0 +1,68 @@
+"""Backbone + head = the model a run trains; and the per-component parameter table."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from qtl.config import HeadName, QtlConfig
+from qtl.models.heads import make_head
+from qtl.models.resnet import ResNet
+
+
+class Classifier(nnx.Module):
+    """Images (B, H, W, 3) normalised -> logits (B, n_labels)."""
+
+    def __init__(self, cfg: QtlConfig, *, rngs: nnx.Rngs):
+        self.backbone = ResNet(cfg.backbone, rngs=rngs)
+        self.head = make_head(cfg.head, self.backbone.num_features, len(cfg.task.labels), rngs=rngs)
+        self.freeze_backbone = cfg.backbone.freeze
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        features = self.backbone(images)
+        if self.freeze_backbone:
+            features = jax.lax.stop_gradient(features)
+        return self.head(features)
+
+
+def build_model(cfg: QtlConfig, seed: int) -> Classifier:
+    """Initialise from ``seed`` (then load pretrained backbone weights when configured)."""
+    model = Classifier(cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
+    if cfg.backbone.pretrained:
+        from qtl.models.hf_import import load_pretrained
+
+        load_pretrained(model.backbone, cfg.backbone.pretrained)
+    return model
+
+
+def trainable_filter(cfg: QtlConfig) -> nnx.filterlib.Filter:
+    """Which variables the optimiser updates: all Params, or only the head's when frozen."""
+    if cfg.backbone.freeze:
+        return nnx.All(nnx.Param, nnx.PathContains("head"))
+    return nnx.Param
+
+
+def _count(state: nnx.State) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def parameter_table(model: Classifier, cfg: QtlConfig) -> list[tuple[str, int]]:
+    """Parameter count per component, named as in the study's Table I."""
+    backbone = _count(nnx.state(model.backbone, nnx.Param))
+    rows = [("backbone", backbone)]
+    if cfg.head.name == HeadName.dqc:
+        head = model.head
+        rows += [
+            ("classical pre-process (w_in)", _count(nnx.state(head.pre, nnx.Param))),
+            ("quantum weights (theta)", _count(nnx.state(head, nnx.Param)["theta"])),
+            ("classical post-process (w_out)", _count(nnx.state(head.post, nnx.Param))),
+        ]
+    else:
+        rows.append(("classical head (CDL)", _count(nnx.state(model.head, nnx.Param))))
+    rows.append(("total", sum(n for _, n in rows)))
+    return rows
+
+
+def abstract_model(cfg: QtlConfig) -> Classifier:
+    """The model's structure and shapes without allocating weights (fast, any size)."""
+    return nnx.eval_shape(lambda: Classifier(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,1 @@
+"""The variational circuit of the DQC head: one definition, one or more simulators."""

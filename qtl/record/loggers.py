@@ -1,0 +1,90 @@
+"""Experiment loggers: nothing, or Weights & Biases (offline run files when no API key).
+
+One W&B run per job, even inside a Hydra multirun; the run id is kept in the run directory
+so a resumed job continues the same W&B run; ``finish`` is always called by the runner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from qtl.config import LoggerName, QtlConfig, WandbMode
+
+
+class NullLogger:
+    """Logs nothing; the local files are written regardless."""
+
+    run_id: str | None = None
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        pass
+
+    def summary(self, data: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def _wandb_mode(mode: WandbMode) -> str:
+    if mode != WandbMode.auto:
+        return mode.value
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            import netrc
+
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            has_key = False
+    return "online" if has_key else "offline"
+
+
+class WandbLogger:
+    """A W&B run in ``<run_dir>/wandb``; resumes the run whose id is in ``wandb_run_id``."""
+
+    def __init__(self, cfg: QtlConfig, run_dir: Path, config: dict[str, Any], run_name: str):
+        import wandb
+
+        wcfg = cfg.logger.wandb
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run_id = run_id
+        self._run = wandb.init(
+            project=wcfg.project,
+            entity=wcfg.entity,
+            group=f"{cfg.task.name}-{cfg.head.name.value}",
+            name=run_name,
+            tags=[cfg.task.name, cfg.head.name.value, f"seed{cfg.seed}", *wcfg.tags],
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            mode=_wandb_mode(wcfg.mode),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        self._run.define_metric("epoch")
+        for key in ("val/*", "train/epoch_loss"):
+            self._run.define_metric(key, step_metric="epoch")
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        self._run.log(data, step=step)
+
+    def summary(self, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            self._run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._run.finish(exit_code=exit_code)
+
+
+def make_logger(
+    cfg: QtlConfig, run_dir: Path, config: dict[str, Any], run_name: str
+) -> NullLogger | WandbLogger:
+    if cfg.logger.name == LoggerName.wandb:
+        return WandbLogger(cfg, run_dir, config, run_name)
+    return NullLogger()

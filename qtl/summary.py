@@ -1,0 +1,64 @@
+"""Side-by-side per-label AUROC of every finished run under a directory.
+
+    python -m qtl.summary multirun/demo
+
+Reads only results.json files (the full statistical report is a separate mode).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """All results.json under ``root``, sorted by task, head, seed."""
+    runs = [json.loads(p.read_text()) for p in sorted(Path(root).rglob("results.json"))]
+    return sorted(runs, key=lambda r: (r["task"], r["head"], r["seed"]))
+
+
+def table(runs: list[dict[str, Any]], split: str) -> str:
+    """Labels as rows, one column per run (task/head/seed)."""
+    runs = [r for r in runs if split in r["auroc"]]
+    if not runs:
+        return f"(no run evaluated on '{split}')"
+    labels: list[str] = []
+    for r in runs:
+        labels += [x for x in r["labels"] if x not in labels]
+    cols = [f"{r['task']}/{r['head']}/s{r['seed']}" for r in runs]
+    width = max(len(x) for x in [*labels, "mean AUROC"])
+    cw = max(10, *(len(c) for c in cols))
+    out = [f"{split} AUROC".ljust(width) + "  " + "  ".join(c.rjust(cw) for c in cols)]
+    for name in [*labels, "mean AUROC"]:
+        cells = []
+        for r in runs:
+            block = r["auroc"][split]
+            v = block["mean"] if name == "mean AUROC" else block["per_label"].get(name)
+            cells.append((f"{v:.3f}" if v is not None else "n/a").rjust(cw))
+        out.append(name.ljust(width) + "  " + "  ".join(cells))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0] if args else "multirun")
+    runs = collect(root)
+    if not runs:
+        print(f"no results.json under {root}", file=sys.stderr)
+        return 1
+    print(f"\n{len(runs)} finished run(s) under {root}\n")
+    for split in ("test", "external"):
+        print(table(runs, split) + "\n")
+    for r in runs:
+        w = r["wall_seconds"]
+        print(
+            f"{r['run']}: best epoch {r['best_epoch']}/{r['epochs']}, "
+            f"train {w['train']:.0f}s, data {w['data']:.0f}s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""One jitted train step and one jitted eval step over an explicit state.
+
+The model lives as (graphdef, trainable params, the rest); the rest holds BatchNorm
+statistics, which the forward pass may update but the optimiser never sees (the study's code
+passed them to the optimiser). Images arrive as uint8 grayscale; normalisation, augmentation
+and the channel copy happen inside the step on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from qtl.config import QtlConfig, TrainConfig
+from qtl.data.augment import augment
+from qtl.data.preprocess import normalize
+from qtl.models.classifier import Classifier, trainable_filter
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree checkpointed as a whole."""
+
+    step: jax.Array
+    params: nnx.State
+    rest: nnx.State
+    opt_state: Any
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    if cfg.optimizer == "adam":
+        return optax.adam(cfg.lr)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.lr, momentum=0.9)
+    raise ValueError(f"train.optimizer={cfg.optimizer!r}: use adam, adamw or sgd")
+
+
+def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy over labels and over the real (unmasked) rows."""
+    per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The compiled functions of one run plus what they close over."""
+
+    train_graph: nnx.GraphDef
+    eval_graph: nnx.GraphDef
+    train_step: Callable[..., tuple[TrainState, jax.Array]]
+    eval_step: Callable[..., tuple[jax.Array, jax.Array]]
+    tx: optax.GradientTransformation
+
+
+def split_model(model: Classifier, cfg: QtlConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    return nnx.split(model, trainable_filter(cfg), ...)
+
+
+def init_state(model: Classifier, cfg: QtlConfig, tx: optax.GradientTransformation) -> TrainState:
+    _, params, rest = split_model(model, cfg)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params)
+    )
+
+
+def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
+    """Compile-ready train/eval steps for ``model`` (its weights are not captured)."""
+    tx = make_optimizer(cfg.train)
+    model.train()
+    train_graph, _, _ = split_model(model, cfg)
+    model.eval()
+    eval_graph, _, _ = split_model(model, cfg)
+    data = cfg.data
+    do_augment = data.augment and (data.hflip_p > 0 or data.max_rotation_deg > 0)
+
+    def prepare(images_u8: jax.Array, key: jax.Array | None) -> jax.Array:
+        images = images_u8.astype(jnp.float32)
+        if key is not None:
+            images = augment(
+                images, key, hflip_p=data.hflip_p, max_rotation_deg=data.max_rotation_deg
+            )
+        return normalize(images)
+
+    def loss_fn(params, rest, images, labels, mask):
+        module = nnx.merge(train_graph, params, rest)
+        logits = module(images)
+        _, _, new_rest = split_model(module, cfg)
+        return masked_bce(logits, labels, mask), new_rest
+
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, images_u8, labels, mask, key) -> tuple[TrainState, jax.Array]:
+        images = prepare(images_u8, key if do_augment else None)
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.rest, images, labels, mask
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, rest, opt_state), loss
+
+    @jax.jit
+    def eval_step(state: TrainState, images_u8, labels, mask) -> tuple[jax.Array, jax.Array]:
+        module = nnx.merge(eval_graph, state.params, state.rest)
+        logits = module(prepare(images_u8, None))
+        per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
+        return jax.nn.sigmoid(logits), per_row.sum()
+
+    return Steps(train_graph, eval_graph, train_step, eval_step, tx)
