@@ -31,8 +31,10 @@ def main(cfg: DictConfig) -> float | None:
     from qtl.config import ConfigError, to_schema
     from qtl.data.records import DataError
     from qtl.run import run
+    from qtl.runtime import configure_jax
     from qtl.train.checkpoint import CheckpointError
 
+    configure_jax()
     try:
         typed = to_schema(cfg)
         result = run(typed, Path(HydraConfig.get().runtime.output_dir))

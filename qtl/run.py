@@ -118,14 +118,8 @@ def format_auroc_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _configure_threads() -> None:
-    """Let XLA use the machine's cores but not grab a whole GPU (jobs may share one)."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-
 def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or resume) a run in ``run_dir``, evaluate its best checkpoint, write records."""
-    _configure_threads()
     validate(cfg)
     if cfg.backend.name != Backend.jax:
         raise ConfigError(

@@ -13,6 +13,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 ROOT = Path(__file__).resolve().parents[1]
+# One compilation cache for the session and its subprocesses: each step compiles once.
+os.environ.setdefault("QTL_JAX_CACHE", str(ROOT / ".cache" / "jax-tests"))
+
+from qtl.runtime import configure_jax  # noqa: E402
+
+configure_jax()
 
 # A run that trains in seconds: tiny synthetic data, tiny ResNet, two epochs.
 TINY = [

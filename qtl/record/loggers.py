@@ -7,6 +7,7 @@ so a resumed job continues the same W&B run; ``finish`` is always called by the 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class WandbLogger:
 
         wcfg = cfg.logger.wandb
         id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run_id = run_id
         self._run = wandb.init(

@@ -70,6 +70,8 @@ def read_run_file(path: Path) -> dict[str, Any]:
             for i in rec.config.update:
                 out["config"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
         elif kind == "run":
+            for i in rec.run.config.update:  # the initial config travels with the run record
+                out["config"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
             out["run"] = {
                 "id": rec.run.run_id,
                 "group": rec.run.run_group,

@@ -91,7 +91,7 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
         return normalize(images)
 
     def loss_fn(params, rest, images, labels, mask):
-        module = nnx.merge(train_graph, params, rest)
+        module = nnx.merge(train_graph, params, rest, copy=True)  # fresh Variables at this trace
         logits = module(images)
         _, _, new_rest = split_model(module, cfg)
         return masked_bce(logits, labels, mask), new_rest
@@ -108,7 +108,7 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
 
     @jax.jit
     def eval_step(state: TrainState, images_u8, labels, mask) -> tuple[jax.Array, jax.Array]:
-        module = nnx.merge(eval_graph, state.params, state.rest)
+        module = nnx.merge(eval_graph, state.params, state.rest, copy=True)
         logits = module(prepare(images_u8, None))
         per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
         return jax.nn.sigmoid(logits), per_row.sum()

@@ -1,0 +1,31 @@
+"""Process-wide JAX settings, applied once before any computation.
+
+- no GPU memory preallocation: several jobs may share one GPU, and a job should hold only
+  what it uses;
+- a persistent compilation cache, so a resumed or repeated run skips recompiling its steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure_jax(cache_dir: str | os.PathLike | None = None) -> None:
+    """Apply qtl's JAX defaults (environment variables set by the user win)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import logging
+
+    import jax
+
+    # Orbax logs every save/restore at INFO through absl; keep run logs readable.
+    for name in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    path = cache_dir or os.environ.get("QTL_JAX_CACHE") or Path(".cache") / "jax"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # read-only location: run without the cache
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
