@@ -31,6 +31,11 @@ class Simulator(StrEnum):
     fast = "fast"  # qtl's real-amplitude simulator, tested equal to pennylane
 
 
+class BiasInit(StrEnum):
+    zero = "zero"  # Flax default, as the study
+    prior = "prior"  # log-odds of each label's training prevalence
+
+
 class ThetaInit(StrEnum):
     normal = "normal"  # N(0, (2*pi)^2), as the study's code
     uniform = "uniform"  # U[0, 2*pi), as the study's later text
@@ -81,6 +86,7 @@ class HeadConfig:
     depth: int = 3  # variational layers (dqc only)
     theta_init: ThetaInit = ThetaInit.normal  # how circuit weights start (dqc only)
     simulator: Simulator = Simulator.pennylane  # which simulator runs the circuit (dqc only)
+    bias_init: BiasInit = BiasInit.zero  # output-layer bias: zero | prior (label log-odds)
 
 
 @dataclass
@@ -90,7 +96,8 @@ class BackboneConfig:
     embedding_size: int = 64  # channels of the 7x7 stem
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # per stage
     depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])  # blocks per stage
-    pretrained: str | None = None  # HF hub id or local dir with model.safetensors; null = random
+    pretrained: str | None = None  # HF hub id | local dir with model.safetensors | synthetic | null
+    pretrain_epochs: int = 15  # pretrained=synthetic: epochs on the synthetic source set
     freeze: bool = False  # true: train the head only (the study fine-tunes everything)
     batch_norm: BatchNormMode = BatchNormMode.inference  # inference: frozen running stats
     conv1x1_as_matmul: bool = True  # 1x1 convs as einsum: same result, ~2x faster CPU backward
@@ -123,6 +130,7 @@ class DataConfig:
 class TrainConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
     lr: float = 1e-4  # learning rate
+    backbone_lr: float | None = None  # backbone's own rate when fine-tuning; null = lr
     weight_decay: float = 0.0  # adamw only
     batch_size: int = 32  # training batch (last partial batch is padded + masked, not dropped)
     eval_batch_size: int = 64  # batch for validation / test passes
@@ -206,6 +214,7 @@ def validate(cfg: QtlConfig) -> None:
         ("train.max_epochs", cfg.train.max_epochs, cfg.train.max_epochs > 0),
         ("train.patience", cfg.train.patience, cfg.train.patience > 0),
         ("train.lr", cfg.train.lr, cfg.train.lr > 0),
+        ("train.backbone_lr", cfg.train.backbone_lr, (cfg.train.backbone_lr or 1.0) > 0),
         ("head.depth", cfg.head.depth, cfg.head.depth > 0),
         ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),

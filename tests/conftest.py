@@ -34,6 +34,7 @@ TINY = [
     "train.batch_size=16",
     "train.eval_batch_size=32",
     "train.max_epochs=2",
+    "backbone.pretrain_epochs=1",
     "progress=false",
 ]
 
@@ -48,6 +49,16 @@ def compose(*overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return to_schema(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_workdir(tmp_path_factory):
+    """Run in-process jobs in a scratch folder: their .cache/ and outputs/ never touch the repo."""
+    old = Path.cwd()
+    work = tmp_path_factory.mktemp("work")
+    os.chdir(work)
+    yield work
+    os.chdir(old)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,10 @@ def open_rows(path: Path, what: str) -> tuple[list[str], Iterator[tuple[int, lis
             f"{'' if path.parent.is_dir() else f' (the folder {path.parent} does not exist)'}. "
             f"{NO_DATA_HINT}"
         )
-    handle = path.open(newline="", encoding="utf-8-sig")
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as err:
+        raise DataError(f"{what} {path} cannot be opened: {err}.") from None
     reader = csv.reader(handle)
     try:
         header = [name.strip() for name in next(reader)]

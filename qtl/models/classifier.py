@@ -28,10 +28,14 @@ class Classifier(nnx.Module):
 def build_model(cfg: QtlConfig, seed: int) -> Classifier:
     """Initialise from ``seed`` (then load pretrained backbone weights when configured)."""
     model = Classifier(cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
-    if cfg.backbone.pretrained:
+    source = cfg.backbone.pretrained
+    if source:
         from qtl.models.hf_import import load_pretrained
+        from qtl.models.pretrain import SYNTHETIC, synthetic_pretrained
 
-        load_pretrained(model.backbone, cfg.backbone.pretrained)
+        if source == SYNTHETIC:
+            source = str(synthetic_pretrained(cfg))
+        load_pretrained(model.backbone, source)
     return model
 
 

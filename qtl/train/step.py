@@ -34,14 +34,37 @@ class TrainState:
     opt_state: Any
 
 
+def _transform(name: str, lr: float, weight_decay: float) -> optax.GradientTransformation:
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return optax.sgd(lr, momentum=0.9)
+    raise ValueError(f"train.optimizer={name!r}: use adam, adamw or sgd")
+
+
+def _is_backbone(path: tuple) -> bool:
+    return bool(path) and getattr(path[0], "key", None) == "backbone"
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    if cfg.optimizer == "adam":
-        return optax.adam(cfg.lr)
-    if cfg.optimizer == "adamw":
-        return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.lr, momentum=0.9)
-    raise ValueError(f"train.optimizer={cfg.optimizer!r}: use adam, adamw or sgd")
+    """The optimiser; with ``backbone_lr`` the backbone gets its own (usually smaller) rate.
+
+    A smaller backbone rate keeps pretrained features intact while a head learns: Adam
+    rescales even tiny, noisy gradients (the DQC's, through the circuit) to full-size steps.
+    """
+    head = _transform(cfg.optimizer, cfg.lr, cfg.weight_decay)
+    if cfg.backbone_lr is None or cfg.backbone_lr == cfg.lr:
+        return head
+    backbone = _transform(cfg.optimizer, cfg.backbone_lr, cfg.weight_decay)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "backbone" if _is_backbone(path) else "head", params
+        )
+
+    return optax.multi_transform({"backbone": backbone, "head": head}, labels)
 
 
 def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,150 @@
+"""``backbone.pretrained=synthetic``: a stand-in for ImageNet weights where none can be fetched.
+
+The study is *transfer* learning: the quantum head sits on a pretrained backbone. A backbone
+trained from scratch through the dressed circuit barely learns (each <Z_i> after the CNOT
+ring is a parity of several qubits, so its gradient is a product of small factors), so the
+demo needs pretrained weights too. Here they come from a separate synthetic *source*
+dataset (its own seed, all 19 labels, classical head), trained once with qtl's own trainer
+and cached. They are written in transformers' ``ResNetModel`` safetensors layout and loaded
+through the same importer as ``microsoft/resnet-50``, and shared by every head and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtl.config import (
+    BatchNormMode,
+    ConfigError,
+    DataName,
+    HeadConfig,
+    HeadName,
+    LoggerConfig,
+    Mode,
+    QtlConfig,
+    TaskConfig,
+    TrainConfig,
+)
+from qtl.labels import CXR19
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from qtl.models.resnet import ResNet
+
+SYNTHETIC = "synthetic"
+SOURCE_SEED_OFFSET = 1000  # the source dataset's seed: data.synth_seed + this
+
+
+def pretrain_config(cfg: QtlConfig) -> QtlConfig:
+    """The source task: same backbone shape and preprocessing, other images, 19 labels, CDL."""
+    if cfg.data.name != DataName.synthetic:
+        raise ConfigError(
+            "backbone.pretrained=synthetic pretrains on synthetic images and is meant for "
+            "data=synthetic; with real data use backbone.pretrained=microsoft/resnet-50 "
+            "(or a local folder with its model.safetensors)."
+        )
+    src = copy.deepcopy(cfg)
+    src.mode = Mode.train
+    src.name = "pretrain"
+    src.seed = 0  # one fixed artifact, like ImageNet weights: not per run seed
+    src.task = TaskConfig(name="cxr19", labels=list(CXR19))
+    src.head = HeadConfig(name=HeadName.cdl)
+    src.backbone.pretrained = None
+    src.backbone.freeze = False
+    src.backbone.batch_norm = BatchNormMode.batch
+    src.data.synth_seed = cfg.data.synth_seed + SOURCE_SEED_OFFSET
+    # never write the source set over the target set: its own folder next to data.root
+    src.data.root = f"{cfg.data.root.rstrip('/')}-source" if cfg.data.root else None
+    src.data.limit = None
+    # a fixed recipe, independent of how the target run fine-tunes (like ImageNet weights)
+    src.train = TrainConfig(
+        lr=1e-3,
+        batch_size=32,
+        max_epochs=cfg.backbone.pretrain_epochs,
+        patience=max(cfg.backbone.pretrain_epochs, 1),  # keep the best epoch of the budget
+    )
+    src.logger = LoggerConfig()
+    return src
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One process pretrains; parallel jobs of a sweep wait and reuse its result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_hf_backbone(backbone: ResNet, out_dir: Path) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` as transformers' ResNetModel would."""
+    from safetensors.numpy import save_file
+
+    from qtl.models.hf_import import to_torch_state_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["ResNetModel"],
+        "model_type": "resnet",
+        "num_channels": 3,
+        "embedding_size": backbone.embedding_size,
+        "hidden_sizes": list(backbone.hidden_sizes),
+        "depths": list(backbone.depths),
+        "layer_type": str(getattr(backbone.layer_type, "value", backbone.layer_type)),
+        "hidden_act": "relu",
+        "downsample_in_first_stage": False,
+        "downsample_in_bottleneck": False,
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(to_torch_state_dict(backbone), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")  # present => complete
+    return out_dir
+
+
+def synthetic_pretrained(cfg: QtlConfig) -> Path:
+    """Folder with the pretrained backbone for ``cfg`` (trained on first use, then cached)."""
+    from qtl.run import fingerprint, train_and_evaluate
+
+    src = pretrain_config(cfg)
+    out = Path(".cache") / "qtl" / "pretrained" / f"{cfg.backbone.name}-{fingerprint(src)}"
+    if (out / "model.safetensors").exists():
+        return out
+    with _lock(out.with_suffix(".lock")):
+        if (out / "model.safetensors").exists():
+            return out
+        print(
+            f"[qtl] backbone.pretrained=synthetic: pretraining {cfg.backbone.name} once on a "
+            f"separate synthetic source set (19 labels, synth_seed={src.data.synth_seed}); "
+            f"cached in {out}"
+        )
+        train_and_evaluate(src, out / "run")
+        save_hf_backbone(_best_backbone(src, out / "run"), out)
+    return out
+
+
+def _best_backbone(src: QtlConfig, run_dir: Path) -> ResNet:
+    from flax import nnx
+
+    from qtl.models.classifier import build_model
+    from qtl.train.checkpoint import Checkpoints
+    from qtl.train.step import init_state, make_steps
+
+    model = build_model(src, src.seed)
+    steps = make_steps(model, src)
+    ckpts = Checkpoints(run_dir / "checkpoints")
+    try:
+        best, _ = ckpts.restore("best", init_state(model, src, steps.tx))
+    finally:
+        ckpts.close()
+    return nnx.merge(steps.eval_graph, best.params, best.rest).backbone
