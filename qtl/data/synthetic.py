@@ -33,7 +33,7 @@ from qtl.data.nih import LABEL_FILE
 from qtl.data.records import DataError
 from qtl.labels import ALL_LABELS, MIMIC_NAMES, prevalence
 
-GENERATOR_VERSION = 1  # bump when the output of the same parameters changes
+GENERATOR_VERSION = 2  # bump when the output of the same parameters changes
 MARKER = ".complete"
 IMAGE_DIR = "images"
 MIMIC_DIR = "mimic"
@@ -548,13 +548,13 @@ def render(
             if name in present and name in PAINTERS:
                 PAINTERS[name](cv, amount[name])
     att = cv.att + look.haze * _noise(rng, cv.px, 4) * 0.5
-    if cv.px != px:
-        att = np.asarray(
-            Image.fromarray(att).resize((px, px), Image.Resampling.BICUBIC), dtype=np.float32
-        )
     img = np.clip(look.contrast * 1.3 * att + look.brightness, 0.0, 1.0) ** look.gamma
+    if cv.px != px:
+        img = np.array(Image.fromarray(img).resize((px, px), Image.Resampling.BICUBIC))
     img += rng.standard_normal((px, px), dtype=np.float32) * look.noise
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    img *= 255.0
+    img += 0.5
+    return np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
 
 
 def _draw_lateral(cv: Canvas) -> None:
