@@ -31,11 +31,6 @@ class Simulator(StrEnum):
     fast = "fast"  # qtl's real-amplitude simulator, tested equal to pennylane
 
 
-class BiasInit(StrEnum):
-    zero = "zero"  # Flax default, as the study
-    prior = "prior"  # log-odds of each label's training prevalence
-
-
 class ThetaInit(StrEnum):
     normal = "normal"  # N(0, (2*pi)^2), as the study's code
     uniform = "uniform"  # U[0, 2*pi), as the study's later text
@@ -86,7 +81,6 @@ class HeadConfig:
     depth: int = 3  # variational layers (dqc only)
     theta_init: ThetaInit = ThetaInit.normal  # how circuit weights start (dqc only)
     simulator: Simulator = Simulator.pennylane  # which simulator runs the circuit (dqc only)
-    bias_init: BiasInit = BiasInit.zero  # output-layer bias: zero | prior (label log-odds)
 
 
 @dataclass
@@ -98,6 +92,7 @@ class BackboneConfig:
     depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])  # blocks per stage
     pretrained: str | None = None  # HF hub id | local dir with model.safetensors | synthetic | null
     pretrain_epochs: int = 15  # pretrained=synthetic: epochs on the synthetic source set
+    pretrain_lr: float = 1e-3  # pretrained=synthetic: Adam rate of that pretraining
     freeze: bool = False  # true: train the head only (the study fine-tunes everything)
     batch_norm: BatchNormMode = BatchNormMode.inference  # inference: frozen running stats
     conv1x1_as_matmul: bool = True  # 1x1 convs as einsum: same result, ~2x faster CPU backward

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from qtl.config import Backend, BiasInit, ConfigError, HeadName, Mode, QtlConfig, validate
+from qtl.config import Backend, ConfigError, HeadName, Mode, QtlConfig, validate
 from qtl.progress import want_progress
 
 # Keys that do not change what a run computes; a rerun may differ in these and still resume.
@@ -148,7 +148,6 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     from qtl.evaluate.metrics import mean_auroc, per_label_auroc
     from qtl.evaluate.predict import predict
     from qtl.models.classifier import build_model, parameter_table
-    from qtl.models.heads import init_output_bias
     from qtl.record.files import write_json_atomic
     from qtl.record.loggers import make_logger
     from qtl.train.checkpoint import Checkpoints
@@ -169,8 +168,6 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     data_seconds = time.perf_counter() - t_data
 
     model = build_model(cfg, cfg.seed)
-    if cfg.head.bias_init == BiasInit.prior:
-        init_output_bias(model.head, arrays["train"][1].mean(axis=0))
     table = parameter_table(model, cfg)
     steps = make_steps(model, cfg)
     state = init_state(model, cfg, steps.tx)

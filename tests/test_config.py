@@ -25,14 +25,14 @@ def test_paper_preset_is_the_study_setting():
     assert (cfg.data.resize, cfg.data.crop) == (256, 224)
     assert (cfg.data.hflip_p, cfg.data.max_rotation_deg) == (0.5, 15.0)
     assert cfg.head.depth == 3 and cfg.head.theta_init.value == "normal"
-    assert cfg.head.bias_init.value == "zero" and cfg.train.backbone_lr is None
+    assert cfg.train.backbone_lr is None
     assert cfg.head.simulator.value == "pennylane"
 
 
 def test_demo_preset_is_transfer_learning():
     cfg = compose("experiment=demo")
     assert cfg.backbone.pretrained == "synthetic" and cfg.backbone.batch_norm.value == "inference"
-    assert cfg.train.backbone_lr < cfg.train.lr and cfg.head.bias_init.value == "prior"
+    assert cfg.train.backbone_lr < cfg.train.lr
 
 
 def test_head_choice_is_typed():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qtl.config import HeadConfig, HeadName, Simulator
@@ -52,17 +51,6 @@ def make_circuit(simulator: Simulator, n_qubits: int):
 
         return fast_circuit(n_qubits)
     raise ValueError(f"head.simulator={simulator!r} is not one of: pennylane, fast")
-
-
-def init_output_bias(head: nnx.Module, prevalence: np.ndarray) -> None:
-    """Start the last layer's bias at each label's log-odds.
-
-    With rare labels, a zero bias spends the first epochs only learning the label prior;
-    the DQC head, whose circuit outputs vary little at first, suffers most from that.
-    """
-    p = np.clip(np.asarray(prevalence, np.float64), 1e-4, 1 - 1e-4)
-    last = head.post if isinstance(head, DQCHead) else head.fc
-    last.bias[...] = jnp.asarray(np.log(p / (1 - p)), jnp.float32)
 
 
 def make_head(cfg: HeadConfig, in_features: int, n_labels: int, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -65,7 +65,7 @@ def pretrain_config(cfg: QtlConfig) -> QtlConfig:
     src.data.limit = None
     # a fixed recipe, independent of how the target run fine-tunes (like ImageNet weights)
     src.train = TrainConfig(
-        lr=1e-3,
+        lr=cfg.backbone.pretrain_lr,
         batch_size=32,
         max_epochs=cfg.backbone.pretrain_epochs,
         patience=max(cfg.backbone.pretrain_epochs, 1),  # keep the best epoch of the budget
