@@ -13,6 +13,7 @@ from conftest import TINY, compose
 from flax import nnx
 
 from qtl.config import ConfigError
+from qtl.data.source import load_splits
 from qtl.data.synthetic import MARKER
 from qtl.models.hf_import import load_pretrained
 from qtl.models.pretrain import pretrain_config, save_hf_backbone, synthetic_pretrained
@@ -45,10 +46,11 @@ def test_source_task_is_separate_from_target(synth_root):
 @pytest.mark.slow
 def test_pretrained_once_then_cached(synth_root):
     cfg = compose(*TINY, f"data.root={synth_root}")
+    load_splits(cfg.data, cfg.task.labels)  # the target set exists before pretraining
+    target_marker = json.loads((Path(synth_root) / MARKER).read_text())
     out = synthetic_pretrained(cfg)
     weights = out / "model.safetensors"
     assert weights.exists() and (out / "run" / "results.json").exists()
-    target_marker = json.loads((Path(synth_root) / MARKER).read_text())
     stamp = weights.stat().st_mtime_ns
     assert synthetic_pretrained(compose(*TINY, f"data.root={synth_root}", "head=cdl")) == out
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
