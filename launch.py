@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> float | None:
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from qtl.config import ConfigError, to_schema
     from qtl.data.records import DataError
@@ -40,6 +41,8 @@ def main(cfg: DictConfig) -> float | None:
         result = run(typed, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records this job as failed and still runs the sweep's other jobs
         sys.exit(2)
     if isinstance(result, dict):  # a finished training run: the sweep's objective
         return (result.get("auroc", {}).get("test") or {}).get("mean")
