@@ -157,6 +157,8 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     show = want_progress(cfg.progress)
     t_start = time.perf_counter()
     labels = list(cfg.task.labels)
+    model = build_model(cfg, cfg.seed)  # first: a weights problem fails before any data work
+    table = parameter_table(model, cfg)
     splits = load_splits(cfg.data, labels, progress=show)
     t_data = time.perf_counter()
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -167,8 +169,6 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
         arrays[name] = (images, split.labels.astype(np.float32))
     data_seconds = time.perf_counter() - t_data
 
-    model = build_model(cfg, cfg.seed)
-    table = parameter_table(model, cfg)
     steps = make_steps(model, cfg)
     state = init_state(model, cfg, steps.tx)
     del model
