@@ -199,7 +199,11 @@ def test_multirun_grid_end_to_end(synth_root, tmp_path):
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["data=nih_cxr_lt", "data.root=/nonexistent/nih"], "/nonexistent/nih"),
+        (
+            ["data=nih_cxr_lt", "data.root=/nonexistent/nih", "backbone.pretrained=null"],
+            "/nonexistent/nih",
+        ),
+        (["data=nih_cxr_lt", "data.root=/nonexistent/nih"], "meant for data=synthetic"),
         (["backend=torch"], "backend=torch cannot train yet"),
     ],
 )
