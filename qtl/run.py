@@ -61,8 +61,8 @@ def fingerprint(cfg: QtlConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _check_run_dir(cfg: QtlConfig, run_dir: Path) -> None:
-    path = run_dir / "run_config.json"
+def _check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path) -> None:
+    """Refuse a run directory started with another config; record the config otherwise."""
     mine = _identity(cfg)
     if path.exists():
         theirs = json.loads(path.read_text()).get("identity", {})
@@ -79,7 +79,6 @@ def _check_run_dir(cfg: QtlConfig, run_dir: Path) -> None:
                 "to start it over."
             )
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         payload = {"fingerprint": fingerprint(cfg), "identity": mine, "config": config_dict(cfg)}
         path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -126,12 +125,11 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
             f"backend={cfg.backend.name.value} cannot train yet: JAX runs the train step "
             "(backend=jax); the PyTorch and TensorFlow steps exist for benchmarking only."
         )
-    run_dir = Path(run_dir)
-    _check_run_dir(cfg, run_dir)
-
     from qtl.record.files import RunFiles
 
+    run_dir = Path(run_dir)
     files = RunFiles(run_dir)
+    _check_run_dir(cfg, run_dir, files.config)
     done = files.read_results()
     if done is not None:
         print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")

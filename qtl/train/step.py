@@ -77,7 +77,6 @@ def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
 class Steps:
     """The compiled functions of one run plus what they close over."""
 
-    train_graph: nnx.GraphDef
     eval_graph: nnx.GraphDef
     train_step: Callable[..., tuple[TrainState, jax.Array]]
     eval_step: Callable[..., tuple[jax.Array, jax.Array]]
@@ -136,4 +135,4 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
         per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
         return jax.nn.sigmoid(logits), per_row.sum()
 
-    return Steps(train_graph, eval_graph, train_step, eval_step, tx)
+    return Steps(eval_graph, train_step, eval_step, tx)
