@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
     describe = "describe"  # print the parameter table per component, no training
+    bench_circuit = "bench_circuit"  # time the DQC head's value_and_grad per simulator and n
 
 
 class HeadName(StrEnum):
@@ -28,7 +29,19 @@ class HeadName(StrEnum):
 
 class Simulator(StrEnum):
     pennylane = "pennylane"  # PennyLane default.qubit, jax interface, backprop (reference)
-    fast = "fast"  # qtl's real-amplitude simulator, tested equal to pennylane
+    fast = "fast"  # qtl's simulator compiled from the same tape, tested equal to pennylane
+
+
+class Entangler(StrEnum):
+    ring = "ring"  # CNOT 0->1, ..., (n-2)->(n-1), (n-1)->0 (the study's)
+    chain = "chain"  # the ring without the wrap-around CNOT
+    even_odd = "even_odd"  # CNOT on pairs (0,1), (2,3), ... then (1,2), (3,4), ...
+
+
+class Rotation(StrEnum):
+    ry = "ry"  # RY(theta) per wire (the study's; all gates real)
+    rx = "rx"  # RX(theta) per wire (complex amplitudes)
+    rz_ry = "rz_ry"  # RZ(theta_0) then RY(theta_1) per wire: two angles per wire
 
 
 class ThetaInit(StrEnum):
@@ -80,7 +93,10 @@ class HeadConfig:
     name: HeadName = MISSING
     depth: int = 3  # variational layers (dqc only)
     theta_init: ThetaInit = ThetaInit.normal  # how circuit weights start (dqc only)
-    simulator: Simulator = Simulator.pennylane  # which simulator runs the circuit (dqc only)
+    entangler: Entangler = Entangler.ring  # CNOT pattern after each rotation layer (dqc only)
+    rotation: Rotation = Rotation.ry  # trainable single-qubit rotation per layer (dqc only)
+    simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
+    max_state_mb: float = 512.0  # fast: split the batch so one state vector stays below this
 
 
 @dataclass
@@ -155,6 +171,21 @@ class BackendConfig:
 
 
 @dataclass
+class BenchCircuitConfig:
+    qubits: list[int] = field(default_factory=lambda: [8, 14, 19])  # circuit sizes to time
+    batch: int = 32  # images per step (the study's batch)
+    features: int = 2048  # head input width (ResNet-50's pooled features)
+    simulators: list[str] = field(
+        default_factory=lambda: ["fast", "pennylane", "tensorcircuit", "lightning"]
+    )  # fast | pennylane | tensorcircuit | lightning; missing packages are reported, not fatal
+    steps: int = 30  # timed steps per case, after warm-up
+    warmup: int = 2  # untimed steps after compilation
+    max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow
+    out: str = "bench/circuit.json"  # JSON results (relative to the working directory)
+    jemalloc: bool = True  # preload libjemalloc in each worker when installed (CPU page faults)
+
+
+@dataclass
 class QtlConfig:
     mode: Mode = Mode.train
     name: str = "default"  # experiment name: groups run directories under outputs/<name>
@@ -167,6 +198,7 @@ class QtlConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
+    bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
 
 
 def register_configs() -> None:
@@ -211,6 +243,7 @@ def validate(cfg: QtlConfig) -> None:
         ("train.lr", cfg.train.lr, cfg.train.lr > 0),
         ("train.backbone_lr", cfg.train.backbone_lr, (cfg.train.backbone_lr or 1.0) > 0),
         ("head.depth", cfg.head.depth, cfg.head.depth > 0),
+        ("head.max_state_mb", cfg.head.max_state_mb, cfg.head.max_state_mb > 0),
         ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
     ]

@@ -29,6 +29,8 @@ _NON_IDENTITY_KEYS = (
     "data.workers",
     "train.log_every",
     "train.eval_batch_size",
+    "head.max_state_mb",  # how the fast simulator splits the batch, not what it computes
+    "bench_circuit",
 )
 
 
@@ -262,6 +264,10 @@ def run(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
     if cfg.mode == Mode.describe:
         validate(cfg)
         return describe(cfg)
+    if cfg.mode == Mode.bench_circuit:
+        from qtl.bench.circuit import bench_circuit
+
+        return bench_circuit(cfg.bench_circuit, cfg.head)
     if run_dir is None:
         raise ValueError("mode=train needs a run directory")
     return train_and_evaluate(cfg, run_dir)

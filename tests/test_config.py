@@ -26,7 +26,9 @@ def test_paper_preset_is_the_study_setting():
     assert (cfg.data.hflip_p, cfg.data.max_rotation_deg) == (0.5, 15.0)
     assert cfg.head.depth == 3 and cfg.head.theta_init.value == "normal"
     assert cfg.train.backbone_lr is None
-    assert cfg.head.simulator.value == "pennylane"
+    # the study's circuit; simulated by qtl's fast simulator, proven equal in test_fast_sim.py
+    assert (cfg.head.entangler.value, cfg.head.rotation.value) == ("ring", "ry")
+    assert cfg.head.simulator.value == "fast"
 
 
 def test_demo_preset_is_transfer_learning():

@@ -1,18 +1,39 @@
-"""simulator=fast equals the PennyLane reference: outputs and gradients, through the head."""
+"""simulator=fast equals PennyLane default.qubit in complex128: outputs and gradients.
+
+Every supported variant (entangler x rotation), n in {2, 3, 5, 8, 13, 14}, depth in {1, 3},
+random inputs and weights, batch > 1. The reference runs in float64 (x64 on); fast runs its
+float32 path under jit, as in training. Gradients are those of the dressed head's BCE with
+respect to the input features, theta and both Linear layers.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pennylane as qml
 import pytest
 from flax import nnx
 
 from qtl.config import HeadConfig, HeadName, Simulator
 from qtl.models.heads import DQCHead
-from qtl.quantum.circuit import pennylane_circuit, ring_pairs
-from qtl.quantum.fast import cnot_network_matrix, fast_circuit
+from qtl.quantum.circuit import (
+    ENTANGLERS,
+    ROTATIONS,
+    CircuitSpec,
+    dqc_ansatz,
+    pennylane_circuit,
+    ring_pairs,
+)
+from qtl.quantum.dressed import head_loss, init_params
+from qtl.quantum.fast import cnot_network_matrix, fast_circuit, wire_groups
+
+ATOL = 1e-5
+FEATURES = 6
+VARIANTS = list(itertools.product(ENTANGLERS, ROTATIONS))
 
 
 def test_ring_network_is_prefix_xor_with_wrap():
@@ -21,21 +42,106 @@ def test_ring_network_is_prefix_xor_with_wrap():
     np.testing.assert_array_equal(m, [[0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
 
 
-@pytest.mark.parametrize("n,depth", [(2, 1), (3, 3), (5, 1), (5, 3), (8, 3), (13, 1)])
-def test_fast_equals_pennylane_outputs(n, depth):
-    rng = np.random.default_rng(100 + n * depth)
-    x = jnp.asarray(rng.uniform(-np.pi / 2, np.pi / 2, (3, n)), jnp.float32)
-    theta = jnp.asarray(rng.normal(0, 2 * np.pi, (depth, n)), jnp.float32)
-    np.testing.assert_allclose(
-        np.asarray(jax.jit(fast_circuit(n))(x, theta)),
-        np.asarray(jax.jit(pennylane_circuit(n))(x, theta)),
-        atol=1e-5,
-    )
+def test_wire_groups_cover_every_wire_once():
+    for n, size in [(19, 5), (24, 6), (3, 5), (13, 4)]:
+        groups = wire_groups(n, size)
+        wires = [w for start, k in groups for w in range(start, start + k)]
+        assert wires == list(range(n)) and max(k for _, k in groups) <= size
+
+
+def _case(spec: CircuitSpec, batch: int, seed: int):
+    rng = np.random.default_rng(seed)
+    params = init_params(rng, spec, FEATURES)
+    features = rng.normal(size=(batch, FEATURES))
+    labels = (rng.uniform(size=(batch, spec.n_qubits)) < 0.3).astype(np.float64)
+    return params, features, labels
+
+
+def _reference(spec: CircuitSpec, params, features, labels):
+    """Loss, gradients and <Z> from PennyLane in complex128 (x64)."""
+    with jax.enable_x64(True):
+        circuit = pennylane_circuit(spec)
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        f64, l64 = jnp.asarray(features, jnp.float64), jnp.asarray(labels, jnp.float64)
+        value, grads = jax.value_and_grad(head_loss(circuit), argnums=(0, 1))(p64, f64, l64)
+        angles = jnp.tanh(f64 @ p64["pre_w"] + p64["pre_b"]) * (np.pi / 2)
+        z = circuit(angles, p64["theta"])
+        return jax.tree.map(np.asarray, (value, grads, z))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 14])
+@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("entangler,rotation", VARIANTS)
+def test_fast_equals_pennylane_float64(n, depth, entangler, rotation):
+    spec = CircuitSpec(n, depth, entangler, rotation)
+    params, features, labels = _case(spec, batch=3, seed=n * 100 + depth)
+    ref_value, (ref_grads, ref_dfeat), ref_z = _reference(spec, params, features, labels)
+
+    circuit = fast_circuit(spec)
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    f32, l32 = jnp.asarray(features, jnp.float32), jnp.asarray(labels, jnp.float32)
+    step = jax.jit(jax.value_and_grad(head_loss(circuit), argnums=(0, 1)))
+    value, (grads, dfeat) = step(p32, f32, l32)
+    angles = jnp.tanh(f32 @ p32["pre_w"] + p32["pre_b"]) * (np.pi / 2)
+    z = jax.jit(circuit)(angles, p32["theta"])
+
+    np.testing.assert_allclose(np.asarray(z), ref_z, atol=ATOL, err_msg="<Z>")
+    np.testing.assert_allclose(float(value), ref_value, atol=ATOL, err_msg="loss")
+    np.testing.assert_allclose(np.asarray(dfeat), ref_dfeat, atol=ATOL, err_msg="d/d features")
+    for name in ("pre_w", "pre_b", "theta", "post_w", "post_b"):
+        np.testing.assert_allclose(
+            np.asarray(grads[name]), ref_grads[name], atol=ATOL, err_msg=f"d/d {name}"
+        )
+
+
+@pytest.mark.slow
+def test_fast_equals_float64_pennylane_at_19_qubits():
+    """The study's largest head: fast (float32, jit) against default.qubit in complex128."""
+    spec = CircuitSpec(19, 3)
+    rng = np.random.default_rng(19)
+    x = rng.uniform(-np.pi / 2, np.pi / 2, (2, 19))
+    theta = rng.normal(0, 2 * np.pi, spec.theta_shape)
+    device = qml.device("default.qubit", wires=19)
+
+    @qml.qnode(device, interface="numpy", diff_method=None)
+    def reference(x, theta):
+        dqc_ansatz(x, theta, spec)
+        return [qml.expval(qml.PauliZ(w)) for w in range(19)]
+
+    expected = np.stack(reference(x, theta), axis=-1)
+    got = jax.jit(fast_circuit(spec))(jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL)
+
+
+def test_batch_splitting_changes_nothing():
+    """max_state_mb forces chunks (with remat): same outputs and gradients as one pass."""
+    spec = CircuitSpec(9, 3)
+    params, features, labels = _case(spec, batch=7, seed=5)
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    args = (p32, jnp.asarray(features, jnp.float32), jnp.asarray(labels, jnp.float32))
+    whole = jax.jit(jax.value_and_grad(head_loss(fast_circuit(spec))))(*args)
+    tiny = fast_circuit(spec, max_state_mb=2 * 2**9 * 4 / 2**20)  # two states per chunk
+    split = jax.jit(jax.value_and_grad(head_loss(tiny)))(*args)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(split), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_fast_rejects_inputs_after_the_first_entangler(monkeypatch):
+    """Data re-uploading is not what the fast simulator was built for: say so, don't guess."""
+    import qtl.quantum.fast as fast
+
+    def reupload(x, theta, spec):
+        dqc_ansatz(x, theta, spec)
+        qml.RY(x[..., 0], wires=0)
+
+    monkeypatch.setattr("qtl.quantum.circuit.dqc_ansatz", reupload)
+    with pytest.raises(ValueError, match="before the first CNOT"):
+        fast.compile_plan(CircuitSpec(3, 1))
 
 
 @pytest.mark.parametrize("n,depth", [(3, 3), (8, 3)])
-def test_fast_equals_pennylane_gradients_through_head(n, depth):
-    """d(BCE)/d(every parameter and the input features) agree between simulators."""
+def test_dqc_module_gradients_agree_between_simulators(n, depth):
+    """Through the real nnx DQCHead: d(BCE)/d(every parameter and the input features)."""
     feats = jax.random.normal(jax.random.key(0), (4, 10))
     labels = (jax.random.uniform(jax.random.key(1), (4, n)) < 0.3).astype(jnp.float32)
     grads = {}
@@ -53,5 +159,5 @@ def test_fast_equals_pennylane_gradients_through_head(n, depth):
     flat_ref = jax.tree_util.tree_leaves(grads[Simulator.pennylane])
     for (path, a), b in zip(flat_fast, flat_ref, strict=True):
         np.testing.assert_allclose(
-            np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path)
+            np.asarray(a), np.asarray(b), atol=ATOL, err_msg=jax.tree_util.keystr(path)
         )

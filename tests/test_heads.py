@@ -10,7 +10,7 @@ from flax import nnx
 
 from qtl.config import HeadConfig, HeadName, ThetaInit
 from qtl.models.heads import CDLHead, DQCHead
-from qtl.quantum.circuit import init_theta, pennylane_circuit
+from qtl.quantum.circuit import CircuitSpec, init_theta, pennylane_circuit
 
 
 def numpy_circuit(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -53,7 +53,9 @@ def test_pennylane_circuit_matches_independent_simulation(n, depth):
     rng = np.random.default_rng(n * 10 + depth)
     x = rng.uniform(-np.pi / 2, np.pi / 2, (3, n)).astype(np.float32)
     theta = rng.normal(0, 2 * np.pi, (depth, n)).astype(np.float32)
-    got = np.asarray(jax.jit(pennylane_circuit(n))(jnp.asarray(x), jnp.asarray(theta)))
+    got = np.asarray(
+        jax.jit(pennylane_circuit(CircuitSpec(n, depth)))(jnp.asarray(x), jnp.asarray(theta))
+    )
     assert got.shape == (3, n)
     np.testing.assert_allclose(got, numpy_circuit(x, theta), atol=2e-5)
 
@@ -92,7 +94,7 @@ def test_cdl_head_is_one_linear_layer():
 
 def test_theta_init_schemes():
     key = jax.random.key(0)
-    normal = np.asarray(init_theta(key, 200, 50, ThetaInit.normal.value))
-    uniform = np.asarray(init_theta(key, 200, 50, ThetaInit.uniform.value))
+    normal = np.asarray(init_theta(key, (200, 50), ThetaInit.normal.value))
+    uniform = np.asarray(init_theta(key, (200, 50), ThetaInit.uniform.value))
     assert abs(normal.std() - 2 * np.pi) < 0.2
     assert uniform.min() >= 0 and uniform.max() < 2 * np.pi and abs(uniform.mean() - np.pi) < 0.1

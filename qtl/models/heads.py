@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qtl.config import HeadConfig, HeadName, Simulator
-from qtl.quantum.circuit import init_theta, pennylane_circuit
+from qtl.quantum.circuit import CircuitSpec, init_theta, pennylane_circuit
 
 
 class CDLHead(nnx.Module):
@@ -24,14 +24,11 @@ class DQCHead(nnx.Module):
     """Dressed quantum circuit: Linear -> tanh*pi/2 -> circuit <Z> -> Linear; a qubit per label."""
 
     def __init__(self, in_features: int, n_labels: int, cfg: HeadConfig, *, rngs: nnx.Rngs):
+        spec = circuit_spec(cfg, n_labels)
         self.pre = nnx.Linear(in_features, n_labels, rngs=rngs)
-        self.theta = nnx.Param(
-            init_theta(
-                rngs.params(), cfg.depth, n_labels, getattr(cfg.theta_init, "value", cfg.theta_init)
-            )
-        )
+        self.theta = nnx.Param(init_theta(rngs.params(), spec.theta_shape, str(cfg.theta_init)))
         self.post = nnx.Linear(n_labels, n_labels, rngs=rngs)
-        self.circuit = make_circuit(cfg.simulator, n_labels)
+        self.circuit = make_circuit(cfg, n_labels)
 
     def angles(self, features: jax.Array) -> jax.Array:
         """Encoding angles in (-pi/2, pi/2)."""
@@ -42,15 +39,21 @@ class DQCHead(nnx.Module):
         return self.post(z)
 
 
-def make_circuit(simulator: Simulator, n_qubits: int):
-    """``f(angles (B, n), theta (depth, n)) -> <Z> (B, n)`` from the chosen simulator."""
-    if simulator == Simulator.pennylane:
-        return pennylane_circuit(n_qubits)
-    if simulator == Simulator.fast:
+def circuit_spec(cfg: HeadConfig, n_qubits: int) -> CircuitSpec:
+    """The circuit family member the head config names (one qubit per label)."""
+    return CircuitSpec(n_qubits, cfg.depth, str(cfg.entangler), str(cfg.rotation))
+
+
+def make_circuit(cfg: HeadConfig, n_qubits: int):
+    """``f(angles (B, n), theta) -> <Z> (B, n)`` from the chosen simulator."""
+    spec = circuit_spec(cfg, n_qubits)
+    if cfg.simulator == Simulator.pennylane:
+        return pennylane_circuit(spec)
+    if cfg.simulator == Simulator.fast:
         from qtl.quantum.fast import fast_circuit
 
-        return fast_circuit(n_qubits)
-    raise ValueError(f"head.simulator={simulator!r} is not one of: pennylane, fast")
+        return fast_circuit(spec, max_state_mb=cfg.max_state_mb)
+    raise ValueError(f"head.simulator={cfg.simulator!r} is not one of: pennylane, fast")
 
 
 def make_head(cfg: HeadConfig, in_features: int, n_labels: int, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,21 +1,61 @@
-"""The study's circuit, written once as a PennyLane quantum function.
+"""The DQC circuit family, written once as a PennyLane quantum function.
 
-Order (REFERENCE §1): on |0...0>, H then RY(x_i) on every wire; then `depth` times an
-RY(theta[l, i]) layer followed by a CNOT ring 0->1, 1->2, ..., (n-1)->0; finally <Z_i> on
-every wire. All gates are real, so the state vector stays real.
+The study's circuit (REFERENCE §1) is the default: on |0...0>, H then RY(x_i) on every wire;
+then `depth` times a rotation layer RY(theta[l, i]) followed by a CNOT ring 0->1, 1->2, ...,
+(n-1)->0; finally <Z_i> on every wire. Variants change the entangler (ring | chain |
+even_odd) or the trainable rotation (ry | rx | rz_ry). Every simulator runs this one
+definition: PennyLane executes it, and ``qtl.quantum.fast`` compiles its recorded tape.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pennylane as qml
 
 # default.qubit asks for complex128 and JAX (x64 off) uses complex64: expected, not actionable.
 warnings.filterwarnings("ignore", message="Explicitly requested dtype complex128")
+
+ENTANGLERS = ("ring", "chain", "even_odd")
+ROTATIONS = ("ry", "rx", "rz_ry")
+
+
+@dataclass(frozen=True)
+class CircuitSpec:
+    """Which member of the family: qubit count, layers, entangler and rotation."""
+
+    n_qubits: int
+    depth: int = 3
+    entangler: str = "ring"  # ring | chain | even_odd
+    rotation: str = "ry"  # ry | rx | rz_ry (RZ then RY: two angles per wire)
+
+    def __post_init__(self) -> None:
+        if self.entangler not in ENTANGLERS:
+            raise ValueError(f"entangler='{self.entangler}' is not one of: {', '.join(ENTANGLERS)}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation='{self.rotation}' is not one of: {', '.join(ROTATIONS)}")
+        if self.n_qubits < 2:
+            raise ValueError(f"the circuit needs at least 2 qubits, got {self.n_qubits}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    @property
+    def theta_shape(self) -> tuple[int, ...]:
+        """Shape of the trainable angles: one per wire and layer (two for rz_ry)."""
+        if self.rotation == "rz_ry":
+            return (self.depth, self.n_qubits, 2)
+        return (self.depth, self.n_qubits)
+
+    @property
+    def is_real(self) -> bool:
+        """True when every gate is real (H, RY, CNOT), so amplitudes need no imaginary part."""
+        return self.rotation == "ry"
 
 
 def ring_pairs(n_qubits: int) -> list[tuple[int, int]]:
@@ -25,30 +65,78 @@ def ring_pairs(n_qubits: int) -> list[tuple[int, int]]:
     return [(i, (i + 1) % n_qubits) for i in range(n_qubits)]
 
 
-def dqc_ansatz(x: jax.Array, theta: jax.Array) -> None:
+def entangler_pairs(kind: str, n_qubits: int) -> list[tuple[int, int]]:
+    """CNOT (control, target) pairs of one entangling layer, in application order.
+
+    ring: 0->1, ..., (n-2)->(n-1), (n-1)->0 (the study's; for n=2 the wrap is a second CNOT 1->0);
+    chain: the ring without the wrap; even_odd: 0->1, 2->3, ... then 1->2, 3->4, ...
+    """
+    if kind == "ring":
+        return ring_pairs(n_qubits)
+    if kind == "chain":
+        return [(i, i + 1) for i in range(n_qubits - 1)]
+    if kind == "even_odd":
+        even = [(i, i + 1) for i in range(0, n_qubits - 1, 2)]
+        odd = [(i, i + 1) for i in range(1, n_qubits - 1, 2)]
+        return even + odd
+    raise ValueError(f"entangler='{kind}' is not one of: {', '.join(ENTANGLERS)}")
+
+
+def _rotation(kind: str, angles: Any, wire: int) -> None:
+    if kind == "ry":
+        qml.RY(angles, wires=wire)
+    elif kind == "rx":
+        qml.RX(angles, wires=wire)
+    else:  # rz_ry
+        qml.RZ(angles[..., 0], wires=wire)
+        qml.RY(angles[..., 1], wires=wire)
+
+
+def dqc_ansatz(x: Any, theta: Any, spec: CircuitSpec) -> None:
     """Queue the circuit's gates; ``x`` is (..., n) angles (a leading batch axis broadcasts)."""
-    depth, n_qubits = theta.shape
-    for wire in range(n_qubits):
+    pairs = entangler_pairs(spec.entangler, spec.n_qubits)
+    for wire in range(spec.n_qubits):
         qml.Hadamard(wires=wire)
         qml.RY(x[..., wire], wires=wire)
-    for layer in range(depth):
-        for wire in range(n_qubits):
-            qml.RY(theta[layer, wire], wires=wire)
-        for control, target in ring_pairs(n_qubits):
+    for layer in range(spec.depth):
+        for wire in range(spec.n_qubits):
+            _rotation(spec.rotation, theta[layer, wire], wire)
+        for control, target in pairs:
             qml.CNOT(wires=[control, target])
 
 
-def pennylane_circuit(n_qubits: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+@dataclass(frozen=True)
+class Symbol:
+    """A named placeholder parameter: ('x', (i,)) or ('theta', (layer, wire[, k]))."""
+
+    array: str
+    index: tuple[int, ...]
+
+
+def record_tape(spec: CircuitSpec) -> qml.tape.QuantumScript:
+    """The ansatz's gate list with :class:`Symbol` parameters, for compiling simulators."""
+    x = np.empty(spec.n_qubits, dtype=object)
+    for i in range(spec.n_qubits):
+        x[i] = Symbol("x", (i,))
+    theta = np.empty(spec.theta_shape, dtype=object)
+    for index in np.ndindex(*spec.theta_shape):
+        theta[index] = Symbol("theta", index)
+    with qml.queuing.AnnotatedQueue() as queue:
+        dqc_ansatz(x, theta, spec)
+    return qml.tape.QuantumScript.from_queue(queue)
+
+
+def pennylane_circuit(spec: CircuitSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Reference simulator: default.qubit, jax interface, backprop (compiles under jax.jit).
 
     Returns ``f(x, theta) -> (B, n)`` expectation values <Z_i>.
     """
-    device = qml.device("default.qubit", wires=n_qubits)
+    device = qml.device("default.qubit", wires=spec.n_qubits)
 
     @qml.qnode(device, interface="jax", diff_method="backprop")
     def qnode(x: jax.Array, theta: jax.Array) -> list:
-        dqc_ansatz(x, theta)
-        return [qml.expval(qml.PauliZ(wire)) for wire in range(n_qubits)]
+        dqc_ansatz(x, theta, spec)
+        return [qml.expval(qml.PauliZ(wire)) for wire in range(spec.n_qubits)]
 
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         z = jnp.stack(qnode(x, theta), axis=-1)
@@ -57,10 +145,10 @@ def pennylane_circuit(n_qubits: int) -> Callable[[jax.Array, jax.Array], jax.Arr
     return run
 
 
-def init_theta(key: jax.Array, depth: int, n_qubits: int, scheme: str) -> jax.Array:
+def init_theta(key: jax.Array, shape: tuple[int, ...], scheme: str) -> jax.Array:
     """Circuit weights: normal with std 2*pi (study's code) or uniform on [0, 2*pi)."""
     if scheme == "normal":
-        return 2 * jnp.pi * jax.random.normal(key, (depth, n_qubits), jnp.float32)
+        return 2 * jnp.pi * jax.random.normal(key, shape, jnp.float32)
     if scheme == "uniform":
-        return jax.random.uniform(key, (depth, n_qubits), jnp.float32, 0.0, 2 * jnp.pi)
+        return jax.random.uniform(key, shape, jnp.float32, 0.0, 2 * jnp.pi)
     raise ValueError(f"head.theta_init='{scheme}' is not one of: normal, uniform")

@@ -1,29 +1,41 @@
-"""A state-vector simulator specialised for the DQC circuit family (``head.simulator=fast``).
+"""A state-vector simulator compiled from the DQC circuit's own tape (``head.simulator=fast``).
 
 Why it is fast, and still exact:
-- every gate is real (H, RY, CNOT), so amplitudes are float32 reals, not complex64 pairs;
-- H, RY(x) and the first RY(theta) layer act on |0...0> as a product state, built in one
-  pass (RY(a)RY(b) = RY(a + b), so x and the first theta merge into one angle per wire);
+- the circuit is read from the PennyLane tape of :func:`qtl.quantum.circuit.dqc_ansatz`, so
+  there is one definition; the tape is split into single-qubit segments and CNOT networks;
+- amplitudes are real float32 when every gate is real (H, RY, CNOT), complex64 otherwise;
+- the segment before the first CNOT acts on |0...0> as a product state, built in one pass;
 - a CNOT network is a permutation of basis states: one gather, whose gradient is the gather
   by the inverse permutation (no scatter);
-- a later RY layer is a Kronecker product of 2x2 matrices, applied as a few dense matrix
-  products on groups of wires;
-- <Z_i> after the last CNOT network equals the parity of a set of bits measured before it,
-  so the last permutation is never applied.
+- a later rotation layer is a Kronecker product of 2x2 matrices, applied as one dense GEMM per
+  group of ~5 wires. Each GEMM contracts the group at one end of the state and writes the new
+  axis at the other end, so no transpose is ever materialised; the batch axis moves from
+  first to last and back on alternate layers;
+- <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
+  that network is never applied; the parity sums factor into two small GEMMs (high and low
+  halves of the basis index), with no 2^n x n sign table;
+- memory is bounded: above ``max_state_mb`` the batch goes through the circuit in chunks,
+  each rematerialised in the backward pass.
 
-Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with the
-PennyLane reference (outputs and gradients) is tested in ``tests/test_fast_sim.py``.
+Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with
+PennyLane (outputs and gradients, every variant) is tested in ``tests/test_fast_sim.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from qtl.quantum.circuit import ring_pairs
+from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+
+_HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: the simulator must stay float32-exact
+_SUPPORTED = ("Hadamard", "RY", "RX", "RZ", "CNOT")
 
 
 def cnot_network_matrix(n_qubits: int, pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -44,97 +56,383 @@ def permutation(n_qubits: int, pairs: list[tuple[int, int]]) -> tuple[np.ndarray
     """(gather, inverse gather): new_state = state[gather] applies the CNOT network."""
     m = cnot_network_matrix(n_qubits, pairs)
     index = np.arange(2**n_qubits, dtype=np.int64)
-    bits = (index[:, None] >> np.arange(n_qubits - 1, -1, -1)) & 1
+    bits = ((index[:, None] >> np.arange(n_qubits - 1, -1, -1)) & 1).astype(np.uint8)
     image = _bits_to_index((bits @ m.T) % 2)  # basis state b -> M b
     gather = np.empty_like(image)
     gather[image] = index  # new[M b] = old[b]
     return gather.astype(np.int32), image.astype(np.int32)
 
 
-def parity_masks(n_qubits: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """mask[i]: the input bits whose parity is output bit i of the network (row i of M)."""
-    return cnot_network_matrix(n_qubits, pairs).astype(bool)
+# ----------------------------------------------------------------------------- the plan
 
 
-def _permutation_op(gather: np.ndarray, inverse: np.ndarray) -> Callable[[jax.Array], jax.Array]:
-    """Gather along the last axis; its VJP is the inverse gather (a scatter-add is slow)."""
+@dataclass
+class _Plan:
+    """The tape, cut into what the simulator does with each part."""
+
+    n_qubits: int
+    prefix: dict[int, list] = field(default_factory=dict)  # wire -> gates before any CNOT
+    steps: list[tuple[str, object]] = field(
+        default_factory=list
+    )  # ("cnot", pairs) | ("local", {wire: gates})
+    folded: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # last CNOT network, measured as parities
+    real: bool = True
+
+
+def _param(op) -> Symbol | None:
+    if not op.parameters:
+        return None
+    p = op.parameters[0]
+    p = p.item() if isinstance(p, np.ndarray) else p
+    if not isinstance(p, Symbol):
+        raise ValueError(
+            f"fast simulator: gate {op.name} has a fixed parameter {p!r}; expected x or theta"
+        )
+    return p
+
+
+def compile_plan(spec: CircuitSpec) -> _Plan:
+    """Cut the recorded tape into prefix, alternating CNOT/local steps and a folded network."""
+    plan = _Plan(spec.n_qubits)
+    segments: list[tuple[str, list]] = []
+    for op in record_tape(spec).operations:
+        if op.name not in _SUPPORTED:
+            raise ValueError(
+                f"fast simulator: gate {op.name} is not supported ({', '.join(_SUPPORTED)})"
+            )
+        kind = "cnot" if op.name == "CNOT" else "local"
+        if not segments or segments[-1][0] != kind:
+            segments.append((kind, []))
+        segments[-1][1].append(op)
+        if op.name in ("RX", "RZ"):
+            plan.real = False
+    if segments and segments[0][0] == "local":
+        plan.prefix = _by_wire(segments.pop(0)[1])
+    if segments and segments[-1][0] == "cnot":
+        plan.folded = [tuple(op.wires.tolist()) for op in segments.pop()[1]]
+    for kind, ops in segments:
+        if kind == "cnot":
+            plan.steps.append(("cnot", [tuple(op.wires.tolist()) for op in ops]))
+            continue
+        gates = _by_wire(ops)
+        if any(p is not None and p.array == "x" for g in gates.values() for _, p in g):
+            raise ValueError("fast simulator: inputs x may only enter before the first CNOT")
+        plan.steps.append(("local", gates))
+    return plan
+
+
+def _by_wire(ops) -> dict[int, list]:
+    gates: dict[int, list] = {}
+    for op in ops:
+        gates.setdefault(op.wires[0], []).append((op.name, _param(op)))
+    return gates
+
+
+# ----------------------------------------------------------------------------- gates
+
+
+def _gate(name: str, angle: jax.Array | None, dtype) -> jax.Array:
+    """(..., 2, 2) matrices of one gate kind; ``angle`` may carry leading axes."""
+    if name == "Hadamard":
+        return jnp.asarray(np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2.0), dtype)
+    c, s = jnp.cos(angle / 2).astype(dtype), jnp.sin(angle / 2).astype(dtype)
+    if name == "RY":
+        rows = [[c, -s], [s, c]]
+    elif name == "RX":
+        rows = [[c, -1j * s], [-1j * s, c]]
+    else:  # RZ
+        zero = jnp.zeros_like(c)
+        rows = [[c - 1j * s, zero], [zero, c + 1j * s]]
+    return jnp.stack([jnp.stack(r, -1) for r in rows], -2)
+
+
+def _layer_matrices(
+    gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array, dtype
+) -> jax.Array:
+    """Every wire's gate product (later gates on the left): (n, 2, 2), or (B, n, 2, 2) when a
+    gate takes an input angle. Wires with the same gate sequence are built in one batched
+    op, which keeps the traced program (and XLA's compile time) small."""
+    by_signature: dict[tuple[str, ...], list[int]] = {}
+    for w in range(n):
+        by_signature.setdefault(tuple(name for name, _ in gates.get(w, [])), []).append(w)
+    batched = any(sym is not None and sym.array == "x" for g in gates.values() for _, sym in g)
+    lead = (x.shape[0],) if batched else ()
+    parts, order = [], []
+    flat_theta = theta.reshape(-1)
+    for signature, wires in by_signature.items():
+        u = jnp.broadcast_to(jnp.eye(2, dtype=dtype), (*lead, len(wires), 2, 2))
+        for j, name in enumerate(signature):
+            syms = [gates[w][j][1] for w in wires]
+            angle = None
+            if syms[0] is not None:
+                if {s.array for s in syms} != {syms[0].array}:
+                    raise ValueError(f"fast simulator: gate {name} mixes input and weight angles")
+                if syms[0].array == "x":
+                    angle = x[:, np.array([s.index[0] for s in syms])]
+                else:
+                    flat = [np.ravel_multi_index(s.index, theta.shape) for s in syms]
+                    angle = flat_theta[np.array(flat)]
+            u = jnp.matmul(
+                jnp.broadcast_to(_gate(name, angle, dtype), u.shape), u, precision=_HIGHEST
+            )
+        parts.append(u)
+        order.extend(wires)
+    mats = jnp.concatenate(parts, axis=-3) if len(parts) > 1 else parts[0]
+    if order != list(range(n)):
+        mats = jnp.take(mats, np.argsort(order), axis=-3)
+    return mats
+
+
+# ----------------------------------------------------------------------------- state ops
+
+
+def _permutation_op(
+    gather: np.ndarray, inverse: np.ndarray, axis: int
+) -> Callable[[jax.Array], jax.Array]:
+    """Gather along the basis axis; its VJP is the inverse gather (a scatter-add is slow)."""
 
     @jax.custom_vjp
     def permute(state: jax.Array) -> jax.Array:
-        return jnp.take(state, gather, axis=-1)
+        return jnp.take(state, gather, axis=axis)
 
     def fwd(state: jax.Array) -> tuple[jax.Array, None]:
         return permute(state), None
 
     def bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-        return (jnp.take(g, inverse, axis=-1),)
+        return (jnp.take(g, inverse, axis=axis),)
 
     permute.defvjp(fwd, bwd)
     return permute
 
 
-def _ry(angle: jax.Array) -> jax.Array:
-    c, s = jnp.cos(angle / 2), jnp.sin(angle / 2)
-    return jnp.stack([jnp.stack([c, -s], -1), jnp.stack([s, c], -1)], -2)
+def wire_groups(n_qubits: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive wire groups (start, length), balanced, none longer than ``size``."""
+    count = math.ceil(n_qubits / size)
+    base, extra = divmod(n_qubits, count)
+    groups, start = [], 0
+    for g in range(count):
+        k = base + (1 if g < extra else 0)
+        groups.append((start, k))
+        start += k
+    return groups
 
 
-def _groups(n_qubits: int, size: int) -> list[tuple[int, int]]:
-    """Consecutive wire groups (start, length) for the fused rotation matmuls."""
-    return [(s, min(size, n_qubits - s)) for s in range(0, n_qubits, size)]
+def _kron(mats: jax.Array) -> jax.Array:
+    """Kronecker product of (k, 2, 2) matrices, first wire most significant."""
+    out = mats[0]
+    for i in range(1, mats.shape[0]):
+        out = jnp.kron(out, mats[i])
+    return out
 
 
-def _apply_rotation_layer(state: jax.Array, angles: jax.Array, group: int) -> jax.Array:
-    """RY(angles[i]) on every wire i: one dense (2^k x 2^k) product per group of k wires."""
-    batch = state.shape[0]
-    n = angles.shape[0]
-    for start, k in _groups(n, group):
-        mat = _ry(angles[start])
-        for w in range(start + 1, start + k):
-            mat = jnp.kron(mat, _ry(angles[w]))
-        left, right = 2**start, 2 ** (n - start - k)
-        s = state.reshape(batch * left, 2**k, right)
-        state = jnp.einsum("jk,akr->ajr", mat, s).reshape(batch, -1)
+def _local_layer(state: jax.Array, mats: jax.Array, groups, batch_first: bool) -> jax.Array:
+    """Apply per-wire 2x2 matrices with one GEMM per group; flips the batch axis' end.
+
+    batch-first (B, 2^n): contract the last group, new axis written first, repeat backwards,
+    ending batch-last (2^n, B). batch-last: contract the first group, new axis written last,
+    ending batch-first. The flat layouts stay row-major throughout.
+    """
+    if batch_first:
+        for start, k in reversed(groups):
+            kron = _kron(mats[start : start + k])
+            x = state.reshape(-1, 2**k)
+            state = lax.dot_general(kron, x, (((1,), (1,)), ((), ())), precision=_HIGHEST).reshape(
+                -1
+            )
+    else:
+        for start, k in groups:
+            kron = _kron(mats[start : start + k])
+            x = state.reshape(2**k, -1)
+            state = lax.dot_general(x, kron, (((0,), (1,)), ((), ())), precision=_HIGHEST).reshape(
+                -1
+            )
     return state
 
 
-def _product_state(angles: jax.Array) -> jax.Array:
-    """(B, n) angles of RY(a) H |0> per wire -> (B, 2^n) product state."""
-    c, s = jnp.cos(angles / 2), jnp.sin(angles / 2)
-    q0 = (c - s) / np.sqrt(2.0)
-    q1 = (s + c) / np.sqrt(2.0)
-    qubits = jnp.stack([q0, q1], -1)  # (B, n, 2)
-    state = qubits[:, 0]
-    for w in range(1, angles.shape[1]):
-        state = (state[:, :, None] * qubits[:, w, None, :]).reshape(state.shape[0], -1)
-    return state
+def _product_state(vectors: jax.Array, batch_first: bool) -> jax.Array:
+    """Per-wire (B, k, 2) amplitudes -> flat product state, batch-first or batch-last."""
+    batch, k = vectors.shape[0], vectors.shape[1]
+    if batch_first:
+        state = vectors[:, 0]
+        for w in range(1, k):
+            state = (state[:, :, None] * vectors[:, w, None, :]).reshape(batch, -1)
+    else:
+        state = vectors[:, 0].T
+        for w in range(1, k):
+            state = (state[:, None, :] * vectors[:, w].T[None, :, :]).reshape(-1, batch)
+    return state.reshape(-1)
 
 
-def _parity_expectations(probs: jax.Array, masks: np.ndarray) -> jax.Array:
-    """<Z_i> = sum_b p(b) (-1)^popcount(b & mask_i), the sign table built on the device."""
-    mask_ints = _bits_to_index(masks.astype(np.int64)).astype(np.int32)  # (n,)
-    index = jax.lax.iota(jnp.int32, probs.shape[-1])
-    parity = jax.lax.population_count(index[:, None] & jnp.asarray(mask_ints)[None, :]) & 1
-    signs = 1.0 - 2.0 * parity.astype(probs.dtype)  # (2^n, n)
-    return probs @ signs
+def _product_table(vectors: jax.Array) -> jax.Array:
+    """(B, 2^k) product state of k wires, materialised.
+
+    Ending in a (tiny, exact) identity GEMM stops XLA from fusing the k-fold product into
+    the permuted-product gather, which would recompute it per amplitude (measured ~10x
+    slower at n=19); elementwise tricks and optimization barriers are fused or removed.
+    """
+    table = _product_state(vectors, True).reshape(vectors.shape[0], -1)
+    width = min(8, table.shape[1])
+    eye = jnp.eye(width, dtype=table.dtype)
+    return jnp.matmul(table.reshape(-1, width), eye, precision=_HIGHEST).reshape(table.shape)
+
+
+def _permuted_product(gather: np.ndarray, inverse: np.ndarray, low: int, batch_first: bool):
+    """``f(A, C)`` = (A (x) C)[gather]: the product state and the first CNOT network in one pass.
+
+    A is the (B, 2^h) product of the high wires, C the (B, 2^low) product of the low wires.
+    Each output amplitude reads A and C (small, cache-resident) at the permuted index. The
+    VJP un-permutes the cotangent once and contracts it against C and A.
+    """
+    hi, lo = gather >> low, gather & ((1 << low) - 1)
+
+    @jax.custom_vjp
+    def f(a: jax.Array, c: jax.Array) -> jax.Array:
+        if batch_first:
+            return (a[:, hi] * c[:, lo]).reshape(-1)
+        return (a.T[hi, :] * c.T[lo, :]).reshape(-1)
+
+    def fwd(a, c):
+        return f(a, c), (a, c)
+
+    def bwd(res, g):
+        a, c = res
+        batch = a.shape[0]
+        if batch_first:
+            g0 = jnp.take(g.reshape(batch, -1), inverse, axis=1).reshape(batch, a.shape[1], -1)
+            da = jnp.einsum("bac,bc->ba", g0, c, precision=_HIGHEST)
+            dc = jnp.einsum("bac,ba->bc", g0, a, precision=_HIGHEST)
+        else:
+            g0 = jnp.take(g.reshape(-1, batch), inverse, axis=0).reshape(a.shape[1], -1, batch)
+            da = jnp.einsum("acb,bc->ba", g0, c, precision=_HIGHEST)
+            dc = jnp.einsum("acb,ba->bc", g0, a, precision=_HIGHEST)
+        return da, dc
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _sign_tables(n: int, masks: np.ndarray, dtype) -> tuple[int, np.ndarray, np.ndarray]:
+    """Split b = (high h bits, low n-h bits): (-1)^{b.m} = (-1)^{high.m_h} (-1)^{low.m_l}."""
+    h = n // 2
+    low_bits = n - h
+    ints = _bits_to_index(masks.astype(np.int64))  # (n,)
+
+    def table(bits: int, part: np.ndarray) -> np.ndarray:
+        idx = np.arange(2**bits, dtype=np.int64)[:, None] & part[None, :]
+        return (1 - 2 * (_popcount(idx) & 1)).astype(dtype)
+
+    return h, table(h, ints >> low_bits), table(low_bits, ints & ((1 << low_bits) - 1))
+
+
+def _popcount(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    count = np.zeros_like(a)
+    while np.any(a):
+        count += a & 1
+        a >>= 1
+    return count
+
+
+def _measure(probs: jax.Array, batch: int, n: int, tables, batch_first: bool) -> jax.Array:
+    """<Z_i> = sum_b p(b) s_high(b_high, i) s_low(b_low, i) -> (B, n)."""
+    h, high, low = tables
+    if batch_first:
+        q = lax.dot_general(
+            probs.reshape(batch * 2**h, 2 ** (n - h)),
+            jnp.asarray(low),
+            (((1,), (0,)), ((), ())),
+            precision=_HIGHEST,
+        )
+        return jnp.einsum(
+            "bhi,hi->bi", q.reshape(batch, 2**h, n), jnp.asarray(high), precision=_HIGHEST
+        )
+    t = lax.dot_general(
+        jnp.asarray(high), probs.reshape(2**h, -1), (((0,), (0,)), ((), ())), precision=_HIGHEST
+    )  # (n, 2^l * B)
+    return jnp.einsum(
+        "ilb,li->bi", t.reshape(n, 2 ** (n - h), batch), jnp.asarray(low), precision=_HIGHEST
+    )
+
+
+# ----------------------------------------------------------------------------- the simulator
 
 
 def fast_circuit(
-    n_qubits: int, pairs: list[tuple[int, int]] | None = None, *, group: int = 5
+    spec: CircuitSpec,
+    *,
+    group: int | None = None,
+    max_state_mb: float = 512.0,
+    layout: str | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``f(x, theta) -> (B, n)`` <Z_i>, same circuit as :func:`qtl.quantum.circuit.dqc_ansatz`."""
-    pairs = ring_pairs(n_qubits) if pairs is None else pairs
-    permute = _permutation_op(*permutation(n_qubits, pairs))
-    masks = parity_masks(n_qubits, pairs)
+    """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
+
+    ``group``: wires per fused rotation GEMM (default: by qubit count). ``max_state_mb``: the
+    batch is split so one state vector stays under this size (memory bound for large n).
+    """
+    plan = compile_plan(spec)
+    n = spec.n_qubits
+    group = group or default_group(n)
+    groups = wire_groups(n, group)
+    perms = {
+        i: permutation(n, pairs) for i, (kind, pairs) in enumerate(plan.steps) if kind == "cnot"
+    }
+    masks = cnot_network_matrix(n, plan.folded).astype(bool)
+    n_local = sum(kind == "local" for kind, _ in plan.steps)
+    # start so the state is batch-first at the end: the measurement GEMM is then the larger one
+    start_batch_first = n_local % 2 == 0 if layout is None else layout == "first"
+
+    def core(x: jax.Array, theta: jax.Array) -> jax.Array:
+        real = x.dtype
+        dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
+        batch = x.shape[0]
+        u = _layer_matrices(plan.prefix, n, x, theta, dtype)
+        vectors = jnp.broadcast_to(u[..., :, 0], (batch, n, 2))  # U|0> per wire
+        batch_first = start_batch_first
+        steps = list(enumerate(plan.steps))
+        if steps and steps[0][1][0] == "cnot":  # product state + first network in one pass
+            h = n // 2
+            a = _product_table(vectors[:, :h])
+            c = _product_table(vectors[:, h:])
+            state = _permuted_product(*perms[0], n - h, batch_first)(a, c)
+            steps = steps[1:]
+        else:
+            state = _product_state(vectors, batch_first)
+        for i, (kind, payload) in steps:
+            if kind == "cnot":
+                gather, inverse = perms[i]
+                shape = (batch, -1) if batch_first else (-1, batch)
+                axis = 1 if batch_first else 0
+                state = _permutation_op(gather, inverse, axis)(state.reshape(shape)).reshape(-1)
+            else:
+                mats = _layer_matrices(payload, n, x, theta, dtype)
+                state = _local_layer(state, mats, groups, batch_first)
+                batch_first = not batch_first
+        probs = state * state if plan.real else jnp.real(state * jnp.conj(state))
+        tables = _sign_tables(n, masks, real)
+        return _measure(probs.astype(real), batch, n, tables, batch_first)
+
+    state_bytes = 2**n * (4 if spec.is_real else 8)
 
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
-        depth = theta.shape[0]
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
-        state = _product_state(x2 + theta[0][None, :])
-        for layer in range(1, depth):
-            state = permute(state)
-            state = _apply_rotation_layer(state, theta[layer], group)
-        z = _parity_expectations(state * state, masks).astype(x.dtype)
+        batch = x2.shape[0]
+        chunk = max(1, int(max_state_mb * 2**20 // state_bytes))
+        if batch <= chunk:
+            z = core(x2, theta)
+        else:
+            chunks = -(-batch // chunk)
+            padded = jnp.pad(x2, ((0, chunks * chunk - batch), (0, 0)))
+            step = jax.checkpoint(lambda xc: core(xc, theta))
+            z = lax.map(step, padded.reshape(chunks, chunk, n)).reshape(-1, n)[:batch]
+        z = z.astype(x.dtype)
         return z[0] if squeeze else z
 
     return run
+
+
+def default_group(n_qubits: int) -> int:
+    """Wires per rotation GEMM: 2^k-wide GEMMs are compute-cheap and memory-bound up to k~5."""
+    return 5 if n_qubits > 10 else max(1, min(n_qubits, 5))

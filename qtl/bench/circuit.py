@@ -1,0 +1,182 @@
+"""``mode=bench_circuit``: the DQC head's step time per simulator and qubit count.
+
+Each (simulator, n) case runs in its own process (``qtl.bench.circuit_worker``) so peak memory
+and compile caches do not mix; a case that crashes, runs out of memory or times out is
+recorded as failed and the others go on. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qtl.bench.simulators import REQUIRES, available
+from qtl.config import BenchCircuitConfig, ConfigError, HeadConfig
+
+_JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+)
+
+
+def jemalloc_path() -> str | None:
+    """libjemalloc if installed (Debian: libjemalloc2). XLA's state-sized temporaries are
+    otherwise mmap'd and page-faulted anew every step by glibc."""
+    for path in _JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    found = ctypes.util.find_library("jemalloc")
+    return found if found and os.path.isabs(found) else None
+
+
+def _validate(cfg: BenchCircuitConfig) -> None:
+    unknown = [s for s in cfg.simulators if s not in REQUIRES]
+    if unknown:
+        raise ConfigError(
+            f"bench_circuit.simulators: unknown {unknown}; choose from {', '.join(REQUIRES)}."
+        )
+    bad = [n for n in cfg.qubits if n < 2]
+    if bad or not cfg.qubits:
+        raise ConfigError(f"bench_circuit.qubits={list(cfg.qubits)}: need qubit counts >= 2.")
+    if cfg.steps < 3 or cfg.batch < 1:
+        raise ConfigError("bench_circuit.steps must be >= 3 and bench_circuit.batch >= 1.")
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "platform": jax.default_backend(),
+    }
+
+
+def _run_worker(case: dict, env: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "qtl.bench.circuit_worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": f"failed: timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (
+        "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+    )
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    return {**case, "status": f"failed: {reason}: {tail}"}
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown table; speed-up is relative to pennylane at the same n when it ran."""
+    ref = {
+        r["n_qubits"]: r["median_ms"]
+        for r in results
+        if r["simulator"] == "pennylane" and r["status"] == "ok"
+    }
+    rows = [
+        "| n | simulator | median ms | min ms | compile s | peak RSS GB | steps | vs pennylane |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["status"] != "ok":
+            rows.append(f"| {r['n_qubits']} | {r['simulator']} | {r['status']} ||||||")
+            continue
+        speed = ref.get(r["n_qubits"])
+        ratio = f"{speed / r['median_ms']:.1f}x" if speed else "-"
+        rows.append(
+            f"| {r['n_qubits']} | {r['simulator']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+            f"{r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['steps_timed']} | {ratio} |"
+        )
+    return "\n".join(rows)
+
+
+def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
+    """Run every (n, simulator) case and write ``cfg.out``; returns the JSON payload."""
+    _validate(cfg)
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    jemalloc = jemalloc_path() if cfg.jemalloc else None
+    if jemalloc:
+        env["LD_PRELOAD"] = f"{jemalloc} {env.get('LD_PRELOAD', '')}".strip()
+    payload: dict[str, Any] = {
+        "machine": _machine(),
+        "allocator": "jemalloc" if jemalloc else "system",
+        "config": {
+            "batch": cfg.batch,
+            "features": cfg.features,
+            "depth": head.depth,
+            "entangler": str(head.entangler),
+            "rotation": str(head.rotation),
+        },
+        "results": [],
+    }
+    cases = [(n, sim) for n in cfg.qubits for sim in cfg.simulators]
+    print(
+        f"qtl bench_circuit: {len(cases)} cases, value_and_grad of the DQC head's BCE, "
+        f"batch {cfg.batch}, depth {head.depth}, {head.entangler}/{head.rotation}, "
+        f"allocator {payload['allocator']}",
+        flush=True,
+    )
+    out = Path(cfg.out)
+    for i, (n, sim) in enumerate(cases, 1):
+        case = {
+            "simulator": sim,
+            "n_qubits": n,
+            "batch": cfg.batch,
+            "features": cfg.features,
+            "depth": head.depth,
+            "entangler": str(head.entangler),
+            "rotation": str(head.rotation),
+            "steps": cfg.steps,
+            "warmup": cfg.warmup,
+            "max_seconds": cfg.max_seconds,
+            "max_state_mb": head.max_state_mb,
+        }
+        print(f"[{i}/{len(cases)}] {sim} n={n} ...", end=" ", flush=True)
+        started = time.perf_counter()
+        if not available(sim):
+            result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
+        else:
+            result = _run_worker(case, env, timeout=2 * cfg.max_seconds + 600)
+        result["wall_s"] = time.perf_counter() - started
+        payload["results"].append(result)
+        if result["status"] == "ok":
+            print(
+                f"{result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
+                f"compile {result['compile_s']:.1f} s, peak {result['peak_rss_gb']:.2f} GB)",
+                flush=True,
+            )
+        else:
+            print(result["status"], flush=True)
+        _write_json(out, payload)  # after every case: a long benchmark killed late keeps its data
+    table = format_table(payload["results"])
+    print("\n" + table)
+    print(f"\nwritten: {out}")
+    return payload
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,90 @@
+"""One benchmark case in its own process: ``python -m qtl.bench.circuit_worker '<json>'``.
+
+Times ``jax.value_and_grad`` of the dressed head's BCE loss (Linear -> tanh*pi/2 -> circuit ->
+Linear), all head parameters, for one simulator and qubit count. A process per case keeps
+peak memory and compile caches from mixing between simulators. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def run_case(case: dict) -> dict:
+    """Compile, warm up and time one (simulator, n) case; returns its measurements."""
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)  # compile time must be real
+    from qtl.bench.simulators import make
+    from qtl.quantum.circuit import CircuitSpec
+    from qtl.quantum.dressed import head_loss, init_params
+
+    n, batch, feats = case["n_qubits"], case["batch"], case["features"]
+    spec = CircuitSpec(n, case["depth"], case["entangler"], case["rotation"])
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    params = {k: v.astype(f32) for k, v in init_params(rng, spec, feats).items()}
+    features = rng.normal(size=(batch, feats)).astype(f32)
+    labels = (rng.uniform(size=(batch, n)) < 0.2).astype(f32)
+    params, features, labels = jax.device_put((params, features, labels))
+    rss_before = _rss_gb()
+
+    circuit = make(case["simulator"], spec, case.get("max_state_mb", 512.0))
+    step = jax.value_and_grad(head_loss(circuit))
+    t0 = time.perf_counter()
+    if case["simulator"] == "lightning":  # C++ adjoint through a host callback: nothing to jit
+        compiled = step
+    else:
+        compiled = jax.jit(step).lower(params, features, labels).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, features, labels))
+    first_s = time.perf_counter() - t0
+    for _ in range(case["warmup"]):
+        jax.block_until_ready(compiled(params, features, labels))
+    times: list[float] = []
+    budget_end = time.perf_counter() + case["max_seconds"]
+    while len(times) < case["steps"] and (len(times) < 3 or time.perf_counter() < budget_end):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, features, labels))
+        times.append(time.perf_counter() - t0)
+    result = {
+        **case,
+        "status": "ok",
+        "compile_s": compile_s,
+        "first_step_s": first_s,
+        "steps_timed": len(times),
+        "median_ms": float(np.median(times) * 1e3),
+        "min_ms": float(np.min(times) * 1e3),
+        "peak_rss_gb": _rss_gb(),
+        "rss_before_gb": rss_before,
+        "device": str(jax.devices()[0].device_kind),
+        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+    }
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["device_peak_gb"] = stats["peak_bytes_in_use"] / 2**30
+    if case["simulator"] != "fast":  # same circuit? compare <Z> with qtl's fast simulator
+        x = jax.numpy.tanh(features[:2] @ params["pre_w"]) * (np.pi / 2)
+        other = make("fast", spec)(x, params["theta"])
+        mine = circuit(x, params["theta"])
+        result["max_abs_diff_vs_fast"] = float(np.max(np.abs(np.asarray(mine) - np.asarray(other))))
+    return result
+
+
+def main() -> None:
+    case = json.loads(sys.argv[1])
+    print(json.dumps(run_case(case)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
