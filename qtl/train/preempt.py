@@ -21,8 +21,13 @@ from typing import Any
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
-class TrainingInterrupted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint; rerunning resumes it."""
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal after saving a checkpoint; rerunning resumes it.
+
+    A ``SystemExit``, not an error: the job leaves without recording a result (Hydra and
+    submitit let it through), so the scheduler's requeue - not a "failed" record - decides
+    what happens next.
+    """
 
 
 class StopRequest:
@@ -73,6 +78,6 @@ class StopRequest:
         elif previous == signal.SIG_DFL:
             os.kill(os.getpid(), signum)  # the default action: end the process
         raise TrainingInterrupted(
-            f"stopped by {signal.Signals(signum).name} after saving a checkpoint ({where}); "
-            "rerun the same command to resume"
+            f"[qtl] stopped by {signal.Signals(signum).name} after saving a checkpoint "
+            f"({where}); rerun the same command to resume"
         )
