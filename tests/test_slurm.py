@@ -88,8 +88,16 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_grid_on_slurm_then_rerun_trains_nothing(slurm_cluster, workdir, synth_root):
-    args = ["-m", *TINY, f"data.root={synth_root}", "train.max_epochs=1", "name=grid",
-            "head=cdl,dqc", "seed=0,1", *SMALL_JOBS]
+    args = [
+        "-m",
+        *TINY,
+        f"data.root={synth_root}",
+        "train.max_epochs=1",
+        "name=grid",
+        "head=cdl,dqc",
+        "seed=0,1",
+        *SMALL_JOBS,
+    ]
     proc = launch(*args, cwd=workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep = workdir / "multirun" / "grid"

@@ -130,6 +130,11 @@ def make_slots(
     return slots
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM to the launcher: stop the jobs as for Ctrl-C (they checkpoint first)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @dataclass
 class _Running:
     idx: int
@@ -179,6 +184,7 @@ class GpuPoolLauncher(Launcher):
         free = deque(slots)
         running: list[_Running] = []
         results: dict[int, JobReturn] = {}
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while pending or running:
                 while pending and free:
@@ -192,6 +198,8 @@ class GpuPoolLauncher(Launcher):
         except BaseException:
             self._stop(running, float(p.get("stop_grace_s", 60.0)))
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
         return [results[i] for i in sorted(results)]
 
     def _start(self, idx: int, overrides: list[str], slot: Slot, log_dir: Path) -> _Running:
@@ -231,6 +239,7 @@ class GpuPoolLauncher(Launcher):
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops jobs cleanly
             )
         return _Running(idx, slot, proc, job_file, result_file, log_file, overrides, time.time())
 
