@@ -42,6 +42,12 @@ def _before(run_dir: Path) -> str:
     return "new"
 
 
+def _slurm_job_id() -> str | None:
+    """The id squeue/sacct/scancel know this job by: ``<array>_<task>`` inside a job array."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}".strip()[:300]
@@ -86,7 +92,7 @@ class SweepSummary(Callback):
             "before": _before(run_dir),
             "state": "unfinished",
             "host": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_job_id": _slurm_job_id(),
             "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
             "started": time.time(),
         }

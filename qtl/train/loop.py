@@ -110,6 +110,7 @@ def fit(
                         p.batch, p.epoch_losses = i + 1, [float(x) for x in losses]
                         p.epoch_seconds = time.perf_counter() - t0
                         ckpts.save("last", int(state.step), state, p.to_json())
+                        logger.finish(1)  # flush W&B before the requeue ends its service
                         stop.hand_over(f"epoch {epoch}, batch {i + 1} of {n_batches}")
             train_loss = float(np.mean([float(x) for x in losses]))
             val_probs, val_loss = predict(
@@ -162,5 +163,6 @@ def fit(
             epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch)
             epochs.update(1)
             if stop.signum is not None:  # arrived late in the epoch: `last` is this boundary
+                logger.finish(1)
                 stop.hand_over(f"end of epoch {epoch}")
     return state, p
