@@ -52,10 +52,10 @@ def slurm_cluster(tmp_path_factory):
         subprocess.run([SCRIPT, "down"], capture_output=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """One working directory for the module: the pretrained-backbone cache is built once."""
-    return tmp_path_factory.mktemp("slurm")
+@pytest.fixture
+def workdir(_session_workdir) -> Path:
+    """The session's scratch folder: jobs reuse the pretrained backbone cached there."""
+    return _session_workdir
 
 
 def _sacct(job_id: str, fields: str) -> list[str]:
@@ -93,14 +93,14 @@ def test_grid_on_slurm_then_rerun_trains_nothing(slurm_cluster, workdir, synth_r
         *TINY,
         f"data.root={synth_root}",
         "train.max_epochs=1",
-        "name=grid",
+        "hydra.sweep.dir=multirun/slurm-grid",
         "head=cdl,dqc",
         "seed=0,1",
         *SMALL_JOBS,
     ]
     proc = launch(*args, cwd=workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sweep = workdir / "multirun" / "grid"
+    sweep = workdir / "multirun" / "slurm-grid"
     for head in ("cdl", "dqc"):
         for seed in (0, 1):
             res = json.loads((sweep / f"cxr8-{head}" / f"seed{seed}" / "results.json").read_text())
@@ -130,16 +130,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, 
     args = [
         "-m", *TINY, f"data.root={synth_root}",
         "data.synth_sizes={train:400,val:48,test:48,external:40}", "data.limit=400",
-        "train.batch_size=2", "train.max_epochs=3", "head=cdl", "logger=wandb",
-        "name=preempted,twin", *SMALL_JOBS,
+        "train.batch_size=2", "train.max_epochs=2", "head=cdl", "logger=wandb",
+        "name=preempted,twin", "hydra.sweep.dir=multirun/slurm-preempt/${name}", *SMALL_JOBS,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     driver = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    run_dir = workdir / "multirun" / "preempted" / "cxr8-cdl" / "seed0"
-    record = workdir / "multirun" / "demo" / ".sweep_jobs" / "00000.json"
+    base = workdir / "multirun" / "slurm-preempt"  # the sweep's own folder is base/demo
+    run_dir = base / "preempted" / "cxr8-cdl" / "seed0"
+    record = base / "demo" / ".sweep_jobs" / "00000.json"
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
@@ -153,17 +154,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, 
 
     # SLURM ran the job twice under the same id: requeued once, then completed
     assert _final_rows(job_id, "State") == [["REQUEUED"], ["COMPLETED"]]
-    submitit_dir = workdir / "multirun" / "demo" / ".submitit"
+    submitit_dir = base / "demo" / ".submitit"
     logs = "".join(p.read_text() for p in submitit_dir.rglob("*_0_log.*"))
     assert "checkpoint saved (epoch 2, batch " in logs and "Requeued job" in logs
     assert "after epoch 1 and " in logs and " batches of epoch 2 " in logs
-    states = {r["num"]: r for r in _records(workdir / "multirun" / "demo")}
+    states = {r["num"]: r for r in _records(base / "demo")}
     assert states[0]["state"] == "resumed" and states[0]["slurm_restarts"] == 1
     assert states[1]["state"] == "finished"
 
     rows = _metrics(run_dir)
-    twin = _metrics(workdir / "multirun" / "twin" / "cxr8-cdl" / "seed0")
-    assert [r["epoch"] for r in rows] == [1, 2, 3]  # no repeated or lost epoch
+    twin = _metrics(base / "twin" / "cxr8-cdl" / "seed0")
+    assert [r["epoch"] for r in rows] == [1, 2]  # no repeated or lost epoch
     for a, b in zip(rows, twin, strict=True):
         assert a["step"] == b["step"]  # no repeated or lost batch
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
