@@ -46,6 +46,7 @@ def _max_concurrent(seen: list[dict]) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_one_job_per_gpu_at_most_g_at_once(tmp_path):
     proc = _sweep(tmp_path, "job=range(5)", "hydra.launcher.gpus=[3,7]")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,6 +60,7 @@ def test_one_job_per_gpu_at_most_g_at_once(tmp_path):
             assert a["cuda_visible_devices"] != b["cuda_visible_devices"], (a, b)
 
 
+@pytest.mark.slow
 def test_cpu_only_splits_cores_between_jobs(tmp_path):
     proc = _sweep(tmp_path, "job=range(4)", "hydra.launcher.gpus=[]", "hydra.launcher.cpu_jobs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,6 +89,7 @@ def test_slots_memory_settings_and_bad_values():
         make_slots(["0", "0"], None, None, cores=[0])
 
 
+@pytest.mark.slow
 def test_sweep_summary_lists_failed_then_skipped(tmp_path):
     args = ("job=range(3)", "fail=1", "sleep=0", "hydra.launcher.gpus=[0,1]")
     first = _sweep(tmp_path, *args)

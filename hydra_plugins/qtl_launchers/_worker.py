@@ -14,7 +14,10 @@ from pathlib import Path
 def main(job_file: str, result_file: str) -> int:
     cpus = os.environ.get("QTL_CPU_SET")
     if cpus:  # XLA and the BLAS pools size themselves to the cores this process may use
-        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+        try:
+            os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+        except OSError as err:
+            print(f"[gpu_pool] could not pin to cores {cpus}: {err}", flush=True)
     import cloudpickle
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobStatus, run_job, setup_globals
