@@ -106,3 +106,17 @@ def test_sweep_summary_lists_failed_then_skipped(tmp_path):
     assert "3 job(s): 2 skipped, 1 failed" in summary, again.stdout[-2000:]
     jobs = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["jobs"]
     assert [j["state"] for j in jobs] == ["skipped", "failed", "skipped"]
+
+
+def test_gpus_detected_with_nvidia_smi(tmp_path, monkeypatch):
+    """G comes from nvidia-smi when not configured (a stand-in script: no GPU here)."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=index" ] && printf "0\\n1\\n2\\n3\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    slots = make_slots(None, None, None, cores=list(range(8)))
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "2", "3"]
+    assert [s.cpus for s in slots] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no NVIDIA driver: CPU-only jobs
+    slots = make_slots(None, 2, None, cores=[0, 1])
+    assert [s.env["JAX_PLATFORMS"] for s in slots] == ["cpu", "cpu"]
