@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ class GpuPoolLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> list[JobReturn]:
         import cloudpickle
 
         assert self.config is not None and self.hydra_context is not None
