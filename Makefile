@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv clean-demo
+.PHONY: demo test test-fast lint venv clean-demo wandb-sync
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,12 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf multirun/demo outputs/demo
+
+# Upload offline W&B runs (runs without an API key, or on nodes without internet), oldest
+# segment first so a requeued run's segments append to the same W&B run; already-synced
+# ones are skipped by wandb.  Needs `wandb login` (or WANDB_API_KEY) once.
+RUNS ?= multirun outputs
+wandb-sync: $(STAMP)
+	@dirs=$$(find $(RUNS) -type d -name 'offline-run-*' -path '*/wandb/*' 2>/dev/null | sort); \
+	if [ -z "$$dirs" ]; then echo "no offline W&B runs under: $(RUNS)"; \
+	else $(BIN)/wandb sync $$dirs; fi

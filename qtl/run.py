@@ -178,8 +178,9 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
         state, meta = ckpts.restore("last", state)
         progress = Progress.from_json(meta)
         files.write_metrics(progress.history)
+        mid = f"and {progress.batch} batches of epoch {progress.epoch + 1} " * (progress.batch > 0)
         print(
-            f"[qtl] resuming {run_dir} after epoch {progress.epoch} "
+            f"[qtl] resuming {run_dir} after epoch {progress.epoch} {mid}"
             f"(best epoch {progress.best_epoch}, val loss {progress.best_val_loss:.4f})"
         )
 

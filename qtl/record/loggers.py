@@ -72,15 +72,31 @@ class WandbLogger:
         for key in ("val/*", "train/epoch_loss"):
             self._run.define_metric(key, step_metric="epoch")
 
+    # W&B is a copy of the local records: a W&B failure (its service process killed, e.g. by
+    # SLURM's signals around a requeue) is reported once and never stops or fails the run.
+    _broken: bool = False
+    _finished: bool = False
+
+    def _guard(self, what: str, call: Any) -> None:
+        if self._broken:
+            return
+        try:
+            call()
+        except Exception as err:  # any W&B failure: keep training
+            self._broken = True
+            print(f"[qtl] W&B {what} failed ({err!r}); local records continue", flush=True)
+
     def log(self, data: dict[str, Any], step: int) -> None:
-        self._run.log(data, step=step)
+        self._guard("log", lambda: self._run.log(data, step=step))
 
     def summary(self, data: dict[str, Any]) -> None:
-        for key, value in data.items():
-            self._run.summary[key] = value
+        self._guard("summary", lambda: self._run.summary.update(data))
 
     def finish(self, exit_code: int = 0) -> None:
-        self._run.finish(exit_code=exit_code)
+        """Close the W&B run (once; a stopped run is closed before the scheduler requeues it)."""
+        if not self._finished:
+            self._finished = True
+            self._guard("finish", lambda: self._run.finish(exit_code=exit_code))
 
 
 def make_logger(

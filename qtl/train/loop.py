@@ -4,6 +4,12 @@ Order inside an epoch: train over all batches -> validation loss -> save `last` 
 -> rewrite metrics.jsonl from the checkpointed history. A kill anywhere loses at most the
 epoch in progress; the rerun restores `last` and continues with the next epoch, with the
 same batches it would have seen (the stream is a function of seed and epoch only).
+
+A scheduler's stop signal (SLURM preemption or time limit, see ``qtl.train.preempt``) loses
+nothing: after the current step, `last` is saved with the position inside the epoch and the
+losses so far; the resumed run skips the batches already trained and finishes the epoch
+exactly as an uninterrupted run would. `last` is keyed by the global step, so a mid-epoch
+save and the following epoch-end save never collide.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from qtl.evaluate.predict import predict
 from qtl.progress import bar
 from qtl.record.files import RunFiles
 from qtl.train.checkpoint import Checkpoints
+from qtl.train.preempt import StopRequest
 from qtl.train.step import Steps, TrainState
 
 
@@ -35,6 +42,11 @@ class Progress:
     stopped: str | None = None  # why training ended: early_stopping | max_epochs
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    # a mid-epoch checkpoint (stop signal): batches of epoch `epoch + 1` already trained,
+    # their losses and seconds; all empty at epoch boundaries
+    batch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -70,17 +82,23 @@ def fit(
     epochs = bar(
         enabled=show_progress, total=tc.max_epochs, initial=p.epoch, desc="epochs", unit="ep"
     )
-    with epochs:
+    with epochs, StopRequest() as stop:
         while p.stopped is None and p.epoch < tc.max_epochs:
             epoch = p.epoch + 1
-            t0 = time.perf_counter()
-            losses = []
+            start, t0 = p.batch, time.perf_counter() - p.epoch_seconds
+            losses: list[Any] = list(p.epoch_losses)
             with bar(
-                enabled=show_progress, total=n_batches, desc=f"epoch {epoch}", leave=False
+                enabled=show_progress,
+                total=n_batches,
+                initial=start,
+                desc=f"epoch {epoch}",
+                leave=False,
             ) as inner:
                 for i, b in enumerate(
                     batches(train_x, train_y, tc.batch_size, seed=cfg.seed, epoch=epoch)
                 ):
+                    if i < start:  # trained before a mid-epoch checkpoint
+                        continue
                     state, loss = steps.train_step(state, b.images, b.labels, b.mask, b.key)
                     losses.append(loss)
                     if (i + 1) % tc.log_every == 0 or i + 1 == n_batches:
@@ -88,6 +106,12 @@ def fit(
                         logger.log({"train/loss": recent, "epoch": epoch}, step=int(state.step))
                         inner.set_postfix(loss=f"{recent:.4f}")
                     inner.update(1)
+                    if stop.signum is not None and i + 1 < n_batches:
+                        p.batch, p.epoch_losses = i + 1, [float(x) for x in losses]
+                        p.epoch_seconds = time.perf_counter() - t0
+                        ckpts.save("last", int(state.step), state, p.to_json())
+                        logger.finish(1)  # flush W&B before the requeue ends its service
+                        stop.hand_over(f"epoch {epoch}, batch {i + 1} of {n_batches}")
             train_loss = float(np.mean([float(x) for x in losses]))
             val_probs, val_loss = predict(
                 steps.eval_step,
@@ -121,9 +145,10 @@ def fit(
                 "seconds": round(seconds, 3),
             }
             p.history.append(row)
+            p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
             if improved:
                 ckpts.save("best", epoch, state, p.to_json())
-            ckpts.save("last", epoch, state, p.to_json())
+            ckpts.save("last", int(state.step), state, p.to_json())
             files.write_metrics(p.history)
             logger.log(
                 {
@@ -137,4 +162,7 @@ def fit(
             )
             epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch)
             epochs.update(1)
+            if stop.signum is not None:  # arrived late in the epoch: `last` is this boundary
+                logger.finish(1)
+                stop.hand_over(f"end of epoch {epoch}")
     return state, p

@@ -1,0 +1,280 @@
+"""``hydra/launcher=gpu_pool``: a sweep on one workstation, at most one job per GPU.
+
+Why not Hydra's stock launchers: ``basic`` runs jobs one after another, and
+``submitit_local`` starts every job at once without giving each its own GPU. Here each job
+is a subprocess that sees exactly one GPU (``CUDA_VISIBLE_DEVICES``), the rest wait in a
+queue, and a job that crashes (even hard: OOM-kill, segfault) fails alone. Without GPUs,
+N jobs run at once, each pinned to its own share of the CPU cores, with thread counts to
+match. JAX's GPU memory is set deliberately: allocate on demand by default, or a fixed
+fraction per job (``xla_mem_fraction``).
+"""
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is
+# in sys.modules, and dataclasses then cannot resolve string annotations.
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Thread-pool sizes of the numerical libraries a job may load.
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass
+class GpuPoolLauncherConf:
+    _target_: str = "hydra_plugins.qtl_launchers.gpu_pool.GpuPoolLauncher"
+    # GPU ids to spread jobs over, one job per GPU at a time; null = all GPUs nvidia-smi
+    # lists (none found: CPU-only); [] = CPU-only even on a GPU machine
+    gpus: list[str] | None = None
+    # CPU-only: jobs at once (cores divided between them); null = one job per 4 cores
+    cpu_jobs: int | None = None
+    # GPU memory per job: null = allocate on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false);
+    # a number in (0, 1] = preallocate that fraction of the job's GPU
+    xla_mem_fraction: float | None = None
+    # extra environment variables for every job
+    env: dict[str, str] = field(default_factory=dict)
+    # where each job's stdout/stderr goes (job<N>.log)
+    log_dir: str = "${hydra.sweep.dir}/.gpu_pool"
+    # seconds a job gets to save a checkpoint after SIGTERM when the sweep is interrupted
+    stop_grace_s: float = 60.0
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="gpu_pool", node=GpuPoolLauncherConf, provider="qtl"
+)
+
+
+@dataclass
+class Slot:
+    """One place a job can run: a GPU (or a CPU share) and the cores that go with it."""
+
+    name: str
+    env: dict[str, str]
+    cpus: list[int]
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices nvidia-smi reports; [] when there is no NVIDIA driver."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def make_slots(
+    gpus: list[str] | None,
+    cpu_jobs: int | None,
+    xla_mem_fraction: float | None,
+    cores: list[int] | None = None,
+) -> list[Slot]:
+    """The pool: one slot per GPU, or ``cpu_jobs`` CPU slots; cores split evenly."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    gpu_ids = detect_gpus() if gpus is None else [str(g) for g in gpus]
+    if len(set(gpu_ids)) != len(gpu_ids):
+        raise ValueError(f"hydra.launcher.gpus lists a GPU twice: {gpu_ids}")
+    if xla_mem_fraction is not None and not 0.0 < xla_mem_fraction <= 1.0:
+        raise ValueError(
+            f"hydra.launcher.xla_mem_fraction={xla_mem_fraction}: expected null or (0, 1]"
+        )
+    if gpu_ids:
+        n = len(gpu_ids)
+    else:
+        n = cpu_jobs if cpu_jobs is not None else max(1, len(cores) // 4)
+        if n < 1:
+            raise ValueError(f"hydra.launcher.cpu_jobs={cpu_jobs}: expected null or >= 1")
+    per = max(1, len(cores) // n)
+    slots = []
+    for i in range(n):
+        share = [cores[(i * per + j) % len(cores)] for j in range(per)]
+        env = {var: str(per) for var in _THREAD_VARS}
+        if gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = gpu_ids[i]
+            if xla_mem_fraction is None:
+                env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            else:
+                env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
+                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(xla_mem_fraction)
+            name = f"GPU {gpu_ids[i]}"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["JAX_PLATFORMS"] = "cpu"
+            name = f"CPU slot {i} (cores {','.join(map(str, share))})"
+        env["QTL_CPU_SET"] = ",".join(map(str, share))
+        slots.append(Slot(name=name, env=env, cpus=share))
+    return slots
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM to the launcher: stop the jobs as for Ctrl-C (they checkpoint first)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@dataclass
+class _Running:
+    idx: int
+    slot: Slot
+    proc: subprocess.Popen
+    job_file: Path
+    result_file: Path
+    log_file: Path
+    overrides: list[str]
+    started: float
+
+
+class GpuPoolLauncher(Launcher):
+    """Runs each job in its own subprocess on a free slot; see the module docstring."""
+
+    def __init__(self, **params: Any) -> None:
+        self.params = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in params.items()
+        }
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> list[JobReturn]:
+        import cloudpickle
+
+        assert self.config is not None and self.hydra_context is not None
+        p = self.params
+        slots = make_slots(p.get("gpus"), p.get("cpu_jobs"), p.get("xla_mem_fraction"))
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log_dir = Path(str(p["log_dir"])).absolute()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log.info(
+            f"gpu_pool: {len(job_overrides)} jobs on {len(slots)} slot(s): "
+            + "; ".join(s.name for s in slots)
+            + f" (logs: {log_dir})"
+        )
+        pending = deque(enumerate(job_overrides, start=initial_job_idx))
+        free = deque(slots)
+        running: list[_Running] = []
+        results: dict[int, JobReturn] = {}
+        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while pending or running:
+                while pending and free:
+                    idx, overrides = pending.popleft()
+                    running.append(self._start(idx, list(overrides), free.popleft(), log_dir))
+                time.sleep(0.05)
+                for job in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(job)
+                    free.append(job.slot)
+                    results[job.idx] = self._collect(job, cloudpickle)
+        except BaseException:
+            self._stop(running, float(p.get("stop_grace_s", 60.0)))
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+        return [results[i] for i in sorted(results)]
+
+    def _start(self, idx: int, overrides: list[str], slot: Slot, log_dir: Path) -> _Running:
+        import cloudpickle
+
+        job_file = log_dir / f"job{idx}.pkl"
+        result_file = log_dir / f"job{idx}.result.pkl"
+        log_file = log_dir / f"job{idx}.log"
+        result_file.unlink(missing_ok=True)
+        payload = {
+            "hydra_context": self.hydra_context,
+            "task_function": self.task_function,
+            "config": self.config,
+            "overrides": overrides,
+            "idx": idx,
+            "singletons": Singleton.get_state(),
+        }
+        with job_file.open("wb") as f:
+            cloudpickle.dump(payload, f)
+        env = {**os.environ, **{str(k): str(v) for k, v in self.params["env"].items()}}
+        env.update(slot.env)
+        # the job imports the same code as this process (the app's folder first)
+        script_dir = sys.path[0] or os.getcwd()
+        env["PYTHONPATH"] = os.pathsep.join(
+            x for x in (script_dir, os.environ.get("PYTHONPATH")) if x
+        )
+        log.info(f"\t#{idx} on {slot.name}: {' '.join(filter_overrides(overrides))}")
+        with log_file.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "hydra_plugins.qtl_launchers._worker",
+                    str(job_file),
+                    str(result_file),
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher, which stops jobs cleanly
+            )
+        return _Running(idx, slot, proc, job_file, result_file, log_file, overrides, time.time())
+
+    @staticmethod
+    def _collect(job: _Running, cloudpickle: Any) -> JobReturn:
+        seconds = time.time() - job.started
+        ret: JobReturn | None = None
+        if job.result_file.exists():
+            with job.result_file.open("rb") as f:
+                ret = cloudpickle.load(f)
+            job.result_file.unlink()
+        job.job_file.unlink(missing_ok=True)
+        if ret is None:  # the process died before Hydra could record the job (killed, OOM)
+            ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
+            ret.return_value = RuntimeError(
+                f"job #{job.idx} process exited with code {job.proc.returncode} before "
+                f"finishing; its output is in {job.log_file}"
+            )
+        state = "done" if ret.status == JobStatus.COMPLETED else "FAILED"
+        log.info(f"\t#{job.idx} {state} on {job.slot.name} after {seconds:.1f} s")
+        return ret
+
+    @staticmethod
+    def _stop(running: list[_Running], grace: float) -> None:
+        """Interrupted sweep: SIGTERM lets each job checkpoint; KILL what is left after grace."""
+        for job in running:
+            if job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + grace
+        for job in running:
+            try:
+                job.proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()

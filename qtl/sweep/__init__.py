@@ -1,0 +1,1 @@
+"""Sweep-level bookkeeping (Hydra callbacks): what happened to each job of a multirun."""
