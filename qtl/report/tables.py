@@ -96,6 +96,13 @@ def device(hw: dict[str, Any]) -> str | None:
     return str(platform or kind) if kind in (None, platform) else f"{platform} {kind}"
 
 
+def _over_seeds(sweep: Sweep, task: str, head: str, split: str, label: str | None) -> dict:
+    """n, mean, sd and which seeds, over the finished seeds of one task/head/test set/label."""
+    values = per_seed(sweep, task, head, split, label)
+    mean, sd = mean_sd(list(values.values()))
+    return {"n_seeds": len(values), "mean": mean, "sd": sd, "seeds": " ".join(map(str, values))}
+
+
 def mean_auroc_table(sweep: Sweep) -> Table:
     """Mean ± sd over finished seeds of each run's mean AUROC, per task × test set × head."""
     table = Table(
@@ -107,19 +114,8 @@ def mean_auroc_table(sweep: Sweep) -> Table:
     for task in sweep.tasks:
         for split in sweep.test_sets(task):
             for head in sweep.heads(task):
-                values = per_seed(sweep, task, head, split, None)
-                mean, sd = mean_sd(list(values.values()))
-                table.rows.append(
-                    {
-                        "task": task,
-                        "test_set": TEST_SETS[split],
-                        "head": head,
-                        "n_seeds": len(values),
-                        "mean": mean,
-                        "sd": sd,
-                        "seeds": " ".join(map(str, sorted(values))),
-                    }
-                )
+                row = {"task": task, "test_set": TEST_SETS[split], "head": head}
+                table.rows.append(row | _over_seeds(sweep, task, head, split, None))
     return table
 
 
@@ -128,7 +124,7 @@ def per_label_table(sweep: Sweep) -> Table:
     table = Table(
         "per_label_auroc",
         "Per-label AUROC per task, test set and head (labels by training frequency)",
-        ["task", "test_set", "label", "train_positives", "head", "n_seeds", "mean", "sd"],
+        ["task", "test_set", "label", "train_positives", "head", "n_seeds", "mean", "sd", "seeds"],
         formats={"mean": AUROC, "sd": SD},
     )
     for task in sweep.tasks:
@@ -136,20 +132,9 @@ def per_label_table(sweep: Sweep) -> Table:
         for split in sweep.test_sets(task):
             for label in sweep.labels(task):
                 for head in sweep.heads(task):
-                    values = per_seed(sweep, task, head, split, label)
-                    mean, sd = mean_sd(list(values.values()))
-                    table.rows.append(
-                        {
-                            "task": task,
-                            "test_set": TEST_SETS[split],
-                            "label": label,
-                            "train_positives": counts.get(label),
-                            "head": head,
-                            "n_seeds": len(values),
-                            "mean": mean,
-                            "sd": sd,
-                        }
-                    )
+                    row = {"task": task, "test_set": TEST_SETS[split], "label": label,
+                           "train_positives": counts.get(label), "head": head}  # fmt: skip
+                    table.rows.append(row | _over_seeds(sweep, task, head, split, label))
     return table
 
 
@@ -192,21 +177,21 @@ def headline_table(
     table = Table(
         "headline",
         "Mean AUROC, CDL vs DQC",
-        ["task", "test set", f"{a.upper()}", f"{b.upper()}", "% diff", "p", "", "pairs"],
-        formats={"% diff": PCT, "p": P},
+        ["task", "test_set", a.upper(), b.upper(), "pct_diff", "p", "stars", "n_pairs"],
+        formats={"pct_diff": PCT, "p": P},
     )
     for (task, split, label), c in comparisons.items():
         if label is None:
             table.rows.append(
                 {
                     "task": task,
-                    "test set": TEST_SETS[split],
+                    "test_set": TEST_SETS[split],
                     a.upper(): _pm(c.mean_a, c.sd_a),
                     b.upper(): _pm(c.mean_b, c.sd_b),
-                    "% diff": c.pct_diff,
+                    "pct_diff": c.pct_diff,
                     "p": c.p,
-                    "": c.stars(alpha),
-                    "pairs": c.n,
+                    "stars": c.stars(alpha),
+                    "n_pairs": c.n,
                 }
             )
     return table
