@@ -215,6 +215,16 @@ def test_one_seed_gives_no_p_values_but_a_report(tmp_path):
     assert (out.parent / "figures" / "volcano_cxr8.png").stat().st_size > 0
 
 
+def test_one_head_only_reports_without_a_comparison(tmp_path):
+    for seed in (0, 1):
+        _write_run(tmp_path / "sweep", "cxr8", "cdl", seed)
+    out = _report(tmp_path / "sweep")
+    assert "No CDL vs DQC comparison" in out.read_text()
+    assert _rows(out.parent / "tables" / "comparison.csv") == []
+    assert len(_rows(out.parent / "tables" / "mean_auroc.csv")) == len(SPLITS)
+    assert (out.parent / "figures" / "mean_auroc.png").stat().st_size > 0
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="report.sweep is not set"):
         write_report(ReportConfig())
