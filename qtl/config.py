@@ -20,6 +20,7 @@ class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
     describe = "describe"  # print the parameter table per component, no training
     bench_circuit = "bench_circuit"  # time the DQC head's value_and_grad per simulator and n
+    report = "report"  # tables, paired t-tests and figures from a sweep directory (report.sweep)
 
 
 class HeadName(StrEnum):
@@ -170,6 +171,23 @@ class BackendConfig:
     name: Backend = Backend.jax  # framework that runs the train step (jax trains)
 
 
+class ReportFigure(StrEnum):
+    mean_auroc = "mean_auroc"  # mean AUROC bars per task/head with significance brackets
+    per_label = "per_label"  # per-label AUROC bars per task/test set, by training frequency
+    volcano = "volcano"  # -log10 p against signed log2 % diff, per label group
+    loss_curves = "loss_curves"  # train/val loss per epoch, mean +- sd band per head
+
+
+@dataclass
+class ReportConfig:
+    sweep: str | None = None  # multirun folder to report on (mode=report); e.g. multirun/demo
+    out: str | None = None  # where report.md, tables/, figures/ go; null = <sweep>/report
+    alpha: float = 0.05  # significance level: '*' and the volcano's p line
+    figures: list[ReportFigure] = field(default_factory=lambda: list(ReportFigure))  # to draw
+    dpi: int = 100  # PNG resolution
+    auto: bool = True  # write the report when a multirun (launch.py -m) ends
+
+
 @dataclass
 class BenchCircuitConfig:
     qubits: list[int] = field(default_factory=lambda: [8, 14, 19])  # circuit sizes to time
@@ -197,6 +215,7 @@ class QtlConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
 

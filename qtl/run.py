@@ -26,6 +26,7 @@ _NON_IDENTITY_KEYS = (
     "mode",
     "progress",
     "logger",
+    "report",
     "data.workers",
     "train.log_every",
     "train.eval_batch_size",
@@ -228,6 +229,10 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
             "loss": losses,
             "auroc": auroc,
             "split_sizes": {name: len(s) for name, s in splits.items()},
+            # positives per label in train: the report sorts labels by this frequency
+            "train_label_counts": dict(
+                zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
+            ),
             "wall_seconds": {
                 "data": round(data_seconds, 2),
                 "train": round(progress.train_seconds, 2),
@@ -269,6 +274,10 @@ def run(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
         from qtl.bench.circuit import bench_circuit
 
         return bench_circuit(cfg.bench_circuit, cfg.head)
+    if cfg.mode == Mode.report:  # reads a sweep's records; no run directory, no training
+        from qtl.report import write_report
+
+        return write_report(cfg.report, cfg.logger)
     if run_dir is None:
         raise ValueError("mode=train needs a run directory")
     return train_and_evaluate(cfg, run_dir)

@@ -1,0 +1,63 @@
+"""One report from one sweep: collect -> compare -> tables, figures, report.md (-> W&B)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtl.config import ConfigError, LoggerConfig, LoggerName, ReportConfig
+from qtl.report import figures as figs
+from qtl.report import markdown
+from qtl.report.collect import collect
+from qtl.report.stats import compare
+from qtl.report.tables import (
+    comparison_table,
+    convergence_table,
+    headline_table,
+    mean_auroc_table,
+    per_label_table,
+    runs_table,
+)
+
+
+def _check(cfg: ReportConfig) -> None:
+    if not cfg.sweep:
+        raise ConfigError(
+            "report.sweep is not set: mode=report needs the multirun folder to report on, "
+            "e.g. python launch.py mode=report report.sweep=multirun/demo"
+        )
+    if not 0.0 < cfg.alpha < 1.0:
+        raise ConfigError(f"report.alpha={cfg.alpha} must lie strictly between 0 and 1.")
+    if cfg.dpi <= 0:
+        raise ConfigError(f"report.dpi={cfg.dpi} must be positive.")
+
+
+def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
+    """Write report.md, tables/ and figures/ for ``cfg.sweep``; returns report.md's path."""
+    _check(cfg)
+    root = Path(cfg.sweep)  # type: ignore[arg-type]
+    out = Path(cfg.out) if cfg.out else root / "report"
+    sweep = collect(root, skip=out)
+    comps = compare(sweep)
+    tables = {
+        "headline": headline_table(comps, cfg.alpha),
+        "mean_auroc": mean_auroc_table(sweep),
+        "per_label_auroc": per_label_table(sweep),
+        "comparison": comparison_table(comps, cfg.alpha),
+        "convergence": convergence_table(sweep),
+        "runs": runs_table(sweep),
+    }
+    table_files = {name: t.write(out / "tables") for name, t in tables.items()}
+    which = [getattr(f, "value", f) for f in cfg.figures]
+    figures = figs.draw(which, sweep, comps, cfg.alpha, out / "figures", cfg.dpi)
+    path = out / "report.md"
+    path.write_text(markdown.render(sweep, out, tables, table_files, figures, comps, cfg.alpha))
+    if logger is not None and logger.name == LoggerName.wandb:
+        from qtl.report.wandb_log import log_report
+
+        log_report(logger.wandb, sweep, out, tables, figures)
+    print(
+        f"[qtl] report of {root}: {len(sweep.finished)} finished, {len(sweep.failed)} failed, "
+        f"{len(sweep.missing)} missing run(s) -> {path}"
+    )
+    print(tables["headline"].markdown())
+    return path

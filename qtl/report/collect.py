@@ -1,0 +1,234 @@
+"""Read a sweep directory's run records into one in-memory table.
+
+A sweep is whatever ``launch.py -m`` wrote under ``multirun/<name>``: one directory per job
+(``<task>-<head>/seed<seed>``). Only the files a run writes are used (results.json,
+metrics.jsonl, run_config.json, Hydra's ``.hydra/``), so the report can be rebuilt anywhere
+the directory is copied to. A job directory without results.json is a failed (or unfinished)
+run; a (task, head, seed) that the rest of the grid implies but that has no directory at all
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtl.config import ConfigError
+from qtl.labels import LABEL_COUNTS
+
+# Evaluated splits that are test sets, in report order, with their display names.
+TEST_SETS: dict[str, str] = {"test": "internal test", "external": "external test"}
+_SUBDIR = re.compile(r"^(?P<task>[^/]+)-(?P<head>[^/-]+)/seed(?P<seed>-?\d+)$")
+
+
+class ReportError(ConfigError):
+    """The sweep directory cannot be reported on; the message says what was found."""
+
+
+@dataclass
+class Run:
+    """One job of the sweep and what it left behind."""
+
+    task: str
+    head: str
+    seed: int
+    dir: Path
+    results: dict[str, Any] | None = None  # results.json; None = failed or unfinished
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
+    problem: str = ""  # why there is no result, for report.md
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None
+
+    def auroc(self, split: str, label: str | None = None) -> float | None:
+        """Mean AUROC (label=None) or one label's AUROC on a split; None if not evaluated."""
+        block = (self.results or {}).get("auroc", {}).get(split)
+        if block is None:
+            return None
+        value = block["mean"] if label is None else block["per_label"].get(label)
+        return None if value is None else float(value)
+
+
+@dataclass
+class Sweep:
+    """All runs found under one sweep directory."""
+
+    root: Path
+    runs: list[Run]
+    missing: list[tuple[str, str, int]]  # (task, head, seed) implied by the grid, no directory
+
+    @property
+    def finished(self) -> list[Run]:
+        return [r for r in self.runs if r.finished]
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if not r.finished]
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({r.task for r in self.runs}, key=_task_key)
+
+    def heads(self, task: str | None = None) -> list[str]:
+        """Heads in report order: cdl first (the study's reference), then the others."""
+        names = {r.head for r in self.runs if task is None or r.task == task}
+        return sorted(names, key=lambda h: (h != "cdl", h))
+
+    def seeds(self, task: str) -> list[int]:
+        return sorted({r.seed for r in self.runs if r.task == task})
+
+    def get(self, task: str, head: str, seed: int) -> Run | None:
+        for r in self.runs:
+            if (r.task, r.head, r.seed) == (task, head, seed):
+                return r
+        return None
+
+    def test_sets(self, task: str | None = None) -> list[str]:
+        """Test sets evaluated by at least one finished run (internal first)."""
+        found = {
+            s
+            for r in self.finished
+            if task is None or r.task == task
+            for s in (r.results or {}).get("auroc", {})
+        }
+        return [s for s in TEST_SETS if s in found]
+
+    def labels(self, task: str) -> list[str]:
+        """The task's labels, most frequent in training first (ties keep the task order)."""
+        runs = [r for r in self.finished if r.task == task]
+        if not runs:
+            return []
+        order = list(runs[0].results["labels"])  # type: ignore[index]
+        counts = runs[0].results.get("train_label_counts")  # type: ignore[union-attr]
+        if not counts:  # records written before qtl stored them: the NIH-CXR-LT counts
+            counts = {x: LABEL_COUNTS.get(x, {}).get("train", 0) for x in order}
+        return sorted(order, key=lambda x: -counts.get(x, 0))
+
+    def train_counts(self, task: str) -> dict[str, int]:
+        runs = [r for r in self.finished if r.task == task]
+        return dict((runs[0].results or {}).get("train_label_counts", {})) if runs else {}
+
+
+def _task_key(task: str) -> tuple[int, str]:
+    digits = re.sub(r"\D", "", task)
+    return (int(digits) if digits else 10**6, task)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a torn last line: keep what was complete
+    return rows
+
+
+def _name(value: Any) -> str:
+    """results.json stores ``task: cxr8``; a config stores ``task: {name: cxr8, ...}``."""
+    return str(value["name"] if isinstance(value, dict) else value)
+
+
+def _identify(job_dir: Path, root: Path) -> tuple[str, str, int] | None:
+    """(task, head, seed) of a job directory from its records, Hydra's config, or its path."""
+    for payload in (
+        _read_json(job_dir / "results.json"),
+        (_read_json(job_dir / "run_config.json") or {}).get("config"),
+    ):
+        if isinstance(payload, dict):
+            try:
+                return _name(payload["task"]), _name(payload["head"]), int(payload["seed"])
+            except (KeyError, TypeError, ValueError):
+                pass
+    hydra_cfg = job_dir / ".hydra" / "config.yaml"
+    if hydra_cfg.exists():
+        from omegaconf import OmegaConf
+
+        try:
+            cfg = OmegaConf.load(hydra_cfg)
+            return str(cfg.task.name), str(cfg.head.name), int(cfg.seed)
+        except Exception:  # noqa: BLE001 - an unreadable config falls back to the path
+            pass
+    match = _SUBDIR.match(job_dir.relative_to(root).as_posix())
+    if match:
+        return match["task"], match["head"], int(match["seed"])
+    return None
+
+
+def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> str:
+    """A one-line reason for report.md: the job's error, or how far it got."""
+    error = job_dir / "job_error.txt"  # written by qtl.report.callback for a failed job
+    if error.exists():
+        return error.read_text(errors="replace").strip().splitlines()[0][:300]
+    for log in sorted(job_dir.glob("*.log")):
+        lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        errors = [x for x in lines if "Error" in x or "error" in x]
+        if errors:
+            return errors[-1][:200]
+    if history:
+        return f"no results.json; stopped after epoch {history[-1].get('epoch')}"
+    return "no results.json; no epoch finished"
+
+
+def _job_dirs(root: Path, skip: Path | None) -> list[Path]:
+    """Directories holding a job's records (``wandb/`` and the report's own folder skipped)."""
+    marks = ("results.json", "run_config.json", "metrics.jsonl", ".hydra/config.yaml")
+    found: set[Path] = set()
+    for mark in marks:
+        for path in root.rglob(mark):
+            job = path.parent.parent if mark.startswith(".hydra") else path.parent
+            if "wandb" in job.relative_to(root).parts:
+                continue
+            if skip is not None and (job == skip or skip in job.parents):
+                continue
+            found.add(job)
+    return sorted(found)
+
+
+def collect(root: Path | str, skip: Path | None = None) -> Sweep:
+    """Every job under ``root``; ``skip`` is a folder to ignore (the report's output)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(
+            f"report.sweep={root}: no such directory. Point it at a multirun folder, "
+            "e.g. report.sweep=multirun/demo (the folder `launch.py -m ... name=demo` wrote)."
+        )
+    runs: list[Run] = []
+    seen: set[tuple[str, str, int]] = set()
+    for job in _job_dirs(root, skip.resolve() if skip else None):
+        key = _identify(job, root)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        results = _read_json(job / "results.json")
+        history = _read_history(job / "metrics.jsonl")
+        run = Run(*key, dir=job, results=results, history=history)
+        if results is None:
+            run.problem = _why_no_result(job, history)
+        runs.append(run)
+    if not runs:
+        raise ReportError(
+            f"report.sweep={root}: no runs found (no results.json, run_config.json or "
+            ".hydra/config.yaml below it). Is this the folder a multirun wrote "
+            "(multirun/<name>)?"
+        )
+    runs.sort(key=lambda r: (_task_key(r.task), r.head != "cdl", r.head, r.seed))
+    missing = []
+    for task in {r.task for r in runs}:
+        heads = {r.head for r in runs if r.task == task}
+        seeds = {r.seed for r in runs if r.task == task}
+        missing += [(task, h, s) for h in heads for s in seeds if (task, h, s) not in seen]
+    missing.sort(key=lambda k: (_task_key(k[0]), k[1] != "cdl", k[1], k[2]))
+    return Sweep(root=root, runs=runs, missing=missing)
