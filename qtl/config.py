@@ -97,7 +97,7 @@ class HeadConfig:
     entangler: Entangler = Entangler.ring  # CNOT pattern after each rotation layer (dqc only)
     rotation: Rotation = Rotation.ry  # trainable single-qubit rotation per layer (dqc only)
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
-    max_state_mb: float = 512.0  # fast: split the batch so one state vector stays below this
+    max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 4 on CPU, 2048 on GPU
 
 
 @dataclass
@@ -262,7 +262,7 @@ def validate(cfg: QtlConfig) -> None:
         ("train.lr", cfg.train.lr, cfg.train.lr > 0),
         ("train.backbone_lr", cfg.train.backbone_lr, (cfg.train.backbone_lr or 1.0) > 0),
         ("head.depth", cfg.head.depth, cfg.head.depth > 0),
-        ("head.max_state_mb", cfg.head.max_state_mb, cfg.head.max_state_mb > 0),
+        ("head.max_state_mb", cfg.head.max_state_mb, (cfg.head.max_state_mb or 1.0) > 0),
         ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
     ]

@@ -38,7 +38,7 @@ def run_case(case: dict) -> dict:
     params, features, labels = jax.device_put((params, features, labels))
     rss_before = _rss_gb()
 
-    circuit = make(case["simulator"], spec, case.get("max_state_mb", 512.0))
+    circuit = make(case["simulator"], spec, case.get("max_state_mb"))
     step = jax.value_and_grad(head_loss(circuit))
     t0 = time.perf_counter()
     if case["simulator"] == "lightning":  # C++ adjoint through a host callback: nothing to jit

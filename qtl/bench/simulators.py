@@ -34,7 +34,7 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(REQUIRES[name]) is not None
 
 
-def make(name: str, spec: CircuitSpec, max_state_mb: float = 512.0) -> CircuitFn:
+def make(name: str, spec: CircuitSpec, max_state_mb: float | None = None) -> CircuitFn:
     """``f(x (B, n), theta) -> <Z> (B, n)`` for the named simulator."""
     if name == "fast":
         from qtl.quantum.fast import fast_circuit

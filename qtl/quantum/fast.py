@@ -14,7 +14,8 @@ Why it is fast, and still exact:
 - <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
   that network is never applied; the parity sums factor into two small GEMMs (high and low
   halves of the basis index), with no 2^n x n sign table;
-- memory is bounded: above ``max_state_mb`` the batch goes through the circuit in chunks,
+- the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
+  CPU, which is faster; memory-sized on a GPU),
   each rematerialised in the backward pass.
 
 Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with
@@ -363,13 +364,17 @@ def fast_circuit(
     spec: CircuitSpec,
     *,
     group: int | None = None,
-    max_state_mb: float = 512.0,
+    max_state_mb: float | None = None,
     layout: str | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
     ``group``: wires per fused rotation GEMM (default: by qubit count). ``max_state_mb``: the
-    batch is split so one state vector stays under this size (memory bound for large n).
+    batch goes through the circuit in chunks whose state vectors stay below this size, each
+    chunk rematerialised in the backward pass. ``None`` picks by device: on a CPU, chunks
+    that stay in cache (measured ~1.5x faster at n=19 than one 64 MB batch); on a GPU, a
+    bound that only splits when memory would run out. ``layout``: "first" | "last" forces
+    where the batch axis starts (a tuning knob; by default it ends batch-first).
     """
     plan = compile_plan(spec)
     n = spec.n_qubits
@@ -419,7 +424,8 @@ def fast_circuit(
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
         batch = x2.shape[0]
-        chunk = max(1, int(max_state_mb * 2**20 // state_bytes))
+        budget = max_state_mb if max_state_mb is not None else default_state_mb()
+        chunk = max(1, int(budget * 2**20 // state_bytes))
         if batch <= chunk:
             z = core(x2, theta)
         else:
@@ -431,6 +437,11 @@ def fast_circuit(
         return z[0] if squeeze else z
 
     return run
+
+
+def default_state_mb() -> float:
+    """Chunk bound for ``max_state_mb=None``: cache-sized on CPU, memory-sized elsewhere."""
+    return 4.0 if jax.default_backend() == "cpu" else 2048.0
 
 
 def default_group(n_qubits: int) -> int:
