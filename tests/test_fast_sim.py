@@ -25,11 +25,18 @@ from qtl.quantum.circuit import (
     ROTATIONS,
     CircuitSpec,
     dqc_ansatz,
+    entangler_pairs,
     pennylane_circuit,
     ring_pairs,
 )
 from qtl.quantum.dressed import head_loss, init_params
-from qtl.quantum.fast import cnot_network_matrix, fast_circuit, wire_groups
+from qtl.quantum.fast import (
+    cnot_network_matrix,
+    fast_circuit,
+    gf2_index,
+    network_indices,
+    wire_groups,
+)
 
 ATOL = 1e-5
 FEATURES = 6
@@ -40,6 +47,23 @@ def test_ring_network_is_prefix_xor_with_wrap():
     m = cnot_network_matrix(4, ring_pairs(4))
     # out_k = b_0 ^ ... ^ b_k for k >= 1; out_0 = b_1 ^ ... ^ b_{n-1}
     np.testing.assert_array_equal(m, [[0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("entangler", ENTANGLERS)
+def test_network_gather_applies_each_cnot_in_order(entangler):
+    """The on-device index map equals applying the CNOTs one by one to a state vector."""
+    n = 5
+    pairs = entangler_pairs(entangler, n)
+    state = np.random.default_rng(0).normal(size=2**n)
+    expected = state.copy()
+    index = np.arange(2**n)
+    for control, target in pairs:  # CNOT: |b> -> |b with target flipped if control set>
+        flip = ((index >> (n - 1 - control)) & 1) << (n - 1 - target)
+        expected = expected[index ^ flip]
+    gather, inverse = network_indices(n, pairs)
+    np.testing.assert_array_equal(state[np.asarray(gf2_index(n, gather))], expected)
+    back = np.asarray(gf2_index(n, inverse))
+    np.testing.assert_array_equal(expected[back], state)
 
 
 def test_wire_groups_cover_every_wire_once():

@@ -53,15 +53,24 @@ def _bits_to_index(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.int64) * weights).sum(-1)
 
 
-def permutation(n_qubits: int, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(gather, inverse gather): new_state = state[gather] applies the CNOT network."""
-    m = cnot_network_matrix(n_qubits, pairs)
-    index = np.arange(2**n_qubits, dtype=np.int64)
-    bits = ((index[:, None] >> np.arange(n_qubits - 1, -1, -1)) & 1).astype(np.uint8)
-    image = _bits_to_index((bits @ m.T) % 2)  # basis state b -> M b
-    gather = np.empty_like(image)
-    gather[image] = index  # new[M b] = old[b]
-    return gather.astype(np.int32), image.astype(np.int32)
+def gf2_index(n_qubits: int, matrix: np.ndarray, index: jax.Array | None = None) -> jax.Array:
+    """Basis indices mapped by a GF(2) matrix (bit vector b -> matrix @ b), computed on the
+    device from an iota: no 2^n-entry constant is baked into the compiled program."""
+    index = jax.lax.iota(jnp.int32, 2**n_qubits) if index is None else index
+    columns = _bits_to_index(matrix.T.astype(np.int64))  # column w as an index
+    out = jnp.zeros_like(index)
+    for w in range(n_qubits):
+        bit = (index >> (n_qubits - 1 - w)) & 1
+        out = out ^ (bit * int(columns[w]))
+    return out
+
+
+def network_indices(n_qubits: int, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """GF(2) matrices of (gather, inverse gather): new[j] = old[gather(j)] applies the network.
+
+    new[M b] = old[b], so gather = M^-1 (the same CNOTs in reverse order) and its inverse is M.
+    """
+    return cnot_network_matrix(n_qubits, pairs[::-1]), cnot_network_matrix(n_qubits, pairs)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -189,20 +198,18 @@ def _layer_matrices(
 # ----------------------------------------------------------------------------- state ops
 
 
-def _permutation_op(
-    gather: np.ndarray, inverse: np.ndarray, axis: int
-) -> Callable[[jax.Array], jax.Array]:
+def _permutation_op(n: int, gather: np.ndarray, inverse: np.ndarray, axis: int):
     """Gather along the basis axis; its VJP is the inverse gather (a scatter-add is slow)."""
 
     @jax.custom_vjp
     def permute(state: jax.Array) -> jax.Array:
-        return jnp.take(state, gather, axis=axis)
+        return jnp.take(state, gf2_index(n, gather), axis=axis)
 
     def fwd(state: jax.Array) -> tuple[jax.Array, None]:
         return permute(state), None
 
     def bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-        return (jnp.take(g, inverse, axis=axis),)
+        return (jnp.take(g, gf2_index(n, inverse), axis=axis),)
 
     permute.defvjp(fwd, bwd)
     return permute
@@ -279,17 +286,18 @@ def _product_table(vectors: jax.Array) -> jax.Array:
     return jnp.matmul(table.reshape(-1, width), eye, precision=_HIGHEST).reshape(table.shape)
 
 
-def _permuted_product(gather: np.ndarray, inverse: np.ndarray, low: int, batch_first: bool):
+def _permuted_product(n: int, gather: np.ndarray, inverse: np.ndarray, low: int, batch_first: bool):
     """``f(A, C)`` = (A (x) C)[gather]: the product state and the first CNOT network in one pass.
 
     A is the (B, 2^h) product of the high wires, C the (B, 2^low) product of the low wires.
     Each output amplitude reads A and C (small, cache-resident) at the permuted index. The
     VJP un-permutes the cotangent once and contracts it against C and A.
     """
-    hi, lo = gather >> low, gather & ((1 << low) - 1)
 
     @jax.custom_vjp
     def f(a: jax.Array, c: jax.Array) -> jax.Array:
+        source = gf2_index(n, gather)
+        hi, lo = source >> low, source & ((1 << low) - 1)
         if batch_first:
             return (a[:, hi] * c[:, lo]).reshape(-1)
         return (a.T[hi, :] * c.T[lo, :]).reshape(-1)
@@ -300,12 +308,13 @@ def _permuted_product(gather: np.ndarray, inverse: np.ndarray, low: int, batch_f
     def bwd(res, g):
         a, c = res
         batch = a.shape[0]
+        back = gf2_index(n, inverse)
         if batch_first:
-            g0 = jnp.take(g.reshape(batch, -1), inverse, axis=1).reshape(batch, a.shape[1], -1)
+            g0 = jnp.take(g.reshape(batch, -1), back, axis=1).reshape(batch, a.shape[1], -1)
             da = jnp.einsum("bac,bc->ba", g0, c, precision=_HIGHEST)
             dc = jnp.einsum("bac,ba->bc", g0, a, precision=_HIGHEST)
         else:
-            g0 = jnp.take(g.reshape(-1, batch), inverse, axis=0).reshape(a.shape[1], -1, batch)
+            g0 = jnp.take(g.reshape(-1, batch), back, axis=0).reshape(a.shape[1], -1, batch)
             da = jnp.einsum("acb,bc->ba", g0, c, precision=_HIGHEST)
             dc = jnp.einsum("acb,ba->bc", g0, a, precision=_HIGHEST)
         return da, dc
@@ -381,7 +390,7 @@ def fast_circuit(
     group = group or default_group(n)
     groups = wire_groups(n, group)
     perms = {
-        i: permutation(n, pairs) for i, (kind, pairs) in enumerate(plan.steps) if kind == "cnot"
+        i: network_indices(n, pairs) for i, (kind, pairs) in enumerate(plan.steps) if kind == "cnot"
     }
     masks = cnot_network_matrix(n, plan.folded).astype(bool)
     n_local = sum(kind == "local" for kind, _ in plan.steps)
@@ -400,7 +409,7 @@ def fast_circuit(
             h = n // 2
             a = _product_table(vectors[:, :h])
             c = _product_table(vectors[:, h:])
-            state = _permuted_product(*perms[0], n - h, batch_first)(a, c)
+            state = _permuted_product(n, *perms[0], n - h, batch_first)(a, c)
             steps = steps[1:]
         else:
             state = _product_state(vectors, batch_first)
@@ -409,7 +418,7 @@ def fast_circuit(
                 gather, inverse = perms[i]
                 shape = (batch, -1) if batch_first else (-1, batch)
                 axis = 1 if batch_first else 0
-                state = _permutation_op(gather, inverse, axis)(state.reshape(shape)).reshape(-1)
+                state = _permutation_op(n, gather, inverse, axis)(state.reshape(shape)).reshape(-1)
             else:
                 mats = _layer_matrices(payload, n, x, theta, dtype)
                 state = _local_layer(state, mats, groups, batch_first)
