@@ -21,6 +21,8 @@ class Mode(StrEnum):
     describe = "describe"  # print the parameter table per component, no training
     bench_circuit = "bench_circuit"  # time the DQC head's value_and_grad per simulator and n
     report = "report"  # tables, paired t-tests and figures from a sweep directory (report.sweep)
+    cache = "cache"  # fill the preprocessed-image cache for the splits a run needs
+    bench_data = "bench_data"  # data-path benchmark: cold, warm and augmented img/s, bytes/image
 
 
 class HeadName(StrEnum):
@@ -59,6 +61,17 @@ class Backend(StrEnum):
 class DataName(StrEnum):
     synthetic = "synthetic"
     nih_cxr_lt = "nih_cxr_lt"
+
+
+class OnBadImage(StrEnum):
+    fail = "fail"  # stop with the path and the list of every bad file found so far
+    skip = "skip"  # leave them out; their ids go to the run dir and results.json
+
+
+class AugmentOn(StrEnum):
+    auto = "auto"  # device on a GPU/TPU, host threads on a CPU-only machine
+    device = "device"  # dm-pix inside the jitted train step
+    host = "host"  # OpenCV in the loader threads (fast on CPU); same draws as device
 
 
 class LayerType(StrEnum):
@@ -128,6 +141,9 @@ class DataConfig:
     hflip_p: float = 0.5  # probability of a horizontal flip
     max_rotation_deg: float = 15.0  # rotation drawn uniformly in [-x, x] degrees
     workers: int = 0  # threads decoding images; 0 = one per CPU core
+    cache_dir: str | None = None  # preprocessed-image cache; null = .cache/qtl/images (shared)
+    on_bad_image: OnBadImage = OnBadImage.fail  # corrupt/missing image: fail | skip
+    augment_on: AugmentOn = AugmentOn.auto  # where flip + rotation run: auto | device | host
     limit: int | None = None  # use only the first N records per split (smoke tests)
     # synthetic generator (ignored for real data)
     synth_seed: int = 0  # the dataset's own seed (independent of the training seed)
@@ -204,6 +220,15 @@ class BenchCircuitConfig:
 
 
 @dataclass
+class BenchDataConfig:
+    images: int = 2000  # synthetic images in the benchmark set (written once, reused)
+    image_px: int = 1024  # their side in pixels (NIH's are 1024)
+    cold_images: int = 300  # images timed on the cold path per thread count (3 passes, best)
+    warm_epochs: int = 3  # shuffled passes timed on the warm and augmented paths (best)
+    batch_size: int = 32  # images per batch on the warm and augmented paths
+
+
+@dataclass
 class QtlConfig:
     mode: Mode = Mode.train
     name: str = "default"  # experiment name: groups run directories under outputs/<name>
@@ -218,6 +243,7 @@ class QtlConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
+    bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
 
 
 def register_configs() -> None:
@@ -265,6 +291,9 @@ def validate(cfg: QtlConfig) -> None:
         ("head.max_state_mb", cfg.head.max_state_mb, (cfg.head.max_state_mb or 1.0) > 0),
         ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
+        ("bench_data.images", cfg.bench_data.images, cfg.bench_data.images > 0),
+        ("bench_data.batch_size", cfg.bench_data.batch_size, cfg.bench_data.batch_size > 0),
+        ("bench_data.warm_epochs", cfg.bench_data.warm_epochs, cfg.bench_data.warm_epochs > 0),
     ]
     for key, value, ok in checks:
         if not ok:

@@ -28,6 +28,8 @@ _NON_IDENTITY_KEYS = (
     "logger",
     "report",
     "data.workers",
+    "data.cache_dir",
+    "bench_data",
     "train.log_every",
     "train.eval_batch_size",
     "head.max_state_mb",  # how the fast simulator splits the batch, not what it computes
@@ -144,7 +146,7 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
 def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     import jax
 
-    from qtl.data.preprocess import preprocess_split
+    from qtl.data.cache import cached_splits, write_skipped
     from qtl.data.source import load_splits
     from qtl.evaluate.metrics import mean_auroc, per_label_auroc
     from qtl.evaluate.predict import predict
@@ -160,14 +162,16 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     labels = list(cfg.task.labels)
     model = build_model(cfg, cfg.seed)  # first: a weights problem fails before any data work
     table = parameter_table(model, cfg)
-    splits = load_splits(cfg.data, labels, progress=show)
+    splits = load_splits(cfg.data, labels, progress=show, check_files=False)
     t_data = time.perf_counter()
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, split in splits.items():
-        images = preprocess_split(
-            split, cfg.data.resize, cfg.data.crop, workers=cfg.data.workers, progress=show
-        )
-        arrays[name] = (images, split.labels.astype(np.float32))
+    cached = cached_splits(cfg.data, splits, progress=show)  # fills what the cache lacks
+    splits = cached.splits  # without the images skipped by data.on_bad_image=skip
+    if cached.skipped_ids():
+        write_skipped(run_dir / "skipped_images.json", cached)
+    arrays: dict[str, tuple[Any, np.ndarray]] = {
+        name: (cached.images[name], split.labels.astype(np.float32))
+        for name, split in splits.items()
+    }
     data_seconds = time.perf_counter() - t_data
 
     steps = make_steps(model, cfg)
@@ -233,6 +237,7 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
             "train_label_counts": dict(
                 zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
             ),
+            "skipped_images": cached.skipped_ids(),
             "wall_seconds": {
                 "data": round(data_seconds, 2),
                 "train": round(progress.train_seconds, 2),
@@ -278,6 +283,16 @@ def run(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
         from qtl.report import write_report
 
         return write_report(cfg.report, cfg.logger)
+    if cfg.mode == Mode.cache:
+        from qtl.data.cache import build
+
+        validate(cfg)
+        return build(cfg, run_dir)
+    if cfg.mode == Mode.bench_data:
+        from qtl.data.bench import bench_data
+
+        validate(cfg)
+        return bench_data(cfg, run_dir)
     if run_dir is None:
         raise ValueError("mode=train needs a run directory")
     return train_and_evaluate(cfg, run_dir)

@@ -19,9 +19,8 @@ from qtl.data.preprocess import (
     load_gray,
     normalize,
     preprocess,
-    preprocess_split,
 )
-from qtl.data.records import DataError, Split
+from qtl.data.records import DataError
 from qtl.labels import ALL_LABELS, CXR8, LABEL_COUNTS, prevalence
 
 TINY = {"train": 40, "val": 12, "test": 12, "external": 16}
@@ -346,27 +345,6 @@ def test_load_gray_16bit_rgb_and_corrupt(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(DataError, match="text.png"):
         load_gray(tmp_path / "text.png")
-
-
-def test_preprocess_split_keeps_order(tmp_path):
-    paths = []
-    for i in range(70):  # more than one thread chunk
-        paths.append(tmp_path / f"{i}.png")
-        _png(paths[-1], i, (20, 16))
-    split = Split(
-        "test",
-        tuple(p.name for p in paths),
-        tuple(paths),
-        np.zeros((70, 1), np.float32),
-        ("Mass",),
-        tmp_path / "x.csv",
-    )
-    out = preprocess_split(split, 12, 10, workers=2)
-    assert out.shape == (70, 10, 10) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[:, 5, 5], np.arange(70))
-    paths[66].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(DataError, match="66.png"):
-        preprocess_split(split, 12, 10, workers=2)
 
 
 def test_normalize_maps_to_imagenet_statistics():

@@ -67,3 +67,21 @@ def test_flip_probability_one_flips():
     img[:, :, 0] = 255
     out = np.asarray(augment(img, jax.random.key(0), hflip_p=1.0, max_rotation_deg=0.0))
     assert (out[:, :, -1] == 255).all() and (out[:, :, 0] == 0).all()
+
+
+def test_wait_clock_counts_only_time_blocked_on_the_stream():
+    import time
+
+    from qtl.data.loader import WaitClock
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    clock = WaitClock()
+    t0 = time.perf_counter()
+    for _ in clock.wrap(slow()):
+        time.sleep(0.05)  # the consumer's own work is not waiting
+    total = time.perf_counter() - t0
+    assert 0.15 <= clock.seconds < total - 0.1

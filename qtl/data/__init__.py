@@ -1,1 +1,2 @@
-"""Data flow: readers (real on-disk formats) -> preprocessing -> batch stream + augmentation."""
+"""Data flow: readers (real on-disk formats) -> preprocessing -> image cache -> batch stream
++ augmentation."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,10 +34,18 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def augment_key(seed: int, epoch: int, index: int) -> jax.Array:
-    """Augmentation key of batch ``index`` of ``epoch`` (independent of model init)."""
+@jax.jit
+def _augment_key(seed: jax.Array, epoch: jax.Array, index: jax.Array) -> jax.Array:
     root = jax.random.fold_in(jax.random.key(seed), 0x5EED)
     return jax.random.fold_in(jax.random.fold_in(root, epoch), index)
+
+
+def augment_key(seed: int, epoch: int, index: int) -> jax.Array:
+    """Augmentation key of batch ``index`` of ``epoch`` (independent of model init).
+
+    Compiled: one dispatch per batch instead of four eager ops (~30x cheaper on CPU).
+    """
+    return _augment_key(np.uint32(seed), np.uint32(epoch), np.uint32(index))
 
 
 def num_batches(n: int, batch_size: int) -> int:
@@ -51,17 +61,20 @@ def _pad(indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batches(
-    images: np.ndarray,
+    images: Any,
     labels: np.ndarray,
     batch_size: int,
     *,
     seed: int | None = None,
     epoch: int = 0,
     prefetch: int = 2,
+    transform: Callable[[np.ndarray, jax.Array], np.ndarray] | None = None,
 ) -> Iterator[Batch]:
     """Yield padded batches; with ``seed`` shuffled and keyed for training, else in order.
 
-    A background thread gathers the next ``prefetch`` batches while the device computes.
+    ``images`` is an (N, H, W) uint8 array or anything indexable like one (the image cache's
+    ``CachedImages``). A background thread gathers the next ``prefetch`` batches while the
+    device computes; ``transform(images, key)`` (host augmentation) runs in that thread too.
     """
     n = len(images)
     order = epoch_order(seed, epoch, n) if seed is not None else np.arange(n)
@@ -70,7 +83,10 @@ def batches(
     def make(i: int) -> Batch:
         idx, mask = _pad(order[i * batch_size : (i + 1) * batch_size], batch_size)
         key = augment_key(seed, epoch, i) if seed is not None else None
-        return Batch(images[idx], labels[idx], mask, idx, key)
+        x = images[idx]
+        if transform is not None and key is not None:
+            x = transform(x, key)
+        return Batch(x, labels[idx], mask, idx, key)
 
     if prefetch <= 0:
         for i in range(count):
@@ -103,3 +119,23 @@ def batches(
                 q.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+class WaitClock:
+    """Time the consumer spends blocked on the next batch: ~0 means the train step never
+    waits for data (the prefetch thread keeps ahead)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, items: Iterator[Batch]) -> Iterator[Batch]:
+        items = iter(items)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - t0
+            yield item

@@ -113,9 +113,18 @@ def check_images(paths: Sequence[Path], source: Path, folder: Path, setting: str
 
 
 def read_nih_split(
-    root: Path, split: str, labels: Sequence[str], image_dir: Path | None = None
+    root: Path,
+    split: str,
+    labels: Sequence[str],
+    image_dir: Path | None = None,
+    *,
+    check_files: bool = True,
 ) -> Split:
-    """One NIH-CXR-LT split with the label columns in the order of ``labels``."""
+    """One NIH-CXR-LT split with the label columns in the order of ``labels``.
+
+    ``check_files=False`` leaves missing images to the image cache, which may hold them
+    already (the warm path never needs the originals) or reports them per ``on_bad_image``.
+    """
     if split not in SPLITS:
         raise DataError(f"NIH-CXR-LT split '{split}' does not exist; use one of {SPLITS}.")
     check_labels(labels)
@@ -145,7 +154,8 @@ def read_nih_split(
         raise DataError(f"{path} has a header but no rows.")
     folder = Path(image_dir).expanduser() if image_dir is not None else root / "images"
     paths = tuple(folder / name for name in ids)
-    check_images(paths, path, folder, "data.image_dir")
+    if check_files:
+        check_images(paths, path, folder, "data.image_dir")
     return Split(
         name=split,
         ids=tuple(ids),

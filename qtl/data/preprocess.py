@@ -6,21 +6,19 @@ ImageNet normalisation and the gray -> 3-channel copy run on the device in ``nor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from qtl.data.records import DataError, Split
+from qtl.data.records import DataError
 
 if TYPE_CHECKING:
     import jax
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CHUNK = 64  # images per thread task: amortises joblib's per-task overhead
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -72,37 +70,6 @@ def preprocess(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
     top = int(round((out.shape[0] - crop) / 2.0))
     left = int(round((out.shape[1] - crop) / 2.0))
     return np.ascontiguousarray(out[top : top + crop, left : left + crop])
-
-
-def preprocess_split(
-    split: Split, resize: int, crop: int, workers: int = 0, progress: bool = False
-) -> np.ndarray:
-    """All images of a split as (N, crop, crop) uint8, decoded by a thread pool.
-
-    Threads suffice: PIL releases the GIL while decoding and resizing.
-    """
-    from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
-
-    out = np.empty((len(split), crop, crop), dtype=np.uint8)
-    starts = range(0, len(split), _CHUNK)
-
-    def work(start: int) -> int:
-        stop = min(start + _CHUNK, len(split))
-        for i in range(start, stop):
-            out[i] = preprocess(load_gray(split.paths[i]), resize, crop)
-        return stop - start
-
-    n_jobs = workers if workers > 0 else (os.cpu_count() or 1)
-    done = Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator_unordered")(
-        delayed(work)(start) for start in starts
-    )
-    with tqdm(
-        total=len(split), desc=f"preprocess {split.name}", unit="img", disable=not progress
-    ) as bar:
-        for n in done:
-            bar.update(n)
-    return out
 
 
 def normalize(images_uint8: jax.Array) -> jax.Array:

@@ -30,9 +30,12 @@ def synthetic_root(cfg: DataConfig) -> Path:
 
 
 def load_splits(
-    cfg: DataConfig, labels: Sequence[str], *, progress: bool = False
+    cfg: DataConfig, labels: Sequence[str], *, progress: bool = False, check_files: bool = True
 ) -> dict[str, Split]:
-    """train / val / test (and external when configured), in the order of ``labels``."""
+    """train / val / test (and external when configured), in the order of ``labels``.
+
+    ``check_files=False``: missing images are left to the image cache (see ``read_nih_split``).
+    """
     if cfg.name == DataName.synthetic:
         root = generate(
             synthetic_root(cfg),
@@ -60,9 +63,13 @@ def load_splits(
                 "to the MIMIC-CXR-JPG folder that the CSV's `path` column is relative to."
             )
     splits = {
-        name: read_nih_split(root, name, labels, image_dir).head(cfg.limit)
+        name: read_nih_split(root, name, labels, image_dir, check_files=check_files).head(
+            cfg.limit
+        )
         for name in ("train", "val", "test")
     }
     if external_csv is not None and external_root is not None:
-        splits["external"] = read_mimic(external_csv, external_root, labels).head(cfg.limit)
+        splits["external"] = read_mimic(
+            external_csv, external_root, labels, check_files=check_files
+        ).head(cfg.limit)
     return splits

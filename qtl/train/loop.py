@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from qtl.config import QtlConfig
-from qtl.data.loader import batches, num_batches
+from qtl.data.augment import augment_host, placement
+from qtl.data.loader import WaitClock, batches, num_batches
 from qtl.evaluate.metrics import mean_auroc, per_label_auroc
 from qtl.evaluate.predict import predict
 from qtl.progress import bar
@@ -66,7 +68,7 @@ def fit(
     steps: Steps,
     state: TrainState,
     progress_state: Progress,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
+    data: dict[str, tuple[Any, np.ndarray]],
     ckpts: Checkpoints,
     files: RunFiles,
     logger: Any,
@@ -79,6 +81,15 @@ def fit(
     val_x, val_y = data["val"]
     p = progress_state
     n_batches = num_batches(len(train_x), tc.batch_size)
+    transform = None
+    if placement(cfg.data) == "host":
+        pool = getattr(train_x, "pool", None)  # the image cache's reader threads, when cached
+        transform = partial(
+            augment_host,
+            hflip_p=cfg.data.hflip_p,
+            max_rotation_deg=cfg.data.max_rotation_deg,
+            pool=pool,
+        )
     epochs = bar(
         enabled=show_progress, total=tc.max_epochs, initial=p.epoch, desc="epochs", unit="ep"
     )
@@ -87,6 +98,7 @@ def fit(
             epoch = p.epoch + 1
             start, t0 = p.batch, time.perf_counter() - p.epoch_seconds
             losses: list[Any] = list(p.epoch_losses)
+            clock = WaitClock()
             with bar(
                 enabled=show_progress,
                 total=n_batches,
@@ -94,9 +106,10 @@ def fit(
                 desc=f"epoch {epoch}",
                 leave=False,
             ) as inner:
-                for i, b in enumerate(
-                    batches(train_x, train_y, tc.batch_size, seed=cfg.seed, epoch=epoch)
-                ):
+                stream = batches(
+                    train_x, train_y, tc.batch_size, seed=cfg.seed, epoch=epoch, transform=transform
+                )
+                for i, b in enumerate(clock.wrap(stream)):
                     if i < start:  # trained before a mid-epoch checkpoint
                         continue
                     state, loss = steps.train_step(state, b.images, b.labels, b.mask, b.key)
@@ -143,6 +156,7 @@ def fit(
                 "val_mean_auroc": val_auroc,
                 "best": improved,
                 "seconds": round(seconds, 3),
+                "data_wait_seconds": round(clock.seconds, 3),  # train loop blocked on the loader
             }
             p.history.append(row)
             p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0

@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 
 from qtl.config import QtlConfig, TrainConfig
-from qtl.data.augment import augment
+from qtl.data.augment import augment, placement
 from qtl.data.preprocess import normalize
 from qtl.models.classifier import Classifier, trainable_filter
 
@@ -102,7 +102,7 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
     model.eval()
     eval_graph, _, _ = split_model(model, cfg)
     data = cfg.data
-    do_augment = data.augment and (data.hflip_p > 0 or data.max_rotation_deg > 0)
+    do_augment = placement(data) == "device"  # "host": the loader threads augment
 
     def prepare(images_u8: jax.Array, key: jax.Array | None) -> jax.Array:
         images = images_u8.astype(jnp.float32)
