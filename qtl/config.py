@@ -216,7 +216,7 @@ class BenchCircuitConfig:
     warmup: int = 2  # untimed steps after compilation
     max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow
     out: str = "bench/circuit.json"  # JSON results (relative to the working directory)
-    jemalloc: bool = False  # preload libjemalloc in workers when installed (slower here: see README)
+    jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
 
 
 @dataclass
