@@ -6,17 +6,19 @@ Why it is fast, and still exact:
 - amplitudes are real float32 when every gate is real (H, RY, CNOT), complex64 otherwise;
 - the segment before the first CNOT acts on |0...0> as a product state, built in one pass;
 - a CNOT network is a permutation of basis states: one gather, whose gradient is the gather
-  by the inverse permutation (no scatter);
+  by the inverse permutation (no scatter). Its index map is computed once per call from an
+  iota, outside the chunk loop (re-deriving it inside every chunk cost ~25% at n=19);
 - a later rotation layer is a Kronecker product of 2x2 matrices, applied as one dense GEMM per
   group of ~5 wires. Each GEMM contracts the group at one end of the state and writes the new
   axis at the other end, so no transpose is ever materialised; the batch axis moves from
-  first to last and back on alternate layers;
+  first to last and back on alternate layers. The GEMM's VJP is written by hand so the
+  weight cotangent is a plain (2^k, K) @ (K, 2^k) product: autodiff's choice transposed both
+  operands and ran ~2x slower on the CPU;
 - <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
   that network is never applied; the parity sums factor into two small GEMMs (high and low
   halves of the basis index), with no 2^n x n sign table;
 - the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
-  CPU, which is faster; memory-sized on a GPU),
-  each rematerialised in the backward pass.
+  CPU, which is faster; memory-sized on a GPU), each rematerialised in the backward pass.
 
 Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with
 PennyLane (outputs and gradients, every variant) is tested in ``tests/test_fast_sim.py``.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -198,21 +201,27 @@ def _layer_matrices(
 # ----------------------------------------------------------------------------- state ops
 
 
-def _permutation_op(n: int, gather: np.ndarray, inverse: np.ndarray, axis: int):
-    """Gather along the basis axis; its VJP is the inverse gather (a scatter-add is slow)."""
+def _take(x: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """Gather along ``axis`` with no bounds handling (the indices are a permutation)."""
+    where = (slice(None),) * axis + (index,)
+    return x.at[where].get(mode="promise_in_bounds", unique_indices=True)
 
-    @jax.custom_vjp
-    def permute(state: jax.Array) -> jax.Array:
-        return jnp.take(state, gf2_index(n, gather), axis=axis)
 
-    def fwd(state: jax.Array) -> tuple[jax.Array, None]:
-        return permute(state), None
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute(state: jax.Array, index: jax.Array, inverse: jax.Array, axis: int) -> jax.Array:
+    """Gather by a basis permutation; its VJP is the inverse gather (a scatter-add is slow)."""
+    return _take(state, index, axis)
 
-    def bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-        return (jnp.take(g, gf2_index(n, inverse), axis=axis),)
 
-    permute.defvjp(fwd, bwd)
-    return permute
+def _permute_fwd(state, index, inverse, axis):
+    return _take(state, index, axis), inverse
+
+
+def _permute_bwd(axis, inverse, g):
+    return _take(g, inverse, axis), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def wire_groups(n_qubits: int, size: int) -> list[tuple[int, int]]:
@@ -235,6 +244,49 @@ def _kron(mats: jax.Array) -> jax.Array:
     return out
 
 
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=_HIGHEST)
+
+
+@jax.custom_vjp
+def _apply_first(kron: jax.Array, x: jax.Array) -> jax.Array:
+    """(K, 2^k) batch-first view -> (2^k, K): kron contracted with the trailing group axis."""
+    return _dot(kron, x, (1, 1))
+
+
+def _apply_first_fwd(kron, x):
+    return _apply_first(kron, x), (kron, x)
+
+
+def _apply_first_bwd(res, g):
+    kron, x = res
+    # dkron = g @ x is a plain (2^k, K) @ (K, 2^k) product: the layout the CPU kernels run
+    # fastest (autodiff's own choice transposes both operands, measured ~2x slower)
+    return _dot(g, x, (1, 0)), _dot(g, kron, (0, 0))
+
+
+_apply_first.defvjp(_apply_first_fwd, _apply_first_bwd)
+
+
+@jax.custom_vjp
+def _apply_last(kron_t: jax.Array, x: jax.Array) -> jax.Array:
+    """(2^k, K) batch-last view -> (K, 2^k): x^T @ kron^T, taking kron already transposed
+    (built from transposed 2x2s) so its cotangent is a plain product, never a transpose."""
+    return _dot(x, kron_t, (0, 0))
+
+
+def _apply_last_fwd(kron_t, x):
+    return _apply_last(kron_t, x), (kron_t, x)
+
+
+def _apply_last_bwd(res, g):
+    kron_t, x = res
+    return _dot(x, g, (1, 0)), _dot(kron_t, g, (1, 1))
+
+
+_apply_last.defvjp(_apply_last_fwd, _apply_last_bwd)
+
+
 def _local_layer(state: jax.Array, mats: jax.Array, groups, batch_first: bool) -> jax.Array:
     """Apply per-wire 2x2 matrices with one GEMM per group; flips the batch axis' end.
 
@@ -245,17 +297,11 @@ def _local_layer(state: jax.Array, mats: jax.Array, groups, batch_first: bool) -
     if batch_first:
         for start, k in reversed(groups):
             kron = _kron(mats[start : start + k])
-            x = state.reshape(-1, 2**k)
-            state = lax.dot_general(kron, x, (((1,), (1,)), ((), ())), precision=_HIGHEST).reshape(
-                -1
-            )
+            state = _apply_first(kron, state.reshape(-1, 2**k)).reshape(-1)
     else:
         for start, k in groups:
-            kron = _kron(mats[start : start + k])
-            x = state.reshape(2**k, -1)
-            state = lax.dot_general(x, kron, (((0,), (1,)), ((), ())), precision=_HIGHEST).reshape(
-                -1
-            )
+            kron_t = _kron(jnp.swapaxes(mats[start : start + k], -1, -2))
+            state = _apply_last(kron_t, state.reshape(2**k, -1)).reshape(-1)
     return state
 
 
@@ -286,41 +332,41 @@ def _product_table(vectors: jax.Array) -> jax.Array:
     return jnp.matmul(table.reshape(-1, width), eye, precision=_HIGHEST).reshape(table.shape)
 
 
-def _permuted_product(n: int, gather: np.ndarray, inverse: np.ndarray, low: int, batch_first: bool):
-    """``f(A, C)`` = (A (x) C)[gather]: the product state and the first CNOT network in one pass.
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _permuted_product(
+    a: jax.Array, c: jax.Array, source: jax.Array, back: jax.Array, low: int, batch_first: bool
+) -> jax.Array:
+    """(A (x) C)[source]: the product state and the first CNOT network in one pass.
 
     A is the (B, 2^h) product of the high wires, C the (B, 2^low) product of the low wires.
     Each output amplitude reads A and C (small, cache-resident) at the permuted index. The
-    VJP un-permutes the cotangent once and contracts it against C and A.
+    VJP un-permutes the cotangent once (``back``) and contracts it against C and A.
     """
+    hi, lo = source >> low, source & ((1 << low) - 1)
+    if batch_first:
+        return (_take(a, hi, 1) * _take(c, lo, 1)).reshape(-1)
+    return (_take(a.T, hi, 0) * _take(c.T, lo, 0)).reshape(-1)
 
-    @jax.custom_vjp
-    def f(a: jax.Array, c: jax.Array) -> jax.Array:
-        source = gf2_index(n, gather)
-        hi, lo = source >> low, source & ((1 << low) - 1)
-        if batch_first:
-            return (a[:, hi] * c[:, lo]).reshape(-1)
-        return (a.T[hi, :] * c.T[lo, :]).reshape(-1)
 
-    def fwd(a, c):
-        return f(a, c), (a, c)
+def _permuted_product_fwd(a, c, source, back, low, batch_first):
+    return _permuted_product(a, c, source, back, low, batch_first), (a, c, back)
 
-    def bwd(res, g):
-        a, c = res
-        batch = a.shape[0]
-        back = gf2_index(n, inverse)
-        if batch_first:
-            g0 = jnp.take(g.reshape(batch, -1), back, axis=1).reshape(batch, a.shape[1], -1)
-            da = jnp.einsum("bac,bc->ba", g0, c, precision=_HIGHEST)
-            dc = jnp.einsum("bac,ba->bc", g0, a, precision=_HIGHEST)
-        else:
-            g0 = jnp.take(g.reshape(-1, batch), back, axis=0).reshape(a.shape[1], -1, batch)
-            da = jnp.einsum("acb,bc->ba", g0, c, precision=_HIGHEST)
-            dc = jnp.einsum("acb,ba->bc", g0, a, precision=_HIGHEST)
-        return da, dc
 
-    f.defvjp(fwd, bwd)
-    return f
+def _permuted_product_bwd(low, batch_first, res, g):
+    a, c, back = res
+    batch = a.shape[0]
+    if batch_first:
+        g0 = _take(g.reshape(batch, -1), back, 1).reshape(batch, a.shape[1], -1)
+        da = jnp.einsum("bac,bc->ba", g0, c, precision=_HIGHEST)
+        dc = jnp.einsum("bac,ba->bc", g0, a, precision=_HIGHEST)
+    else:
+        g0 = _take(g.reshape(-1, batch), back, 0).reshape(a.shape[1], -1, batch)
+        da = jnp.einsum("acb,bc->ba", g0, c, precision=_HIGHEST)
+        dc = jnp.einsum("acb,ba->bc", g0, a, precision=_HIGHEST)
+    return da, dc, None, None
+
+
+_permuted_product.defvjp(_permuted_product_fwd, _permuted_product_bwd)
 
 
 def _sign_tables(n: int, masks: np.ndarray, dtype) -> tuple[int, np.ndarray, np.ndarray]:
@@ -397,7 +443,7 @@ def fast_circuit(
     # start so the state is batch-first at the end: the measurement GEMM is then the larger one
     start_batch_first = n_local % 2 == 0 if layout is None else layout == "first"
 
-    def core(x: jax.Array, theta: jax.Array) -> jax.Array:
+    def core(x: jax.Array, theta: jax.Array, index: dict) -> jax.Array:
         real = x.dtype
         dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
         batch = x.shape[0]
@@ -409,16 +455,15 @@ def fast_circuit(
             h = n // 2
             a = _product_table(vectors[:, :h])
             c = _product_table(vectors[:, h:])
-            state = _permuted_product(n, *perms[0], n - h, batch_first)(a, c)
+            state = _permuted_product(a, c, *index[0], n - h, batch_first)
             steps = steps[1:]
         else:
             state = _product_state(vectors, batch_first)
         for i, (kind, payload) in steps:
             if kind == "cnot":
-                gather, inverse = perms[i]
                 shape = (batch, -1) if batch_first else (-1, batch)
                 axis = 1 if batch_first else 0
-                state = _permutation_op(n, gather, inverse, axis)(state.reshape(shape)).reshape(-1)
+                state = _permute(state.reshape(shape), *index[i], axis).reshape(-1)
             else:
                 mats = _layer_matrices(payload, n, x, theta, dtype)
                 state = _local_layer(state, mats, groups, batch_first)
@@ -433,14 +478,16 @@ def fast_circuit(
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
         batch = x2.shape[0]
+        # index maps built once per call, outside the chunk loop (not re-derived per chunk)
+        index = {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}
         budget = max_state_mb if max_state_mb is not None else default_state_mb()
         chunk = max(1, int(budget * 2**20 // state_bytes))
         if batch <= chunk:
-            z = core(x2, theta)
+            z = core(x2, theta, index)
         else:
             chunks = -(-batch // chunk)
             padded = jnp.pad(x2, ((0, chunks * chunk - batch), (0, 0)))
-            step = jax.checkpoint(lambda xc: core(xc, theta))
+            step = jax.checkpoint(lambda xc: core(xc, theta, index))
             z = lax.map(step, padded.reshape(chunks, chunk, n)).reshape(-1, n)[:batch]
         z = z.astype(x.dtype)
         return z[0] if squeeze else z
