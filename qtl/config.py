@@ -110,7 +110,7 @@ class HeadConfig:
     entangler: Entangler = Entangler.ring  # CNOT pattern after each rotation layer (dqc only)
     rotation: Rotation = Rotation.ry  # trainable single-qubit rotation per layer (dqc only)
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
-    max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 4 on CPU, 2048 on GPU
+    max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 8 on CPU, 2048 on GPU
 
 
 @dataclass

@@ -426,8 +426,9 @@ def fast_circuit(
 
     ``group``: wires per fused rotation GEMM (default: by qubit count). ``max_state_mb``: the
     batch goes through the circuit in chunks whose state vectors stay below this size, each
-    chunk rematerialised in the backward pass. ``None`` picks by device: on a CPU, chunks
-    that stay in cache (measured ~1.5x faster at n=19 than one 64 MB batch); on a GPU, a
+    chunk rematerialised in the backward pass. ``None`` picks by device: on a CPU, 8 MB
+    chunks that stay in cache (at n=19, 4 examples a chunk: ~10% faster than 4 MB chunks and
+    faster than one 64 MB batch, whose buffers are page-faulted in every step); on a GPU, a
     bound that only splits when memory would run out. ``layout``: "first" | "last" forces
     where the batch axis starts (a tuning knob; by default it ends batch-first).
     """
@@ -497,7 +498,7 @@ def fast_circuit(
 
 def default_state_mb() -> float:
     """Chunk bound for ``max_state_mb=None``: cache-sized on CPU, memory-sized elsewhere."""
-    return 4.0 if jax.default_backend() == "cpu" else 2048.0
+    return 8.0 if jax.default_backend() == "cpu" else 2048.0
 
 
 def default_group(n_qubits: int) -> int:
