@@ -20,6 +20,7 @@ class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
     describe = "describe"  # print the parameter table per component, no training
     bench_circuit = "bench_circuit"  # time the DQC head's value_and_grad per simulator and n
+    bench_step = "bench_step"  # time the full train step (backbone + head) for CDL vs DQC
     report = "report"  # tables, paired t-tests and figures from a sweep directory (report.sweep)
     cache = "cache"  # fill the preprocessed-image cache for the splits a run needs
     bench_data = "bench_data"  # data-path benchmark: cold, warm and augmented img/s, bytes/image
@@ -220,6 +221,15 @@ class BenchCircuitConfig:
 
 
 @dataclass
+class BenchStepConfig:
+    heads: list[HeadName] = field(default_factory=lambda: [HeadName.cdl, HeadName.dqc])  # to time
+    steps: int = 10  # timed train steps per head, after warm-up
+    warmup: int = 2  # untimed steps after compilation
+    max_seconds: float = 600.0  # per-head budget: fewer timed steps (>= 3) when a step is slow
+    out: str = "bench/step.json"  # JSON results (relative to the working directory)
+
+
+@dataclass
 class BenchDataConfig:
     images: int = 2000  # synthetic images in the benchmark set (written once, reused)
     image_px: int = 1024  # their side in pixels (NIH's are 1024)
@@ -244,6 +254,7 @@ class QtlConfig:
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
+    bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
 
 
 def register_configs() -> None:

@@ -34,6 +34,7 @@ _NON_IDENTITY_KEYS = (
     "train.eval_batch_size",
     "head.max_state_mb",  # how the fast simulator splits the batch, not what it computes
     "bench_circuit",
+    "bench_step",
 )
 
 
@@ -279,6 +280,11 @@ def run(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
         from qtl.bench.circuit import bench_circuit
 
         return bench_circuit(cfg.bench_circuit, cfg.head)
+    if cfg.mode == Mode.bench_step:
+        from qtl.bench.step import bench_step
+
+        validate(cfg)
+        return bench_step(cfg)
     if cfg.mode == Mode.report:  # reads a sweep's records; no run directory, no training
         from qtl.report import write_report
 

@@ -8,15 +8,12 @@ recorded as failed and the others go on. Prints a table and writes JSON.
 from __future__ import annotations
 
 import ctypes.util
-import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from qtl.bench.common import machine_info, run_worker, worker_env, write_json
 from qtl.bench.simulators import REQUIRES, available
 from qtl.config import BenchCircuitConfig, ConfigError, HeadConfig
 
@@ -50,43 +47,6 @@ def _validate(cfg: BenchCircuitConfig) -> None:
         raise ConfigError("bench_circuit.steps must be >= 3 and bench_circuit.batch >= 1.")
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import jax
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "platform": jax.default_backend(),
-    }
-
-
-def _run_worker(case: dict, env: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "qtl.bench.circuit_worker", json.dumps(case)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**case, "status": f"failed: timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    reason = (
-        "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
-    )
-    tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
-    return {**case, "status": f"failed: {reason}: {tail}"}
-
-
 def format_table(results: list[dict]) -> str:
     """Markdown table; speed-up is relative to pennylane at the same n when it ran."""
     ref = {
@@ -114,12 +74,12 @@ def format_table(results: list[dict]) -> str:
 def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
     """Run every (n, simulator) case and write ``cfg.out``; returns the JSON payload."""
     _validate(cfg)
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = worker_env()
     jemalloc = jemalloc_path() if cfg.jemalloc else None
     if jemalloc:
         env["LD_PRELOAD"] = f"{jemalloc} {env.get('LD_PRELOAD', '')}".strip()
     payload: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": machine_info(),
         "allocator": "jemalloc" if jemalloc else "system",
         "config": {
             "batch": cfg.batch,
@@ -157,7 +117,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
         if not available(sim):
             result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
         else:
-            result = _run_worker(case, env, timeout=2 * cfg.max_seconds + 600)
+            result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)
         result["wall_s"] = time.perf_counter() - started
         payload["results"].append(result)
         if result["status"] == "ok":
@@ -168,15 +128,8 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             )
         else:
             print(result["status"], flush=True)
-        _write_json(out, payload)  # after every case: a long benchmark killed late keeps its data
+        write_json(out, payload)  # after every case: a long benchmark killed late keeps its data
     table = format_table(payload["results"])
     print("\n" + table)
     print(f"\nwritten: {out}")
     return payload
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
-
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def run_case(case: dict) -> dict:
@@ -24,6 +19,7 @@ def run_case(case: dict) -> dict:
     import numpy as np
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile time must be real
+    from qtl.bench.common import rss_gb, time_calls
     from qtl.bench.simulators import make
     from qtl.quantum.circuit import CircuitSpec
     from qtl.quantum.dressed import head_loss, init_params
@@ -36,7 +32,7 @@ def run_case(case: dict) -> dict:
     features = rng.normal(size=(batch, feats)).astype(f32)
     labels = (rng.uniform(size=(batch, n)) < 0.2).astype(f32)
     params, features, labels = jax.device_put((params, features, labels))
-    rss_before = _rss_gb()
+    rss_before = rss_gb()
 
     circuit = make(case["simulator"], spec, case.get("max_state_mb"))
     step = jax.value_and_grad(head_loss(circuit))
@@ -46,26 +42,18 @@ def run_case(case: dict) -> dict:
     else:
         compiled = jax.jit(step).lower(params, features, labels).compile()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, features, labels))
-    first_s = time.perf_counter() - t0
-    for _ in range(case["warmup"]):
-        jax.block_until_ready(compiled(params, features, labels))
-    times: list[float] = []
-    budget_end = time.perf_counter() + case["max_seconds"]
-    while len(times) < case["steps"] and (len(times) < 3 or time.perf_counter() < budget_end):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, features, labels))
-        times.append(time.perf_counter() - t0)
+    timing = time_calls(
+        lambda: jax.block_until_ready(compiled(params, features, labels)),
+        steps=case["steps"],
+        warmup=case["warmup"],
+        max_seconds=case["max_seconds"],
+    )
     result = {
         **case,
         "status": "ok",
         "compile_s": compile_s,
-        "first_step_s": first_s,
-        "steps_timed": len(times),
-        "median_ms": float(np.median(times) * 1e3),
-        "min_ms": float(np.min(times) * 1e3),
-        "peak_rss_gb": _rss_gb(),
+        **timing,
+        "peak_rss_gb": rss_gb(),
         "rss_before_gb": rss_before,
         "device": str(jax.devices()[0].device_kind),
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",

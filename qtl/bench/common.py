@@ -1,0 +1,102 @@
+"""What every benchmark shares: a worker process per case, the timing loop, machine facts.
+
+A process per case keeps peak memory and compile caches from mixing between cases; a case
+that crashes, runs out of memory or times out is recorded as failed and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, load and JAX platform: what a reader needs to compare numbers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker: GPU memory on demand, quiet XLA logs."""
+    return {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def run_worker(module: str, case: dict, env: dict, timeout: float) -> dict:
+    """Run ``python -m module '<case json>'``; its last JSON stdout line, or a failure record."""
+    cmd = [sys.executable, "-m", module, json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "status": f"failed: timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    reason = (
+        "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+    )
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    return {**case, "status": f"failed: {reason}: {tail}"}
+
+
+def time_calls(
+    call: Callable[[], Any], *, steps: int, warmup: int, max_seconds: float
+) -> dict[str, Any]:
+    """Time ``call`` (which must block until its result is ready) after a first call and
+    ``warmup`` more; ``steps`` timed calls, fewer (>= 3) once ``max_seconds`` have passed."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    call()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    budget_end = time.perf_counter() + max_seconds
+    while len(times) < steps and (len(times) < 3 or time.perf_counter() < budget_end):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {
+        "first_step_s": first_s,
+        "steps_timed": len(times),
+        "median_ms": float(np.median(times) * 1e3),
+        "min_ms": float(np.min(times) * 1e3),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic write (tmp + rename): a benchmark killed mid-write keeps the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
