@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtl.bench.common import machine_info, run_worker, worker_env, write_json
+from qtl.bench.common import machine_info, record, run_worker, worker_env
 from qtl.bench.simulators import REQUIRES, available
 from qtl.config import BenchCircuitConfig, ConfigError, HeadConfig
 
@@ -118,17 +118,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
         else:
             result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)
-        result["wall_s"] = time.perf_counter() - started
-        payload["results"].append(result)
-        if result["status"] == "ok":
-            print(
-                f"{result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
-                f"compile {result['compile_s']:.1f} s, peak {result['peak_rss_gb']:.2f} GB)",
-                flush=True,
-            )
-        else:
-            print(result["status"], flush=True)
-        write_json(out, payload)  # after every case: a long benchmark killed late keeps its data
+        record(result, started, payload, out)
     table = format_table(payload["results"])
     print("\n" + table)
     print(f"\nwritten: {out}")

@@ -7,9 +7,7 @@ peak memory and compile caches from mixing between simulators. Prints one JSON l
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
 
@@ -19,7 +17,7 @@ def run_case(case: dict) -> dict:
     import numpy as np
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile time must be real
-    from qtl.bench.common import rss_gb, time_calls
+    from qtl.bench.common import device_peak, rss_gb, time_calls
     from qtl.bench.simulators import make
     from qtl.quantum.circuit import CircuitSpec
     from qtl.quantum.dressed import head_loss, init_params
@@ -58,9 +56,7 @@ def run_case(case: dict) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
     }
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        result["device_peak_gb"] = stats["peak_bytes_in_use"] / 2**30
+    device_peak(result)
     if case["simulator"] != "fast":  # same circuit? compare <Z> with qtl's fast simulator
         x = jax.numpy.tanh(features[:2] @ params["pre_w"]) * (np.pi / 2)
         other = make("fast", spec)(x, params["theta"])
@@ -69,10 +65,7 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def main() -> None:
-    case = json.loads(sys.argv[1])
-    print(json.dumps(run_case(case)), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    from qtl.bench.common import worker_main
+
+    worker_main(run_case)

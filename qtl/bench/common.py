@@ -100,3 +100,34 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
+
+
+def record(result: dict, started: float, payload: dict, out: Path) -> None:
+    """Finish one case: its wall time, a one-line summary, and the JSON rewritten at once
+    (a long benchmark killed late keeps every case it finished)."""
+    result["wall_s"] = time.perf_counter() - started
+    payload["results"].append(result)
+    if result["status"] == "ok":
+        print(
+            f"{result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
+            f"compile {result['compile_s']:.1f} s, peak {result['peak_rss_gb']:.2f} GB)",
+            flush=True,
+        )
+    else:
+        print(result["status"], flush=True)
+    write_json(out, payload)
+
+
+def device_peak(result: dict) -> None:
+    """Add the accelerator's peak memory to ``result`` where the device reports it (GPUs)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["device_peak_gb"] = stats["peak_bytes_in_use"] / 2**30
+
+
+def worker_main(run_case: Callable[[dict], dict]) -> None:
+    """A worker's entry point: the case as JSON in argv[1], the result as one JSON line."""
+    case = json.loads(sys.argv[1])
+    print(json.dumps(run_case(case)), flush=True)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtl.bench.common import machine_info, run_worker, worker_env, write_json
+from qtl.bench.common import machine_info, record, run_worker, worker_env
 from qtl.config import ConfigError, HeadName, QtlConfig
 
 
@@ -103,17 +103,7 @@ def bench_step(cfg: QtlConfig) -> dict[str, Any]:
         started = time.perf_counter()
         result = run_worker("qtl.bench.step_worker", case, worker_env(), 2 * b.max_seconds + 900)
         result.pop("config", None)
-        result["wall_s"] = time.perf_counter() - started
-        payload["results"].append(result)
-        if result["status"] == "ok":
-            print(
-                f"{result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
-                f"compile {result['compile_s']:.1f} s, peak {result['peak_rss_gb']:.2f} GB)",
-                flush=True,
-            )
-        else:
-            print(result["status"], flush=True)
-        write_json(out, payload)  # after every head: a run killed late keeps what it measured
+        record(result, started, payload, out)
     print("\n" + format_table(payload["results"]))
     print(f"\nwritten: {out}")
     return payload

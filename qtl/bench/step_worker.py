@@ -7,8 +7,6 @@ memory.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 
@@ -18,7 +16,7 @@ def run_case(case: dict) -> dict:
     import numpy as np
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile time must be real
-    from qtl.bench.common import rss_gb, time_calls
+    from qtl.bench.common import device_peak, rss_gb, time_calls
     from qtl.config import to_schema
     from qtl.data.loader import augment_key
     from qtl.models.classifier import build_model
@@ -55,16 +53,11 @@ def run_case(case: dict) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "final_loss": float(jax.device_get(compiled(holder[0], images, labels, mask, key)[1])),
     }
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        result["device_peak_gb"] = stats["peak_bytes_in_use"] / 2**30
+    device_peak(result)
     return result
 
 
-def main() -> None:
-    case = json.loads(sys.argv[1])
-    print(json.dumps(run_case(case)), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    from qtl.bench.common import worker_main
+
+    worker_main(run_case)
