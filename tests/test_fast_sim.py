@@ -163,6 +163,12 @@ def test_fast_rejects_inputs_after_the_first_entangler(monkeypatch):
         fast.compile_plan(CircuitSpec(3, 1))
 
 
+def test_fast_refuses_more_qubits_than_int32_indices_allow():
+    fast_circuit(CircuitSpec(30, 1))  # the largest supported: builds (nothing runs yet)
+    with pytest.raises(ValueError, match="31 qubits is more than it supports"):
+        fast_circuit(CircuitSpec(31, 1))
+
+
 @pytest.mark.parametrize("n,depth", [(3, 3), (8, 3)])
 def test_dqc_module_gradients_agree_between_simulators(n, depth):
     """Through the real nnx DQCHead: d(BCE)/d(every parameter and the input features)."""
