@@ -113,8 +113,10 @@ def _expected(task: str, split: str, label: str | None, seeds) -> tuple[float, f
     a = [value("cdl", s) for s in seeds]
     b = [value("dqc", s) for s in seeds]
     res = stats.ttest_rel(a, b)
-    return float(res.statistic), float(res.pvalue), 200 * (np.mean(a) - np.mean(b)) / (
-        np.mean(a) + np.mean(b)
+    return (
+        float(res.statistic),
+        float(res.pvalue),
+        200 * (np.mean(a) - np.mean(b)) / (np.mean(a) + np.mean(b)),
     )
 
 
@@ -240,9 +242,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 def test_report_config_is_validated_at_compose():
     cfg = compose("mode=report", "report.sweep=multirun/x", "report.figures=[volcano]")
-    assert cfg.report.sweep == "multirun/x" and [f.value for f in cfg.report.figures] == [
-        "volcano"
-    ]
+    assert cfg.report.sweep == "multirun/x" and [f.value for f in cfg.report.figures] == ["volcano"]
     with pytest.raises(Exception, match="figures"):
         compose("report.figures=[bars3d]")
 

@@ -40,9 +40,7 @@ def _is_positive(cell: str) -> bool:
         return False
 
 
-def read_mimic(
-    csv: Path, root: Path, labels: Sequence[str], *, check_files: bool = True
-) -> Split:
+def read_mimic(csv: Path, root: Path, labels: Sequence[str], *, check_files: bool = True) -> Split:
     """Frontal (AP/PA) images of a MIMIC-CXR-LT label file, labels in the order of ``labels``.
 
     ``root`` is the MIMIC-CXR-JPG folder that the ``path`` column is relative to.

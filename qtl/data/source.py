@@ -63,9 +63,7 @@ def load_splits(
                 "to the MIMIC-CXR-JPG folder that the CSV's `path` column is relative to."
             )
     splits = {
-        name: read_nih_split(root, name, labels, image_dir, check_files=check_files).head(
-            cfg.limit
-        )
+        name: read_nih_split(root, name, labels, image_dir, check_files=check_files).head(cfg.limit)
         for name in ("train", "val", "test")
     }
     if external_csv is not None and external_root is not None:
