@@ -1,0 +1,32 @@
+"""qtl.bench.profile: per-operation times of the fast simulator's step, by phase and kind."""
+
+from __future__ import annotations
+
+import sys
+
+from qtl.bench import profile
+
+
+def test_phase_reads_the_jax_op_path():
+    assert profile.phase("jit(loss)/jvp()/while/body/closed_call/dot_general") == "fwd"
+    assert profile.phase("jit(loss)/transpose(jvp())/while/body/checkpoint/dot_general") == "bwd"
+    path = "jit(loss)/transpose(jvp())/while/body/checkpoint/rematted_computation/gather"
+    assert profile.phase(path) == "remat"
+
+
+def test_profile_attributes_the_traced_ops(monkeypatch, capsys, tmp_path):
+    # chunks of 2 examples at n=6 (256 B states): forward, recomputation and backward all run
+    monkeypatch.setattr(
+        sys, "argv", ["profile", "--qubits", "6", "--batch", "4", "--features", "8",
+                      "--steps", "2", "--max-state-mb", str(2 * 2**6 * 4 / 2**20),
+                      "--trace-dir", str(tmp_path / "a")],
+    )  # fmt: skip
+    profile.main()
+    out = capsys.readouterr().out
+    assert "n=6 batch 4: step" in out and "| ms/step | phase | op | output |" in out
+    assert list((tmp_path / "a").glob("**/*.trace.json.gz"))
+    s = profile.profile(6, 4, 8, 2, 2 * 2**6 * 4 / 2**20, tmp_path / "b")
+    assert set(s["by_phase"]) == {"fwd", "remat", "bwd"}
+    assert all(ms > 0 for ms in s["by_phase"].values())
+    kinds = {(ph, op) for (ph, op, _), _ms in s["by_kind"]}
+    assert ("bwd", "dot_general") in kinds and ("fwd", "dot_general") in kinds
