@@ -112,6 +112,7 @@ class HeadConfig:
     rotation: Rotation = Rotation.ry  # trainable single-qubit rotation per layer (dqc only)
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
     max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 8 on CPU, 2048 on GPU
+    native_kernel: bool = True  # fast, CPU: C++ rotation-gradient kernel (built on first use)
 
 
 @dataclass

@@ -33,6 +33,7 @@ _NON_IDENTITY_KEYS = (
     "train.log_every",
     "train.eval_batch_size",
     "head.max_state_mb",  # how the fast simulator splits the batch, not what it computes
+    "head.native_kernel",  # how the fast simulator gets gradients, not what they are
     "bench_circuit",
     "bench_step",
 )

@@ -111,6 +111,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             "warmup": cfg.warmup,
             "max_seconds": cfg.max_seconds,
             "max_state_mb": head.max_state_mb,
+            "native_kernel": head.native_kernel,
         }
         print(f"[{i}/{len(cases)}] {sim} n={n} ...", end=" ", flush=True)
         started = time.perf_counter()

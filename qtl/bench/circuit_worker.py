@@ -32,7 +32,9 @@ def run_case(case: dict) -> dict:
     params, features, labels = jax.device_put((params, features, labels))
     rss_before = rss_gb()
 
-    circuit = make(case["simulator"], spec, case.get("max_state_mb"))
+    circuit = make(
+        case["simulator"], spec, case.get("max_state_mb"), case.get("native_kernel", True)
+    )
     step = jax.value_and_grad(head_loss(circuit))
     t0 = time.perf_counter()
     if case["simulator"] == "lightning":  # C++ adjoint through a host callback: nothing to jit
@@ -56,6 +58,10 @@ def run_case(case: dict) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
     }
+    if case["simulator"] == "fast":  # did the step run the native gradient kernel?
+        from qtl.quantum.kernels import TARGET
+
+        result["native_kernel_used"] = TARGET in compiled.as_text()
     device_peak(result)
     if case["simulator"] != "fast":  # same circuit? compare <Z> with qtl's fast simulator
         x = jax.numpy.tanh(features[:2] @ params["pre_w"]) * (np.pi / 2)

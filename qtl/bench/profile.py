@@ -55,6 +55,7 @@ def profile(
     steps: int,
     max_state_mb: float | None,
     trace_dir: Path | None = None,
+    native: bool = True,
 ) -> dict:
     """Compile, warm up, time and trace ``steps`` steps; returns the summary."""
     import jax
@@ -69,7 +70,8 @@ def profile(
     params = {k: v.astype(np.float32) for k, v in init_params(rng, spec, features).items()}
     feats = rng.normal(size=(batch, features)).astype(np.float32)
     labels = (rng.uniform(size=(batch, n)) < 0.2).astype(np.float32)
-    step = jax.jit(jax.value_and_grad(head_loss(fast_circuit(spec, max_state_mb=max_state_mb))))
+    circuit = fast_circuit(spec, max_state_mb=max_state_mb, native=native)
+    step = jax.jit(jax.value_and_grad(head_loss(circuit)))
     compiled = step.lower(params, feats, labels).compile()
     for _ in range(2):
         jax.block_until_ready(compiled(params, feats, labels))
@@ -100,8 +102,11 @@ def main() -> None:
     p.add_argument("--max-state-mb", type=float, default=None)
     p.add_argument("--rows", type=int, default=20, help="op kinds to list")
     p.add_argument("--trace-dir", type=Path, default=None, help="default: a new temp folder")
+    p.add_argument("--no-native", action="store_true", help="XLA GEMMs for rotation gradients")
     a = p.parse_args()
-    s = profile(a.qubits, a.batch, a.features, a.steps, a.max_state_mb, a.trace_dir)
+    s = profile(
+        a.qubits, a.batch, a.features, a.steps, a.max_state_mb, a.trace_dir, not a.no_native
+    )
     phases = ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(s["by_phase"].items()))
     print(f"n={a.qubits} batch {a.batch}: step {s['median_ms']:.1f} ms (median, untraced)")
     print(f"operation time per step by phase: {phases}\n")

@@ -34,12 +34,14 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(REQUIRES[name]) is not None
 
 
-def make(name: str, spec: CircuitSpec, max_state_mb: float | None = None) -> CircuitFn:
+def make(
+    name: str, spec: CircuitSpec, max_state_mb: float | None = None, native: bool = True
+) -> CircuitFn:
     """``f(x (B, n), theta) -> <Z> (B, n)`` for the named simulator."""
     if name == "fast":
         from qtl.quantum.fast import fast_circuit
 
-        return fast_circuit(spec, max_state_mb=max_state_mb)
+        return fast_circuit(spec, max_state_mb=max_state_mb, native=native)
     if name == "pennylane":
         return pennylane_circuit(spec)
     if name == "tensorcircuit":

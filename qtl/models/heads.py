@@ -52,7 +52,7 @@ def make_circuit(cfg: HeadConfig, n_qubits: int):
     if cfg.simulator == Simulator.fast:
         from qtl.quantum.fast import fast_circuit
 
-        return fast_circuit(spec, max_state_mb=cfg.max_state_mb)
+        return fast_circuit(spec, max_state_mb=cfg.max_state_mb, native=cfg.native_kernel)
     raise ValueError(f"head.simulator={cfg.simulator!r} is not one of: pennylane, fast")
 
 

@@ -13,7 +13,9 @@ Why it is fast, and still exact:
   axis at the other end, so no transpose is ever materialised; the batch axis moves from
   first to last and back on alternate layers. The GEMM's VJP is written by hand so the
   weight cotangent is a plain (2^k, K) @ (K, 2^k) product: autodiff's choice transposed both
-  operands and ran ~2x slower on the CPU;
+  operands and ran ~2x slower on the CPU. On the CPU, real float32 circuits skip that product
+  altogether: a small C++ kernel (:mod:`qtl.quantum.kernels`) sums only the per-wire 2x2
+  Grams the gradient needs, in one read of each state on every core (~15% of the n=19 step);
 - <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
   that network is never applied; the parity sums factor into two small GEMMs (high and low
   halves of the basis index), with no 2^n x n sign table;
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qtl.quantum import kernels
 from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
 
 MAX_QUBITS = 30  # int32 basis indices; 2^30 float32 amplitudes = 4 GiB per example
@@ -288,7 +291,49 @@ def _apply_last_bwd(res, g):
 _apply_last.defvjp(_apply_last_fwd, _apply_last_bwd)
 
 
-def _local_layer(state: jax.Array, mats: jax.Array, groups, batch_first: bool) -> jax.Array:
+def _inverse_t(mats: jax.Array) -> jax.Array:
+    """(k, 2, 2) -> each matrix's inverse, transposed (closed form)."""
+    a, b, c, d = mats[:, 0, 0], mats[:, 0, 1], mats[:, 1, 0], mats[:, 1, 1]
+    inv_t = jnp.stack([jnp.stack([d, -c], -1), jnp.stack([-b, a], -1)], -2)
+    return inv_t / (a * d - b * c)[:, None, None]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rotate_native(mats: jax.Array, x: jax.Array, batch_first: bool) -> jax.Array:
+    """One rotation group on the CPU: what ``_apply_first``/``_apply_last`` compute, from the
+    group's (k, 2, 2) gates. Its VJP gets each gate's cotangent from a per-wire 2x2 Gram D of
+    the output cotangent and the output (the native kernel: one read of each, k+1
+    multiply-adds per amplitude) instead of a 2^k x 2^k GEMM: dU = D U^-T, because the
+    Kronecker product with U replaced by the unit matrix E_pq is (E_pq U^-1 on that wire) K.
+    Reading the output side, not the input cotangent, lets the kernel run beside the GEMM
+    that computes that cotangent."""
+    if batch_first:
+        return _dot(_kron(mats), x, (1, 1))
+    return _dot(x, _kron(jnp.swapaxes(mats, -1, -2)), (0, 0))
+
+
+def _rotate_native_fwd(mats, x, batch_first):
+    y = _rotate_native(mats, x, batch_first)
+    return y, (mats, y)
+
+
+def _rotate_native_bwd(batch_first, res, g):
+    mats, y = res
+    if batch_first:  # y, g (W, K) -> dx (K, W)
+        dx = _dot(g, _kron(mats), (0, 0))
+    else:  # y, g (K, W) -> dx (W, K)
+        dx = _dot(_kron(jnp.swapaxes(mats, -1, -2)), g, (1, 1))
+    # g and y as they are: a reshaped view would make XLA recompute y's producer for this call
+    gram = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((mats.shape[0], 2, 2), y.dtype))
+    return jnp.matmul(gram(g, y, minor=not batch_first), _inverse_t(mats), precision=_HIGHEST), dx
+
+
+_rotate_native.defvjp(_rotate_native_fwd, _rotate_native_bwd)
+
+
+def _local_layer(
+    state: jax.Array, mats: jax.Array, groups, batch_first: bool, native: bool = False
+) -> jax.Array:
     """Apply per-wire 2x2 matrices with one GEMM per group; flips the batch axis' end.
 
     batch-first (B, 2^n): contract the last group, new axis written first, repeat backwards,
@@ -297,12 +342,19 @@ def _local_layer(state: jax.Array, mats: jax.Array, groups, batch_first: bool) -
     """
     if batch_first:
         for start, k in reversed(groups):
-            kron = _kron(mats[start : start + k])
-            state = _apply_first(kron, state.reshape(-1, 2**k)).reshape(-1)
+            view = state.reshape(-1, 2**k)
+            if native:
+                state = _rotate_native(mats[start : start + k], view, True).reshape(-1)
+            else:
+                state = _apply_first(_kron(mats[start : start + k]), view).reshape(-1)
     else:
         for start, k in groups:
-            kron_t = _kron(jnp.swapaxes(mats[start : start + k], -1, -2))
-            state = _apply_last(kron_t, state.reshape(2**k, -1)).reshape(-1)
+            view = state.reshape(2**k, -1)
+            if native:
+                state = _rotate_native(mats[start : start + k], view, False).reshape(-1)
+            else:
+                kron_t = _kron(jnp.swapaxes(mats[start : start + k], -1, -2))
+                state = _apply_last(kron_t, view).reshape(-1)
     return state
 
 
@@ -422,6 +474,7 @@ def fast_circuit(
     group: int | None = None,
     max_state_mb: float | None = None,
     layout: str | None = None,
+    native: bool = True,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
@@ -431,7 +484,9 @@ def fast_circuit(
     chunks that stay in cache (at n=19, 4 examples a chunk: ~10% faster than 4 MB chunks and
     faster than one 64 MB batch, whose buffers are page-faulted in every step); on a GPU, a
     bound that only splits when memory would run out. ``layout``: "first" | "last" forces
-    where the batch axis starts (a tuning knob; by default it ends batch-first).
+    where the batch axis starts (a tuning knob; by default it ends batch-first). ``native``:
+    rotation gradients by the C++ kernel of :mod:`qtl.quantum.kernels` where it applies (real
+    float32 circuits on the CPU, where it builds); ``False``: XLA GEMMs only.
     """
     if spec.n_qubits > MAX_QUBITS:
         raise ValueError(
@@ -454,6 +509,7 @@ def fast_circuit(
     def core(x: jax.Array, theta: jax.Array, index: dict) -> jax.Array:
         real = x.dtype
         dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
+        use_native = native and dtype == jnp.float32 and native_ok()
         batch = x.shape[0]
         u = _layer_matrices(plan.prefix, n, x, theta, dtype)
         vectors = jnp.broadcast_to(u[..., :, 0], (batch, n, 2))  # U|0> per wire
@@ -474,7 +530,7 @@ def fast_circuit(
                 state = _permute(state.reshape(shape), *index[i], axis).reshape(-1)
             else:
                 mats = _layer_matrices(payload, n, x, theta, dtype)
-                state = _local_layer(state, mats, groups, batch_first)
+                state = _local_layer(state, mats, groups, batch_first, use_native)
                 batch_first = not batch_first
         probs = state * state if plan.real else jnp.real(state * jnp.conj(state))
         tables = _sign_tables(n, masks, real)
@@ -501,6 +557,11 @@ def fast_circuit(
         return z[0] if squeeze else z
 
     return run
+
+
+def native_ok() -> bool:
+    """Whether the native rotation-gradient kernel runs here: a CPU backend where it builds."""
+    return jax.default_backend() == "cpu" and kernels.wire_gram_target() is not None
 
 
 def default_state_mb() -> float:

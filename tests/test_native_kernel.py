@@ -1,0 +1,144 @@
+"""The native wire-Gram kernel (qtl/quantum/kernels): its build, its sums, and the simulator's
+gradients with and without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtl.quantum import kernels
+from qtl.quantum.circuit import CircuitSpec
+from qtl.quantum.dressed import head_loss, init_params
+from qtl.quantum.fast import fast_circuit, native_ok
+
+pytestmark = pytest.mark.skipif(
+    kernels.wire_gram_target() is None, reason="no C++ compiler: the XLA path is tested instead"
+)
+
+
+def reference(d: np.ndarray, x: np.ndarray, minor: bool) -> np.ndarray:
+    """C_j[p, q] = sum over amplitudes whose wire-j bit is p of d[a] x[a with the bit := q]."""
+    d3 = d.reshape(d.shape[0], d.shape[1], 1) if minor else d.reshape(1, *d.shape)
+    x3 = x.reshape(d3.shape)
+    width = d3.shape[1]
+    k = width.bit_length() - 1
+    out = np.zeros((k, 2, 2))
+    for j in range(k):
+        bit = k - 1 - j  # wire 0 is the most significant bit of the group index
+        for a in range(width):
+            p = (a >> bit) & 1
+            for q in range(2):
+                partner = (a & ~(1 << bit)) | (q << bit)
+                out[j, p, q] += np.sum(d3[:, a, :].astype(np.float64) * x3[:, partner, :])
+    return out
+
+
+def wire_gram(d, x, minor: bool):
+    k = (d.shape[1] if minor else d.shape[0]).bit_length() - 1
+    call = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((k, 2, 2), jnp.float32))
+    return np.asarray(jax.jit(lambda a, b: call(a, b, minor=minor))(d, x))
+
+
+@pytest.mark.parametrize(
+    "shape, minor",
+    [
+        ((37, 8), True),  # rows not a multiple of the 16-lane vector
+        ((4096, 16), True),
+        ((300, 32), True),  # several work items: split over threads
+        ((100, 128), True),  # rows of several vectors: partners across vectors
+        ((64, 2), True),  # 8 rows packed per vector
+        ((4, 23), False),  # ragged inner axis, padded copy
+        ((32, 100), False),
+        ((16, 4096), False),
+        ((2, 40), False),
+        ((1024, 16), False),
+    ],
+)
+def test_wire_gram_matches_a_direct_sum(shape, minor):
+    rng = np.random.default_rng(sum(shape))
+    d = rng.normal(size=shape).astype(np.float32)
+    x = rng.normal(size=shape).astype(np.float32)
+    want = reference(d, x, minor)
+    got = wire_gram(d, x, minor)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(d.size))
+
+
+def test_wire_gram_rejects_widths_that_are_not_powers_of_two():
+    d = np.ones((4, 12), np.float32)
+    with pytest.raises(Exception, match="W must be 2\\^k"):
+        wire_gram(d, d, minor=True)
+
+
+@pytest.mark.parametrize("n, rotation", [(5, "ry"), (8, "ry"), (13, "ry"), (6, "rz_ry")])
+def test_native_and_xla_gradients_agree(n, rotation):
+    """Native (real circuits) or not (complex ones fall back): the same loss and gradients."""
+    spec = CircuitSpec(n, 3, "ring", rotation)
+    rng = np.random.default_rng(n)
+    params = {k: v.astype(np.float32) for k, v in init_params(rng, spec, 6).items()}
+    feats = rng.normal(size=(5, 6)).astype(np.float32)
+    labels = (rng.uniform(size=(5, n)) < 0.3).astype(np.float32)
+    args = (params, feats, labels)
+    on = jax.jit(jax.value_and_grad(head_loss(fast_circuit(spec, native=True))))(*args)
+    off = jax.jit(jax.value_and_grad(head_loss(fast_circuit(spec, native=False))))(*args)
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_native_kernel_is_in_the_compiled_step():
+    """The real-circuit float32 step on CPU calls the kernel; native=False does not."""
+    assert native_ok()
+    spec = CircuitSpec(8, 2)
+    rng = np.random.default_rng(0)
+    params = {k: v.astype(np.float32) for k, v in init_params(rng, spec, 4).items()}
+    args = (params, np.ones((3, 4), np.float32), np.zeros((3, 8), np.float32))
+
+    def hlo(native):
+        step = jax.value_and_grad(head_loss(fast_circuit(spec, native=native)))
+        return jax.jit(step).lower(*args).as_text()
+
+    assert kernels.TARGET in hlo(True)
+    assert kernels.TARGET not in hlo(False)
+
+
+def test_build_is_cached_and_atomic(tmp_path):
+    first = kernels.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp file left behind
+
+
+def test_a_broken_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(kernels.KernelUnavailable, match="fake compiler: no"):
+        kernels.build(tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*"))
+
+
+def test_without_a_compiler_the_simulator_warns_and_still_runs(tmp_path):
+    """A fresh process with no compiler and an empty cache: a warning, then the XLA path."""
+    code = (
+        "import warnings, jax, numpy as np\n"
+        "from qtl.quantum.circuit import CircuitSpec\n"
+        "from qtl.quantum.fast import fast_circuit\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    f = jax.jit(jax.grad(lambda t: fast_circuit(CircuitSpec(4, 1))("
+        "np.ones((2, 4), np.float32), t).sum()))\n"
+        "    g = f(np.ones((1, 4), np.float32))\n"
+        "print(any('native CPU kernel unavailable' in str(x.message) for x in w), g.shape)\n"
+    )
+    env = {**os.environ, "CXX": "", "PATH": str(tmp_path), "QTL_KERNEL_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "(1,", "4)"]
