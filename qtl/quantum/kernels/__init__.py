@@ -2,15 +2,15 @@
 
 Why native code: the rotation layers' weight gradient needs only a 2x2 Gram matrix per wire,
 but XLA can only get it from a full 2^k x 2^k GEMM that XLA:CPU runs on one thread (about a
-third of the n=19 step). ``wire_gram.cc`` computes just what is needed, in one read of each
-state, over XLA's intra-op thread pool (an XLA FFI custom call).
+third of the n=19 step's operation time). ``wire_gram.cc`` computes just what is needed, in
+one read of each state, over XLA's intra-op thread pool (an XLA FFI custom call).
 
 Why built on first use rather than shipped: it is one small file against the installed
 jaxlib's FFI headers, so it compiles in seconds wherever JAX runs, with no wheel per platform.
-The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed by
-the source, jaxlib version and compiler, and written atomically, so concurrent sweep jobs
-share one build. Without a compiler (or with ``QTL_NATIVE=0``) the simulator keeps its
-XLA path: same results, a little slower; a warning says why.
+The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed
+by the source, jaxlib version, compiler and machine type, and written atomically, so
+concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the
+simulator keeps its XLA path: same results, a little slower; a warning says why.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import warnings
@@ -56,7 +57,9 @@ def build(cache: Path | None = None) -> Path:
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), jaxlib.__version__, version, *FLAGS]).encode()
+        "\n".join(
+            [SOURCE.read_text(), jaxlib.__version__, version, platform.machine(), *FLAGS]
+        ).encode()
     ).hexdigest()[:16]
     cache = cache or cache_dir()
     lib = cache / f"wire_gram-{key}.so"

@@ -2,13 +2,13 @@
 //
 // For a rotation group of k wires (W = 2^k amplitudes along its axis), the gradient of each
 // wire's 2x2 gate follows from C[p][q] = sum, over amplitudes whose bit for that wire is p,
-// of dx[.. a ..] * x[.. a with that bit set to q ..], with dx the cotangent of the group's
-// input and x the input. Autodiff gets it from the full W x W product of the two states
-// (2W FLOPs per amplitude in a GEMM that XLA:CPU runs on one thread); this kernel reads each
-// state once, does k+1 multiply-adds per amplitude, and splits the work over XLA's intra-op
-// thread pool. Both states are 2-D, row-major: (rows, W) when the group's axis is the minor
-// one (``minor`` = true, the batch-first layout), (W, columns) when it is the major one.
-// Internally a state is viewed as (outer, W, inner).
+// of d[.. a ..] * x[.. a with that bit set to q ..], for two states d and x (in qtl: the
+// group's output cotangent and its output). Autodiff gets it from the full W x W product
+// of the two states (2W FLOPs per amplitude, in a GEMM that XLA:CPU runs on one thread);
+// this kernel reads each state once, does k+1 multiply-adds per amplitude, and splits the
+// work over XLA's intra-op thread pool. Both states are 2-D, row-major: (rows, W) when the
+// group's axis is the minor one (``minor`` = true), (W, columns)
+// when it is the major one. Internally a state is viewed as (outer, W, inner).
 #include <algorithm>
 #include <condition_variable>
 #include <cstdint>
@@ -110,6 +110,13 @@ inline __attribute__((always_inline)) void MajorAxisK(const float* d, const floa
   }
 }
 
+// One compiled copy per x86 instruction set, picked at load time; elsewhere, one copy.
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
+#define QTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QTL_CLONES
+#endif
+
 #define QTL_DISPATCH(F, k, ...)                                            \
   switch (k) {                                                             \
     case 1: F<1>(__VA_ARGS__); break;                                      \
@@ -124,13 +131,12 @@ inline __attribute__((always_inline)) void MajorAxisK(const float* d, const floa
     default: F<10>(__VA_ARGS__); break;                                    \
   }
 
-// One compiled copy per instruction set, picked at load time (target_clones).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void MinorAxis(
+QTL_CLONES void MinorAxis(
     const float* d, const float* x, int64_t rows, int k, float* acc) {
   QTL_DISPATCH(MinorAxisK, k, d, x, rows, acc)
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void MajorAxis(
+QTL_CLONES void MajorAxis(
     const float* d, const float* x, int k, int64_t stride, int64_t len, float* acc) {
   QTL_DISPATCH(MajorAxisK, k, d, x, stride, len, acc)
 }
@@ -215,7 +221,8 @@ ffi::Error WireGram(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<f
   while ((int64_t{1} << p.k) < p.width) ++p.k;
   if ((int64_t{1} << p.k) != p.width || p.k < 1 || p.k > kMaxBits ||
       out->element_count() != static_cast<size_t>(4 * p.k))
-    return ffi::Error::InvalidArgument("wire_gram: W must be 2^k, 2 <= W <= 1024, the result (k, 2, 2)");
+    return ffi::Error::InvalidArgument(
+        "wire_gram: W must be 2^k, 2 <= W <= 1024, the result (k, 2, 2)");
 
   // ~1M multiply-adds per task keep the scheduling cost negligible
   const int64_t items = p.items();
