@@ -324,7 +324,8 @@ def _rotate_native_bwd(batch_first, res, g):
     else:  # y, g (K, W) -> dx (W, K)
         dx = _dot(_kron(jnp.swapaxes(mats, -1, -2)), g, (1, 1))
     # g and y as they are: a reshaped view would make XLA recompute y's producer for this call
-    gram = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((mats.shape[0], 2, 2), y.dtype))
+    out = jax.ShapeDtypeStruct((mats.shape[0], 2, 2), y.dtype)
+    gram = jax.ffi.ffi_call(kernels.TARGET, out, vmap_method="sequential")
     return jnp.matmul(gram(g, y, minor=not batch_first), _inverse_t(mats), precision=_HIGHEST), dx
 
 
