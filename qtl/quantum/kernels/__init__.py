@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def build(cache: Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{lib.name}.{os.getpid()}.tmp"
     cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp)]
+    print(f"qtl: building the native CPU kernel (once): {lib}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
