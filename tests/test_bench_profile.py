@@ -1,4 +1,5 @@
-"""qtl.bench.profile: per-operation times of the fast simulator's step, by phase and kind."""
+"""qtl.bench.profile (per-operation times of the fast simulator's step, by phase and kind) and
+qtl.bench.native_ab (native kernel against XLA, alternating in one process)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,17 @@ def test_profile_attributes_the_traced_ops(monkeypatch, capsys, tmp_path):
     assert all(ms > 0 for ms in s["by_phase"].values())
     kinds = {(ph, op) for (ph, op, _), _ms in s["by_kind"]}
     assert ("bwd", "dot_general") in kinds and ("fwd", "dot_general") in kinds
+
+
+def test_native_ab_times_both_variants_on_the_same_results(monkeypatch, capsys):
+    from qtl.bench import native_ab
+
+    r = native_ab.compare(6, 4, 8, steps=2)
+    assert r["native_ok"] and r["max_abs_diff"] < 1e-5
+    for name in ("xla", "native"):
+        assert 0 < r[name]["min_ms"] <= r[name]["median_ms"]
+    monkeypatch.setattr(sys, "argv", ["native_ab", "--qubits", "5", "--batch", "3",
+                                      "--features", "4", "--steps", "1"])  # fmt: skip
+    native_ab.main()
+    out = capsys.readouterr().out
+    assert "| xla |" in out and "| native |" in out and "native vs xla (median)" in out

@@ -23,6 +23,22 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def head_case(n: int, batch: int, features: int) -> tuple[Any, tuple]:
+    """The study's circuit (ring, RY, depth 3) on n qubits and seeded (params, features,
+    labels) for the dressed head's loss: the case the in-process head benchmarks time."""
+    import numpy as np
+
+    from qtl.quantum.circuit import CircuitSpec
+    from qtl.quantum.dressed import init_params
+
+    spec = CircuitSpec(n_qubits=n, depth=3, entangler="ring", rotation="ry")
+    rng = np.random.default_rng(0)
+    params = {k: v.astype(np.float32) for k, v in init_params(rng, spec, features).items()}
+    feats = rng.normal(size=(batch, features)).astype(np.float32)
+    labels = (rng.uniform(size=(batch, n)) < 0.2).astype(np.float32)
+    return spec, (params, feats, labels)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load and JAX platform: what a reader needs to compare numbers."""
     cpu = platform.processor() or platform.machine()

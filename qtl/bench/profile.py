@@ -61,15 +61,11 @@ def profile(
     import jax
     import numpy as np
 
-    from qtl.quantum.circuit import CircuitSpec
-    from qtl.quantum.dressed import head_loss, init_params
+    from qtl.bench.common import head_case
+    from qtl.quantum.dressed import head_loss
     from qtl.quantum.fast import fast_circuit
 
-    spec = CircuitSpec(n_qubits=n, depth=3, entangler="ring", rotation="ry")
-    rng = np.random.default_rng(0)
-    params = {k: v.astype(np.float32) for k, v in init_params(rng, spec, features).items()}
-    feats = rng.normal(size=(batch, features)).astype(np.float32)
-    labels = (rng.uniform(size=(batch, n)) < 0.2).astype(np.float32)
+    spec, (params, feats, labels) = head_case(n, batch, features)
     circuit = fast_circuit(spec, max_state_mb=max_state_mb, native=native)
     step = jax.jit(jax.value_and_grad(head_loss(circuit)))
     compiled = step.lower(params, feats, labels).compile()
