@@ -18,8 +18,9 @@ class Classifier(nnx.Module):
         self.head = make_head(cfg.head, self.backbone.num_features, len(cfg.task.labels), rngs=rngs)
         self.freeze_backbone = cfg.backbone.freeze
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        features = self.backbone(images)
+    def __call__(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``mask`` (B,): 1 on real rows, 0 on padding (kept out of batch-norm statistics)."""
+        features = self.backbone(images, mask)
         if self.freeze_backbone:
             features = jax.lax.stop_gradient(features)
         return self.head(features)
