@@ -392,6 +392,7 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
 
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can extend it."""
+    check_identity_declarations()  # a field added without saying whether it is identity
     cs = ConfigStore.instance()
     cs.store(name="qtl_schema", node=QtlConfig)
 
