@@ -4,13 +4,28 @@ Hydra merges the YAML files in ``conf/`` into these dataclasses, so a misspelt k
 value outside an enum fails when the config is composed, not an hour into a run.
 Checks that need more than one field (a crop larger than the resize, a label that is not
 in the dataset) live in :func:`validate`.
+
+Run identity: every dataclass that reaches a run's identity declares, for each of its fields,
+whether it defines *what* the run computes (``IDENTITY``) or only *how or where* it runs
+(``OPERATIONAL``: may differ between the sessions of one run without changing its results
+beyond float rounding, which tests pin). Every field is in exactly one of the two
+(:func:`check_identity_declarations`), so a new field is a decision, not an accident. A
+nested dataclass named in ``IDENTITY`` contributes its own identity fields; one named in
+``OPERATIONAL`` is left out whole. ``qtl.run`` compares a rerun's identity with the one in
+``run_config.json``.
+
+``LEGACY`` maps an identity field added after run records began to the value that
+reproduces what a qtl without the field computed. A record that lacks a field (written by an
+older qtl) matches a rerun whose value is that one (the schema default when not listed), and
+a field at its legacy value is left out of the fingerprint, so adding a field neither orphans
+a run directory nor renames a cache keyed by the fingerprint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -102,6 +117,9 @@ class TaskConfig:
     name: str = MISSING  # cxr8 | cxr14 | cxr19
     labels: list[str] = MISSING  # output column order; one sigmoid (and one qubit) per label
 
+    IDENTITY: ClassVar[tuple[str, ...]] = ("labels",)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("name",)  # a label: the labels define the task
+
 
 @dataclass
 class HeadConfig:
@@ -113,6 +131,18 @@ class HeadConfig:
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
     max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 8 on CPU, 2048 on GPU
     native_kernel: bool = True  # fast, CPU: C++ rotation-gradient kernel (built on first use)
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "name",
+        "depth",
+        "theta_init",
+        "entangler",
+        "rotation",
+        "simulator",
+    )
+    # batch chunking and the native kernel: tested equal to one pass / to XLA (test_fast_sim,
+    # test_native_kernel); their resolved values are recorded per session in the run record
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("max_state_mb", "native_kernel")
 
 
 @dataclass
@@ -128,6 +158,21 @@ class BackboneConfig:
     freeze: bool = False  # true: train the head only (the study fine-tunes everything)
     batch_norm: BatchNormMode = BatchNormMode.inference  # inference: frozen running stats
     conv1x1_as_matmul: bool = True  # 1x1 convs as einsum: same result, ~2x faster CPU backward
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "layer_type",
+        "embedding_size",
+        "hidden_sizes",
+        "depths",
+        "pretrained",
+        "pretrain_epochs",
+        "pretrain_lr",
+        "freeze",
+        "batch_norm",
+    )
+    # name: a label (the shape fields define the network); conv1x1_as_matmul: the same
+    # kernels and outputs either way (test_resnet), checkpoints do not depend on it
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("name", "conv1x1_as_matmul")
 
 
 @dataclass
@@ -155,6 +200,30 @@ class DataConfig:
     synth_image_px: int = 256  # side of the square PNGs written (NIH's are 1024)
     synth_difficulty: float = 1.0  # >1 = fainter traces and more noise
 
+    # augment_on enters the identity resolved (auto -> host or device for this machine), and
+    # a resume keeps the placement recorded at the first start: host and device augmentation
+    # agree only to rounding and at the border (qtl.data.augment)
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "name",
+        "root",
+        "image_dir",
+        "external_csv",
+        "external_root",
+        "resize",
+        "crop",
+        "augment",
+        "hflip_p",
+        "max_rotation_deg",
+        "on_bad_image",
+        "augment_on",
+        "limit",
+        "synth_seed",
+        "synth_sizes",
+        "synth_image_px",
+        "synth_difficulty",
+    )
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers", "cache_dir")
+
 
 @dataclass
 class TrainConfig:
@@ -168,6 +237,20 @@ class TrainConfig:
     patience: int = 5  # stop after this many epochs without a lower val loss
     min_delta: float = 0.0  # improvement smaller than this does not reset patience
     log_every: int = 10  # W&B train-loss logging period in steps
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "optimizer",
+        "lr",
+        "backbone_lr",
+        "weight_decay",
+        "batch_size",
+        "max_epochs",
+        "patience",
+        "min_delta",
+    )
+    # eval batches are per-row computations (eval-mode batch norm): the batch size only
+    # changes how many rows share one call
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every")
 
 
 @dataclass
@@ -187,6 +270,9 @@ class LoggerConfig:
 @dataclass
 class BackendConfig:
     name: Backend = Backend.jax  # framework that runs the train step (jax trains)
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("name",)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
 
 
 class ReportFigure(StrEnum):
@@ -257,9 +343,56 @@ class QtlConfig:
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
     bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
 
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "seed",
+        "task",
+        "head",
+        "backbone",
+        "data",
+        "train",
+        "backend",
+    )
+    # name: the experiment's label (it names the run directory, it computes nothing)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "mode",
+        "name",
+        "logger",
+        "report",
+        "progress",
+        "bench_circuit",
+        "bench_data",
+        "bench_step",
+    )
+
+
+def check_identity_declarations(cls: type = QtlConfig) -> None:
+    """Every field of every dataclass in the identity is declared IDENTITY xor OPERATIONAL."""
+    from dataclasses import fields, is_dataclass
+    from typing import get_type_hints
+
+    names = {f.name for f in fields(cls)}
+    identity = set(getattr(cls, "IDENTITY", ()))
+    operational = set(getattr(cls, "OPERATIONAL", ()))
+    problems = []
+    if undeclared := names - identity - operational:
+        problems.append(f"not declared IDENTITY or OPERATIONAL: {sorted(undeclared)}")
+    if both := identity & operational:
+        problems.append(f"declared both IDENTITY and OPERATIONAL: {sorted(both)}")
+    if unknown := (identity | operational | set(getattr(cls, "LEGACY", {}))) - names:
+        problems.append(f"declared but not fields: {sorted(unknown)}")
+    if stray := set(getattr(cls, "LEGACY", {})) - identity:
+        problems.append(f"LEGACY fields that are not IDENTITY fields: {sorted(stray)}")
+    if problems:
+        raise TypeError(f"qtl.config.{cls.__name__}: " + "; ".join(problems))
+    hints = get_type_hints(cls)
+    for name in sorted(identity):
+        if isinstance(hints[name], type) and is_dataclass(hints[name]):
+            check_identity_declarations(hints[name])
+
 
 def register_configs() -> None:
     """Register the schema so ``conf/config.yaml`` can extend it."""
+    check_identity_declarations()  # a field added without saying whether it is identity
     cs = ConfigStore.instance()
     cs.store(name="qtl_schema", node=QtlConfig)
 

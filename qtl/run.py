@@ -7,8 +7,6 @@ from its last checkpoint; a directory that belongs to a different config is refu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import time
@@ -16,78 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from qtl.config import Backend, ConfigError, HeadName, Mode, QtlConfig, validate
 from qtl.progress import want_progress
 
-# Keys that do not change what a run computes; a rerun may differ in these and still resume.
-_NON_IDENTITY_KEYS = (
-    "mode",
-    "progress",
-    "logger",
-    "report",
-    "data.workers",
-    "data.cache_dir",
-    "bench_data",
-    "train.log_every",
-    "train.eval_batch_size",
-    "head.max_state_mb",  # how the fast simulator splits the batch, not what it computes
-    "head.native_kernel",  # how the fast simulator gets gradients, not what they are
-    "bench_circuit",
-    "bench_step",
-)
-
-
-def config_dict(cfg: QtlConfig) -> dict[str, Any]:
-    """The resolved config as plain JSON-able containers (what W&B and run_config.json get)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-def _identity(cfg: QtlConfig) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", config_dict(cfg))
-    return {
-        k: v
-        for k, v in flat.items()
-        if not any(k == s or k.startswith(s + ".") for s in _NON_IDENTITY_KEYS)
-    }
-
-
-def fingerprint(cfg: QtlConfig) -> str:
-    """Hash of everything that determines a run's result."""
-    blob = json.dumps(_identity(cfg), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path) -> None:
-    """Refuse a run directory started with another config; record the config otherwise."""
-    mine = _identity(cfg)
-    if path.exists():
-        theirs = json.loads(path.read_text()).get("identity", {})
-        if theirs != mine:
-            diffs = [
-                f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
-                for k in sorted(set(theirs) | set(mine))
-                if theirs.get(k) != mine.get(k)
-            ]
-            raise ConfigError(
-                f"run directory {run_dir} belongs to a run with a different config "
-                f"({'; '.join(diffs[:6])}). Nothing was changed there. Pick another "
-                "experiment name (name=...) or hydra.run.dir=..., or delete that directory "
-                "to start it over."
-            )
-    else:
-        payload = {"fingerprint": fingerprint(cfg), "identity": mine, "config": config_dict(cfg)}
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+# A run's identity and record (run_config.json) live in qtl.record.identity; the schema
+# (qtl.config) declares which fields are identity. fingerprint/config_dict stay importable here.
+from qtl.record.identity import check_run_dir as _check_run_dir
+from qtl.record.identity import config_dict, fingerprint, run_provenance
 
 
 def describe(cfg: QtlConfig) -> list[tuple[str, int]]:
@@ -253,6 +187,7 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
                 "cpus": os.cpu_count(),
             },
             "wandb_run_id": getattr(logger, "run_id", None),
+            "provenance": run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
         }
         write_json_atomic(files.results, results)
         logger.summary(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import nnx
 
@@ -18,8 +20,9 @@ class Classifier(nnx.Module):
         self.head = make_head(cfg.head, self.backbone.num_features, len(cfg.task.labels), rngs=rngs)
         self.freeze_backbone = cfg.backbone.freeze
 
-    def __call__(self, images: jax.Array) -> jax.Array:
-        features = self.backbone(images)
+    def __call__(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``mask`` (B,): 1 on real rows, 0 on padding (kept out of batch-norm statistics)."""
+        features = self.backbone(images, mask)
         if self.freeze_backbone:
             features = jax.lax.stop_gradient(features)
         return self.head(features)
@@ -37,6 +40,23 @@ def build_model(cfg: QtlConfig, seed: int) -> Classifier:
             source = str(synthetic_pretrained(cfg))
         load_pretrained(model.backbone, source)
     return model
+
+
+def weights_provenance(cfg: QtlConfig) -> dict[str, Any]:
+    """Where the backbone's starting weights come from for ``cfg``, resolved here and now.
+
+    ``pretrained=synthetic`` resolves to its cached folder (pretraining it if it is not there
+    yet, as :func:`build_model` would); a hub id to the snapshot of the commit it names now.
+    """
+    source = cfg.backbone.pretrained
+    if not source:
+        return {"source": None, "kind": "random_init", "seed": cfg.seed}
+    from qtl.models.hf_import import weights_provenance as resolve
+    from qtl.models.pretrain import SYNTHETIC, synthetic_pretrained
+
+    if source == SYNTHETIC:
+        return {**resolve(str(synthetic_pretrained(cfg))), "source": SYNTHETIC, "kind": SYNTHETIC}
+    return resolve(source)
 
 
 def trainable_filter(cfg: QtlConfig) -> nnx.filterlib.Filter:

@@ -10,6 +10,7 @@ shapes, and which ``backbone.*`` settings would make them agree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -28,6 +29,10 @@ _INDEX_NAME = "model.safetensors.index.json"
 _PREFIX = "resnet."  # ResNetForImageClassification wraps ResNetModel under this name
 _ARCH_FIELDS = ("layer_type", "embedding_size", "hidden_sizes", "depths")
 _MAX_LISTED = 8  # problems listed in one error message
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# hub id -> snapshot folder: one process loads the revision it recorded, even if the hub moves
+_SNAPSHOTS: dict[str, Path] = {}
+_SHA256: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime) -> digest
 
 _Transform = Callable[[np.ndarray], np.ndarray]
 _same: _Transform = lambda a: a
@@ -71,16 +76,24 @@ def _fix_hint() -> str:
 
 
 def _download(repo_id: str) -> Path:
-    """Fetch only the safetensors and config.json of a hub repo (or find them in the cache)."""
+    """Fetch only the safetensors and config.json of a hub repo (or find them in the cache).
+
+    The snapshot folder is named by the commit it holds (``.../snapshots/<commit>``), which is
+    how :func:`weights_provenance` knows the revision that was loaded.
+    """
+    if repo_id in _SNAPSHOTS:
+        return _SNAPSHOTS[repo_id]
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
+        folder = Path(
             snapshot_download(
                 repo_id=repo_id,
                 allow_patterns=["*.safetensors", "*.safetensors.index.json", "config.json"],
             )
         )
+        _SNAPSHOTS[repo_id] = folder
+        return folder
     except Exception as err:  # network, auth, missing repo, invalid id: all end the same way
         raise ConfigError(
             f"backbone.pretrained='{repo_id}': downloading the weights from the Hugging Face "
@@ -89,15 +102,21 @@ def _download(repo_id: str) -> Path:
         ) from err
 
 
+def _locate(source: str) -> tuple[Path, bool]:
+    """The local file or folder ``source`` names, and whether it came from the hub."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, False
+    if _looks_like_path(source):
+        raise ConfigError(
+            f"backbone.pretrained='{source}': no such file or directory. {_fix_hint()}"
+        )
+    return _download(source), True
+
+
 def _resolve(source: str) -> tuple[list[Path], Path | None]:
     """Checkpoint file(s) and the config.json next to them (if any) for ``source``."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        if _looks_like_path(source):
-            raise ConfigError(
-                f"backbone.pretrained='{source}': no such file or directory. {_fix_hint()}"
-            )
-        path = _download(source)
+    path, _ = _locate(source)
     if path.is_file():
         config = path.parent / "config.json"
         return [path], config if config.is_file() else None
@@ -116,6 +135,60 @@ def _resolve(source: str) -> tuple[list[Path], Path | None]:
         + (f" (found {[f.name for f in found]})" if found else "")
         + f". {_fix_hint()}"
     )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (remembered per path, size and mtime in this process)."""
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with real.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
+
+
+def _hub_cache_origin(folder: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) when ``folder`` is a Hugging Face cache snapshot, else (None, None).
+
+    The cache layout is ``models--<org>--<name>/snapshots/<40-hex commit>/``.
+    """
+    folder = folder.absolute()
+    if folder.parent.name != "snapshots" or not _COMMIT.fullmatch(folder.name):
+        return None, None
+    repo = folder.parent.parent.name
+    repo_id = (
+        repo.removeprefix("models--").replace("--", "/") if repo.startswith("models--") else None
+    )
+    return repo_id, folder.name
+
+
+def weights_provenance(source: str) -> dict[str, Any]:
+    """What ``source`` resolves to here and now: where, which hub commit, which bytes.
+
+    Recorded in a run's run_config.json at its first start and in results.json, so that
+    ``microsoft/resnet-50`` (a moving name) can be pinned again: the ``revision`` is the
+    hub commit of the files read, ``sha256`` the digest of the weight file (one per shard in
+    ``files``).
+    """
+    _, from_hub = _locate(source)
+    files, config_file = _resolve(source)
+    folder = files[0].parent
+    repo_id, revision = _hub_cache_origin(folder)
+    entries = [{"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files]
+    return {
+        "source": source,
+        "kind": "hub" if from_hub else "local",
+        "repo_id": source if from_hub else repo_id,
+        "revision": revision,
+        "path": str(folder.absolute()),
+        "sha256": entries[0]["sha256"] if len(entries) == 1 else None,
+        "files": entries,
+        "config_json_sha256": sha256_file(config_file) if config_file else None,
+    }
 
 
 def _read_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], int]:
@@ -246,7 +319,8 @@ def load_pretrained(model: ResNet, source: str) -> dict[str, Any]:
 
     ``source`` is a local folder with ``model.safetensors`` (and optionally ``config.json``),
     a ``.safetensors`` file, or a hub id such as ``microsoft/resnet-50``. Returns a small
-    report: the source, the files read, and how many tensors were loaded and ignored.
+    report: the source, the files read, how many tensors were loaded and ignored, and the
+    :func:`weights_provenance` of what was read.
     """
     files, config_file = _resolve(source)
     _check_config_json(config_file, model, source)
@@ -293,6 +367,7 @@ def load_pretrained(model: ResNet, source: str) -> dict[str, Any]:
         "config_json": str(config_file) if config_file else None,
         "n_loaded": len(planned),
         "n_ignored": n_ignored,
+        "provenance": weights_provenance(source),
     }
 
 

@@ -11,13 +11,16 @@ sides, as in PyTorch (not XLA's ``SAME``, which pads asymmetrically for stride 2
 
 Train/eval: the model is built in eval mode. ``model.train()`` / ``model.eval()`` (or
 ``nnx.view(model, use_running_average=...)``) switch every batch norm. With
-``BatchNormMode.inference`` batch norm always uses, and never updates, its running statistics,
-whatever the mode — the setting for fine-tuning a pretrained backbone.
+``BatchNormMode.inference`` (or ``freeze``) batch norm always uses, and never updates, its
+running statistics, whatever the mode — the setting for fine-tuning a pretrained backbone.
+With ``BatchNormMode.batch`` the train-mode call takes the batch's mask, so padding rows of a
+last partial batch are left out of the batch statistics.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +61,9 @@ class BatchNorm(nnx.Module):
 
     Running statistics are ``nnx.BatchStat`` (never ``nnx.Param``), so an optimiser over
     parameters cannot touch them. ``frozen=True`` pins the layer to its running statistics
-    even in training mode.
+    even in training mode. In training mode with a ``mask`` (B,) the batch statistics, and so
+    the running averages, come from the real rows only: the padding of a last partial batch
+    (copies of example 0) never counts, and the real rows' outputs do not depend on it.
     """
 
     def __init__(self, num_features: int, *, frozen: bool) -> None:
@@ -76,20 +81,40 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if self.frozen or self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)  # two-pass: no cancellation
-            n = x.size // x.shape[-1]
-            unbiased = var * (n / max(n - 1, 1))  # PyTorch stores the unbiased variance
-            m = _BN_MOMENTUM
+            # PyTorch's update rule; the running variance is the unbiased one
+            mean, var, unbiased, observed = _batch_moments(x, mask)
+            m = _BN_MOMENTUM * observed
             self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean)
             self.var[...] = jax.lax.stop_gradient((1 - m) * self.var[...] + m * unbiased)
         inv = self.scale[...] * jax.lax.rsqrt(var + _BN_EPSILON)
         return x * inv + (self.bias[...] - mean * inv)
+
+
+def _batch_moments(x: jax.Array, mask: jax.Array | None) -> tuple[Any, Any, Any, Any]:
+    """Per-channel mean, biased and unbiased variance over the real rows, and the share of the
+    momentum the running averages take (0 when no row is real: nothing was observed).
+
+    ``mask`` (B,) is 1 on real rows and 0 on padding. Padding rows are selected out with
+    ``where`` rather than multiplied by 0, so even a non-finite padding value cannot leak into
+    the statistics (or, through them, into the real rows' outputs and gradients).
+    """
+    axes = tuple(range(x.ndim - 1))
+    if mask is None:
+        n = x.size // x.shape[-1]
+        mean = jnp.mean(x, axis=axes)
+        var = jnp.mean(jnp.square(x - mean), axis=axes)  # two-pass: no cancellation
+        return mean, var, var * (n / max(n - 1, 1)), 1.0
+    real = (mask > 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    n = jnp.sum(mask > 0).astype(jnp.float32) * math.prod(x.shape[1:-1])
+    n_safe = jnp.maximum(n, 1.0)
+    mean = jnp.sum(jnp.where(real, x, 0.0), axis=axes) / n_safe
+    var = jnp.sum(jnp.where(real, jnp.square(x - mean), 0.0), axis=axes) / n_safe
+    unbiased = var * (n_safe / jnp.maximum(n - 1.0, 1.0))
+    return mean, var, unbiased, (n > 0).astype(x.dtype)
 
 
 class Conv2d(nnx.Module):
@@ -156,8 +181,8 @@ class ConvLayer(nnx.Module):
         self.normalization = BatchNorm(out_channels, frozen=bn_frozen)
         self.relu = relu
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.normalization(self.convolution(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = self.normalization(self.convolution(x), mask)
         return jax.nn.relu(x) if self.relu else x
 
 
@@ -169,8 +194,8 @@ class Embeddings(nnx.Module):
             3, out_channels, 7, 2, bn_frozen=bn_frozen, as_matmul=False, rngs=rngs
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.embedder(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = self.embedder(x, mask)
         # PyTorch MaxPool2d pads with -inf, so padded cells never win.
         return jax.lax.reduce_window(
             x,
@@ -200,8 +225,8 @@ class ShortCut(nnx.Module):
         )
         self.normalization = BatchNorm(out_channels, frozen=bn_frozen)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.normalization(self.convolution(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.normalization(self.convolution(x), mask)
 
 
 class ResidualLayer(nnx.Module):
@@ -240,10 +265,10 @@ class ResidualLayer(nnx.Module):
             ]
         self.layer = nnx.List(convs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        residual = x if self.shortcut is None else self.shortcut(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        residual = x if self.shortcut is None else self.shortcut(x, mask)
         for conv in self.layer:
-            x = conv(x)
+            x = conv(x, mask)
         return jax.nn.relu(x + residual)
 
 
@@ -269,9 +294,9 @@ class Stage(nnx.Module):
         ]
         self.layers = nnx.List(layers)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return x
 
 
@@ -306,9 +331,9 @@ class Encoder(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, mask)
         return x
 
 
@@ -335,7 +360,9 @@ class ResNet(nnx.Module):
                 f"backbone.hidden_sizes={list(hidden_sizes)}: bottleneck stages need widths "
                 f"divisible by {_BOTTLENECK_REDUCTION}"
             )
-        bn_frozen = BatchNormMode(cfg.batch_norm) == BatchNormMode.inference
+        # A frozen backbone is a fixed function: its running statistics stay as loaded too,
+        # otherwise evaluation would see a backbone that training changed.
+        bn_frozen = BatchNormMode(cfg.batch_norm) == BatchNormMode.inference or bool(cfg.freeze)
         # Static description of the architecture (hashable, so the graph stays jit-cacheable).
         self.layer_type = layer_type.value
         self.embedding_size = int(cfg.embedding_size)
@@ -358,9 +385,13 @@ class ResNet(nnx.Module):
         """Width of the pooled feature vector (what a head's first Linear takes)."""
         return self.hidden_sizes[-1]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Pooled features; ``mask`` (B,) marks the real rows of a padded batch (1 real,
+        0 padding), so that padding never enters batch statistics (``BatchNormMode.batch``)."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet expects (B, H, W, 3) NHWC images, got shape {x.shape}")
-        x = self.embedder(x.astype(jnp.float32))
-        x = self.encoder(x)
+        if mask is not None and mask.shape != x.shape[:1]:
+            raise ValueError(f"ResNet: mask shape {mask.shape} does not match batch {x.shape[0]}")
+        x = self.embedder(x.astype(jnp.float32), mask)
+        x = self.encoder(x, mask)
         return jnp.mean(x, axis=(1, 2))

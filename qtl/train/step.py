@@ -68,9 +68,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean binary cross-entropy over labels and over the real (unmasked) rows."""
+    """Mean binary cross-entropy over labels and over the real (unmasked) rows.
+
+    Padding rows are selected out (not multiplied by 0), so whatever they hold cannot turn
+    the loss or its gradient into NaN.
+    """
     per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
-    return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return jnp.where(mask > 0, per_row * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
 
     def loss_fn(params, rest, images, labels, mask):
         module = nnx.merge(train_graph, params, rest, copy=True)  # fresh Variables at this trace
-        logits = module(images)
+        logits = module(images, mask)  # the mask keeps padding out of batch-norm statistics
         _, _, new_rest = split_model(module, cfg)
         return masked_bce(logits, labels, mask), new_rest
 
