@@ -1,7 +1,8 @@
-"""qtl entry point: compose conf/ with Hydra, validate, and run one job.
+"""qtl entry point: compose conf/ with Hydra and run one job (``qtl.apps.run_job``).
 
 python launch.py                                   # train the default config
 python launch.py experiment=demo head=cdl          # a preset plus overrides
+python launch.py debug=tiny head=dqc               # a seconds-long run to try things
 python launch.py mode=describe task=cxr19 head=dqc # parameter table, no training
 python launch.py -m task=cxr8,cxr14,cxr19 head=cdl,dqc seed='range(5)'   # the grid
 python launch.py --cfg job                          # show the composed config
@@ -10,7 +11,6 @@ python launch.py --cfg job                          # show the composed config
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jobs may share a GPU
 
@@ -29,24 +29,12 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from qtl.config import ConfigError, to_schema
-    from qtl.data.records import DataError
-    from qtl.run import run
-    from qtl.runtime import configure_jax
-    from qtl.train.checkpoint import CheckpointError
+    from qtl.apps import run_job
 
-    configure_jax()
-    try:
-        typed = to_schema(cfg)
-        result = run(typed, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records this job as failed and still runs the sweep's other jobs
-        sys.exit(2)
-    if isinstance(result, dict):  # a finished training run: the sweep's objective
-        return (result.get("auroc", {}).get("test") or {}).get("mean")
-    return None
+    hydra_cfg = HydraConfig.get()
+    return run_job(
+        cfg, Path(hydra_cfg.runtime.output_dir), multirun=hydra_cfg.mode == RunMode.MULTIRUN
+    )
 
 
 if __name__ == "__main__":

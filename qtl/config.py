@@ -23,7 +23,9 @@ a run directory nor renames a cache keyed by the fingerprint.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -326,6 +328,22 @@ class BenchDataConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Every root qtl reads or writes (conf/paths/default.yaml derives them from ``root``)."""
+
+    root: str = "."  # base of the defaults below
+    cache_dir: str = ".cache/qtl"  # caches shared by every run and seed
+    data_dir: str = ".cache/qtl"  # where built-in synthetic datasets are written
+    image_cache: str = ".cache/qtl/images"  # preprocessed-image cache
+    pretrained_dir: str = ".cache/qtl/pretrained"  # backbones pretrained by qtl itself
+    kernel_dir: str = "~/.cache/qtl/kernels"  # compiled native CPU kernels
+    jax_cache: str = ".cache/jax"  # XLA compilation cache
+    output_dir: str = "outputs"  # single runs; other modes under <output_dir>/_<mode>/
+    sweep_dir: str = "multirun"  # multiruns
+    bench_dir: str = "bench"  # benchmark JSON
+
+
+@dataclass
 class QtlConfig:
     mode: Mode = Mode.train
     name: str = "default"  # experiment name: groups run directories under outputs/<name>
@@ -339,6 +357,7 @@ class QtlConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
+    paths: PathsConfig = field(default_factory=PathsConfig)  # every cache and output root
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
     bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
@@ -362,6 +381,7 @@ class QtlConfig:
         "bench_circuit",
         "bench_data",
         "bench_step",
+        "paths",  # where caches and outputs live, not what a run computes
     )
 
 
@@ -390,11 +410,42 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
             check_identity_declarations(hints[name])
 
 
+def run_subdir(root: Any) -> str:
+    """A training run's folder under its experiment: ``<task>-<head>/seed<seed>``.
+
+    Deterministic, so the same command finds (and resumes) the same run.
+    """
+    return f"{root.task.name}-{root.head.name}/seed{root.seed}"
+
+
+@functools.cache
+def _process_stamp() -> str:
+    """One time stamp per process: every resolution of hydra.run.dir gives the same folder."""
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+
+
+def _run_dir(*, _root_: Any) -> str:
+    """``hydra.run.dir``: a training run's own folder; any other mode gets a folder of its own
+    (``<output_dir>/_<mode>/<time>``), so a benchmark or a report never writes into a run."""
+    if str(_root_.mode) == Mode.train:
+        return f"{_root_.paths.output_dir}/{_root_.name}/{run_subdir(_root_)}"
+    return f"{_root_.paths.output_dir}/_{_root_.mode}/{_process_stamp()}"
+
+
+def _sweep_subdir(*, _root_: Any) -> str:
+    """``hydra.sweep.subdir``: the run's folder in a multirun (other modes: ``_<mode>/<job>``)."""
+    if str(_root_.mode) == Mode.train:
+        return run_subdir(_root_)
+    return f"_{_root_.mode}/{_root_.hydra.job.num}"
+
+
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it."""
+    """Register the schema so ``conf/config.yaml`` can extend it, and the run-dir resolvers."""
     check_identity_declarations()  # a field added without saying whether it is identity
     cs = ConfigStore.instance()
     cs.store(name="qtl_schema", node=QtlConfig)
+    OmegaConf.register_new_resolver("qtl_run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("qtl_sweep_subdir", _sweep_subdir, replace=True)
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""What one job does, by ``mode``: train-and-evaluate a run, or describe the model.
+"""A training run's life: identity check, train (or resume), evaluate, write the record.
 
 ``train_and_evaluate(cfg, run_dir)`` is the whole life of a run and is safe to call again
 on the same directory: a finished run is reported, not retrained; an interrupted one resumes
@@ -15,31 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from qtl.config import Backend, ConfigError, HeadName, Mode, QtlConfig, validate
+from qtl.config import Backend, ConfigError, QtlConfig, validate
 from qtl.progress import want_progress
 
 # A run's identity and record (run_config.json) live in qtl.record.identity; the schema
 # (qtl.config) declares which fields are identity. fingerprint/config_dict stay importable here.
 from qtl.record.identity import check_run_dir as _check_run_dir
 from qtl.record.identity import config_dict, fingerprint, run_provenance
-
-
-def describe(cfg: QtlConfig) -> list[tuple[str, int]]:
-    """Print the parameter table per component (no weights allocated, no training)."""
-    from qtl.models.classifier import abstract_model, parameter_table
-
-    rows = parameter_table(abstract_model(cfg), cfg)
-    n = len(cfg.task.labels)
-    print(
-        f"qtl model: task={cfg.task.name} ({n} labels) head={cfg.head.name.value} "
-        f"backbone={cfg.backbone.name}"
-        + (f" depth={cfg.head.depth} qubits={n}" if cfg.head.name == HeadName.dqc else "")
-    )
-    width = max(len(name) for name, _ in rows)
-    print(f"{'component':<{width}}  {'parameters':>12}")
-    for name, count in rows:
-        print(f"{name:<{width}}  {count:>12,}")
-    return rows
 
 
 def format_auroc_table(results: dict[str, Any]) -> str:
@@ -205,36 +187,3 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     )
     print(format_auroc_table(results))
     return results
-
-
-def run(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
-    """Dispatch on ``cfg.mode``."""
-    if cfg.mode == Mode.describe:
-        validate(cfg)
-        return describe(cfg)
-    if cfg.mode == Mode.bench_circuit:
-        from qtl.bench.circuit import bench_circuit
-
-        return bench_circuit(cfg.bench_circuit, cfg.head)
-    if cfg.mode == Mode.bench_step:
-        from qtl.bench.step import bench_step
-
-        validate(cfg)
-        return bench_step(cfg)
-    if cfg.mode == Mode.report:  # reads a sweep's records; no run directory, no training
-        from qtl.report import write_report
-
-        return write_report(cfg.report, cfg.logger)
-    if cfg.mode == Mode.cache:
-        from qtl.data.cache import build
-
-        validate(cfg)
-        return build(cfg, run_dir)
-    if cfg.mode == Mode.bench_data:
-        from qtl.data.bench import bench_data
-
-        validate(cfg)
-        return bench_data(cfg, run_dir)
-    if run_dir is None:
-        raise ValueError("mode=train needs a run directory")
-    return train_and_evaluate(cfg, run_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import compose, launch
 
-from qtl.run import describe
+from qtl.apps.describe import describe
 
 BACKBONE = 23_508_032
 PRE = {"cxr8": 16_392, "cxr14": 28_686, "cxr19": 38_931}

@@ -70,7 +70,6 @@ def test_dqc_head_is_dressed_circuit():
     expected = z @ np.asarray(head.post.kernel[...]) + np.asarray(head.post.bias[...])
     np.testing.assert_allclose(np.asarray(head(feats)), expected, atol=1e-4)
     assert head.theta[...].shape == (3, 4)
-    assert float(jnp.abs(head.pre.bias[...]).max()) == 0.0  # Flax default: zero bias
 
 
 def test_dqc_gradients_reach_every_parameter():
@@ -86,10 +85,16 @@ def test_dqc_gradients_reach_every_parameter():
         assert np.abs(np.asarray(g)).sum() > 0, jax.tree_util.keystr(path)
 
 
-def test_cdl_head_is_one_linear_layer():
-    head = CDLHead(2048, 14, rngs=nnx.Rngs(0))
-    n = sum(x.size for x in jax.tree.leaves(nnx.state(head, nnx.Param)))
-    assert n == 2048 * 14 + 14
+def test_cdl_head_gives_logits_of_one_linear_map():
+    """Logits, not probabilities: the loss applies the sigmoid (BCE on logits, REFERENCE §2)."""
+    head = CDLHead(16, 5, rngs=nnx.Rngs(0))
+    feats = 10.0 * jax.random.normal(jax.random.key(3), (7, 16))
+    expected = np.asarray(feats) @ np.asarray(head.fc.kernel[...]) + np.asarray(
+        head.fc.bias[...]
+    )
+    got = np.asarray(head(feats))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert np.abs(got).max() > 1.0  # unbounded: no sigmoid/tanh inside the head
 
 
 def test_theta_init_schemes():

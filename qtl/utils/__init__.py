@@ -1,0 +1,1 @@
+"""Infrastructure every box of the data flow shares: atomic files, locks, roots."""
