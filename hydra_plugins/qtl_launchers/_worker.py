@@ -117,6 +117,7 @@ def import_task(ref: dict[str, Any]) -> Any:
 def _callbacks(config: Any, saved: list[dict[str, Any]]) -> Any:
     """The sweep's callbacks built from the config, with the launcher's (JSON) state."""
     from hydra._internal.callbacks import Callbacks
+    from omegaconf import OmegaConf
 
     callbacks = Callbacks(config)
     names = [f"{type(c).__module__}.{type(c).__qualname__}" for c in callbacks.callbacks]
@@ -127,6 +128,8 @@ def _callbacks(config: Any, saved: list[dict[str, Any]]) -> Any:
         )
     for cb, s in zip(callbacks.callbacks, saved, strict=True):
         vars(cb).update(s.get("state", {}))
+        for attr, text in s.get("configs", {}).items():
+            setattr(cb, attr, OmegaConf.create(text))
     return callbacks
 
 

@@ -7,6 +7,12 @@ queue, and a job that crashes (even hard: OOM-kill, segfault) fails alone. Witho
 N jobs run at once, each pinned to its own share of the CPU cores, with thread counts to
 match. JAX's GPU memory is set deliberately: allocate on demand by default, or a fixed
 fraction per job (``xla_mem_fraction``).
+
+What passes between the launcher and a job is data only: the job's config as YAML and a
+JSON job file (what to import, the resolver cache, the callbacks' plain state) going out, a
+JSON result (status, JSON return value, error type/message/traceback) coming back, all
+signed with a key only the two processes hold (``_files``). Nothing is unpickled, so a file
+someone else left in the sweep folder can at most be refused.
 """
 # No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is
 # in sys.modules, and dataclasses then cannot resolve string annotations.
@@ -197,21 +203,25 @@ def _cache_to_json(config: DictConfig) -> list[list[Any]]:
 
 def _callback_states(hydra_context: HydraContext) -> list[dict[str, Any]]:
     """Each sweep callback's class and attributes, for the job's fresh copy of it (what
-    pickling the callback would carry, limited to plain data)."""
+    pickling the callback would carry, limited to plain data: JSON, and configs as YAML)."""
     states = []
     for cb in hydra_context.callbacks.callbacks:
-        state = {}
+        state, configs = {}, {}
         for attr, value in vars(cb).items():
+            if OmegaConf.is_config(value):
+                configs[attr] = OmegaConf.to_yaml(value, resolve=False)
+                continue
             try:
                 json.dumps(value)
             except (TypeError, ValueError):
                 log.warning(
-                    f"gpu_pool: callback {type(cb).__name__}.{attr} is not JSON; each job "
-                    "gets the value its constructor sets"
+                    f"gpu_pool: callback {type(cb).__name__}.{attr} is neither JSON nor a "
+                    "config; each job gets the value its constructor sets"
                 )
                 continue
             state[attr] = value
-        states.append({"class": f"{type(cb).__module__}.{type(cb).__qualname__}", "state": state})
+        cls = f"{type(cb).__module__}.{type(cb).__qualname__}"
+        states.append({"class": cls, "state": state, "configs": configs})
     return states
 
 
@@ -416,7 +426,11 @@ class GpuPoolLauncher(Launcher):
                             f"({res['return_repr'][:200]}); its return value here is None"
                         )
                 else:
-                    ret.return_value = remote_error(res["error"] or {})
+                    err = remote_error(res["error"] or {})
+                    err.add_note(
+                        f"(raised in gpu_pool job #{job.idx}; traceback in {job.log_file})"
+                    )
+                    ret.return_value = err
             job.result_file.unlink(missing_ok=True)
         else:  # the process died before Hydra could record the job (killed, OOM, bad job file)
             ret.return_value = RuntimeError(
