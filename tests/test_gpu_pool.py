@@ -297,6 +297,10 @@ def test_results_come_back_as_json_and_a_planted_one_is_refused(tmp_path):
         write_signed(job.result_file, RESULT, body, key if body["job"] == 3 else new_key())
         ret = GpuPoolLauncher._collect(job, key)
         assert ret.status == JobStatus.FAILED and message in str(ret._return_value)
+    job = _finished_job(tmp_path)  # no result: the worker refused its job file, and said why
+    job.log_file.write_text("[gpu_pool] error: job4.json was not written for this job by ...\n")
+    err = str(GpuPoolLauncher._collect(job, key)._return_value)
+    assert "exited with code 0 before finishing (job4.json was not written for this job" in err
 
 
 @pytest.mark.slow

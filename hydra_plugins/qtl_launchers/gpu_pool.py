@@ -71,7 +71,7 @@ class GpuPoolLauncherConf:
     xla_mem_fraction: float | None = None
     # extra environment variables for every job
     env: dict[str, str] = field(default_factory=dict)
-    # where each job's stdout/stderr goes (job<N>.log)
+    # where each job's stdout/stderr goes (job<N>.log), and its job/result files while it runs
     log_dir: str = "${hydra.sweep.dir}/.gpu_pool"
     # seconds a job gets to save a checkpoint after SIGTERM when the sweep is interrupted
     stop_grace_s: float = 60.0
