@@ -12,6 +12,10 @@
 #   QTL_SLURM_GPUS  fake GPUs on the node (GRES on character devices; 0 = none)   (default 4)
 #   QTL_SLURM_PARTITION  name of the one partition                (default local)
 #
+# The accounting database's password is generated at the first `up` (random, from
+# /dev/urandom), kept in $QTL_SLURM_DIR/slurmdbd.pass and /etc/slurm/slurmdbd.conf (both
+# 0600, root), and set on the database user at every `up`; none ships with the repository.
+#
 # Why accounting: without slurmdbd, sacct fails and submitit cannot tell that a job died
 # (cancelled, timed out) - it would wait forever.  Why DefMemPerCPU: otherwise every job
 # takes the node's whole memory and jobs run one at a time.  Config files go to /etc/slurm
@@ -38,6 +42,31 @@ wait_for() {  # wait_for <seconds> <what> <command...>: poll until the command s
   local limit=$1 what=$2; shift 2
   for _ in $(seq $((limit * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
   die "$what did not come up within ${limit}s (logs: $STATE/log/)"
+}
+
+db_password() {  # the database password: generated once per state folder, never printed
+  local file=$STATE/slurmdbd.pass
+  if [[ ! -s $file ]]; then
+    # 24 random bytes as hex: no quoting issues in SQL or slurmdbd.conf
+    (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$file.tmp") \
+      && mv "$file.tmp" "$file" || die "cannot write $file"
+    DB_PASS_NEW=1
+  fi
+  chmod 600 "$file"
+  DB_PASS=$(cat "$file")
+  [[ $DB_PASS =~ ^[0-9a-f]{48}$ ]] || die "$file does not hold a generated password; delete it"
+}
+
+stop_daemon() {  # stop_daemon <daemon>: TERM by recorded PID, KILL after 30 s
+  local d=$1 p
+  p=$(pid_of "$d")
+  if [[ -n $p ]] && kill -0 "$p" 2>/dev/null; then
+    kill -TERM "$p"
+    for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$p" 2>/dev/null && { say "$d ($p) still running, sending KILL"; kill -KILL "$p"; }
+    say "stopped $d ($p)"
+  fi
+  rm -f "$STATE/pids/$d"
 }
 
 record_pidfile() {  # record_pidfile <daemon> <pidfile>: daemons that fork write their own
@@ -126,7 +155,7 @@ GresTypes=gpu
 $node_line NodeAddr=127.0.0.1$gres_line State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-  cat >"$ETC/slurmdbd.conf" <<EOF
+  (umask 077; cat >"$ETC/slurmdbd.conf") <<EOF
 $MARK
 AuthType=auth/munge
 DbdHost=$host
@@ -137,7 +166,7 @@ PidFile=$STATE/run/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=slurm
-StoragePass=qtl-local
+StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
   chmod 600 "$ETC/slurmdbd.conf"
@@ -169,13 +198,20 @@ start_mariadb() {
     >/dev/null 2>&1 &
   echo $! >"$STATE/pids/mariadbd"
   wait_for 30 MariaDB mariadb --socket=$SOCK -u root -e "select 1"
-  mariadb --socket=$SOCK -u root -e "
-    CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'qtl-local';
-    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+}
+
+db_user() {  # the accounting user with this state folder's password (over stdin, not argv)
+  mariadb --socket=$SOCK -u root <<EOF || die "could not set up the database user (logs: $STATE/log/)"
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+EOF
 }
 
 start_slurm() {
+  # a slurmdbd still running with an earlier password would lose the database on reconnect
+  [[ ${DB_PASS_NEW:-0} == 1 ]] && alive slurmdbd && stop_daemon slurmdbd
   if ! alive slurmdbd; then
     rm -f "$STATE/run/slurmdbd.pid"
     slurmdbd
@@ -202,9 +238,11 @@ cmd_up() {
   [[ $(id -u) == 0 ]] || die "needs root (installs packages, starts daemons)"
   mkdir -p "$STATE"/{pids,run,log,ctld,spool}
   install_packages
+  db_password
   write_configs
   start_munge
   start_mariadb
+  db_user
   start_slurm
   say "up: $(sinfo -h -o '%P %D node(s) %c cpus %m MB %G %T' | head -1)"
 }
@@ -214,17 +252,9 @@ cmd_down() {
     scancel --full --quiet -u "$(id -un)" >/dev/null 2>&1 || true
     for _ in $(seq 50); do [[ -z $(squeue -h 2>/dev/null) ]] && break; sleep 0.2; done
   fi
-  local i d p
+  local i
   for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-    d=${DAEMONS[$i]}
-    p=$(pid_of "$d")
-    if [[ -n $p ]] && kill -0 "$p" 2>/dev/null; then
-      kill -TERM "$p"
-      for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$p" 2>/dev/null && { say "$d ($p) still running, sending KILL"; kill -KILL "$p"; }
-      say "stopped $d ($p)"
-    fi
-    rm -f "$STATE/pids/$d"
+    stop_daemon "${DAEMONS[$i]}"
   done
 }
 

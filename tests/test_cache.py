@@ -13,14 +13,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import diskcache
 import numpy as np
 import pytest
+import zstandard
 from conftest import ROOT, TINY, compose, launch
 from PIL import Image
+from safetensors.numpy import save as st_save
 
 from qtl.config import DataConfig, DataName, OnBadImage
 from qtl.data import cache as cache_mod
-from qtl.data.cache import cached_splits, open_cache
+from qtl.data.cache import ForeignEntry, Prep, cached_splits, index_key, open_cache
 from qtl.data.codec import CorruptEntry, decode, encode
 from qtl.data.preprocess import load_gray, preprocess
 from qtl.data.records import DataError
@@ -144,6 +147,80 @@ def test_damaged_entry_is_rebuilt_from_source_or_reported(dataset, tmp_path):
     splits["val"].paths[1].unlink()
     with pytest.raises(DataError, match="image file is gone"):
         images.read(1)
+
+
+def test_foreign_encodings_are_refused_before_decoding():
+    """Bytes that are not qtl's encoding fail the header checks, whatever they hold."""
+    zstd = zstandard.ZstdCompressor(write_checksum=True)
+    image = np.zeros((4, 4), np.uint8)
+    # a frame that declares 1 TiB: refused from its header, before anything is allocated
+    huge = b"\x28\xb5\x2f\xfd" + bytes([0xC0, 0x50]) + (1 << 40).to_bytes(8, "little")
+    cases = {
+        huge: "declares 1099511627776 bytes",
+        zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 64): "declares no size",
+        zstd.compress(b"\x00" * 64): "safetensors header",
+        zstd.compress(st_save({"pixels": image.astype(np.float32)})): "safetensors header",
+        zstd.compress(st_save({"pixels": image, "other": image}, {"filter": "up"})): "header",
+        zstd.compress(st_save({"pixels": image}, metadata={"filter": "none"})): "not filter 'up'",
+        b"\x80\x04\x95 a pickle": "not a zstd frame",
+    }
+    for blob, message in cases.items():
+        with pytest.raises(CorruptEntry, match=message):
+            decode(blob)
+
+
+class _Payload:
+    """Unpickling this writes the file ``path`` (a large pickle: diskcache keeps it in a file
+    of its own, not in the database): proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "x" * 40_000))
+
+
+def test_pickled_cache_entries_are_never_unpickled(dataset, tmp_path):
+    root = _copy(dataset, tmp_path)
+    cfg = _data(root, tmp_path / "cache")
+    splits = {"val": load_splits(cfg, CXR8)["val"]}
+    images = cached_splits(cfg, splits).images["val"]
+    expected = _expected(splits["val"])
+    # entries planted with diskcache's default storage, which pickles objects
+    plain = diskcache.Cache(str(tmp_path / "cache"))
+    marks = [tmp_path / f"pwned{i}" for i in range(4)]
+    plain.set(images.keys[1], _Payload(marks[0]))  # a file-stored pickle
+    plain.set(images.keys[2], {"small": "pickle"})  # one inside the SQLite database
+    plain.set(index_key(Prep.of(cfg), splits["val"]), _Payload(marks[1]))
+    plain.close()
+
+    db = tmp_path / "cache" / "cache.db"
+    with pytest.warns(UserWarning) as caught:
+        again = cached_splits(cfg, splits).images["val"]  # the pickled index: rebuilt
+        np.testing.assert_array_equal(again[np.arange(len(expected))], expected)
+    text = "\n".join(str(w.message) for w in caught)
+    for key in (images.keys[1], images.keys[2], "index:"):
+        assert key in text
+    assert str(db) in text and "stored as a pickle, not raw bytes" in text
+    assert not any(m.exists() for m in marks)
+    cache = open_cache(tmp_path / "cache")
+    for i in (1, 2):  # overwritten with qtl's own encoding
+        np.testing.assert_array_equal(decode(cache.get(images.keys[i])), expected[i])
+
+    plain = diskcache.Cache(str(tmp_path / "cache"))
+    plain.set(images.keys[3], _Payload(marks[2]))
+    plain.close()
+    splits["val"].paths[3].unlink()  # and its source gone: a clear error, nothing loaded
+    with pytest.raises(DataError, match=f"{images.keys[3]}.*cache.db.*stored as a pickle"):
+        images.read(3)
+    assert not marks[2].exists()
+    with pytest.raises(TypeError, match="values are bytes"):  # and qtl never pickles one
+        cache.set("img:x", {"not": "bytes"})
+    plain = diskcache.Cache(str(tmp_path / "cache"))
+    plain.set(("a", "pickled", "key"), b"")
+    plain.close()
+    with pytest.raises(ForeignEntry, match="pickled key"):
+        list(open_cache(tmp_path / "cache"))
 
 
 def _break(root: Path) -> tuple[str, str]:

@@ -3,9 +3,12 @@ gradients with and without it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -119,11 +122,86 @@ def test_native_kernel_is_in_the_compiled_step():
     assert kernels.TARGET not in hlo(False)
 
 
-def test_build_is_cached_and_atomic(tmp_path):
+def test_build_is_cached_atomic_and_recorded(tmp_path):
     first = kernels.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp file left behind
+    [manifest] = tmp_path.glob("*.json")
+    # no temp file left behind: the library (named by its content) and its manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, manifest.name])
+    meta = json.loads(manifest.read_text())
+    assert meta["library"] == first.name
+    assert meta["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert first.name.startswith(manifest.stem + "-") and meta["sha256"][:16] in first.name
+    assert first.stat().st_mode & 0o777 == 0o755 and manifest.stat().st_mode & 0o777 == 0o644
+
+
+STUB = """
+#include <stdio.h>
+extern "C" int qtl_stub_id(void) { return STUB_ID; }
+extern "C" void QtlWireGram(void) {}
+#ifdef MARK  /* what a planted library would do: run code the moment it is loaded */
+__attribute__((constructor)) static void planted(void) { fclose(fopen(MARK, "w")); }
+#endif
+"""
+
+
+@pytest.fixture
+def stub_compiler(tmp_path, monkeypatch):
+    """A compiler that builds a tiny stand-in library in a second instead of the kernel: the
+    cache's checks are what is tested, on real shared objects."""
+    real = kernels.compiler()
+    source = tmp_path / "stub.cc"
+    source.write_text(STUB)
+    fake = tmp_path / "stub-c++"
+    fake.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = "--version" ] && { echo "stub compiler 1"; exit 0; }\n'
+        'while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done\n'
+        f'exec {real} -shared -fPIC -DSTUB_ID=1 {source} -o "$out"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+
+    def planted(path: Path, marker: Path) -> None:
+        """Overwrite ``path`` with a valid library that creates ``marker`` when loaded."""
+        cmd = [real, "-shared", "-fPIC", "-DSTUB_ID=2", f'-DMARK="{marker}"', str(source)]
+        subprocess.run([*cmd, "-o", str(path)], check=True)
+
+    return planted
+
+
+def test_a_tampered_cached_library_is_never_loaded(tmp_path, stub_compiler):
+    cache = tmp_path / "cache"
+    lib = kernels.build(cache)
+    good = lib.read_bytes()
+    assert kernels.load(cache).qtl_stub_id() == 1
+
+    marker = tmp_path / "planted-code-ran"
+    stub_compiler(lib, marker)  # the cached file replaced by another working library
+    with pytest.warns(RuntimeWarning, match=f"{lib.name} has sha256 .* not the .* recorded"):
+        loaded = kernels.load(cache)
+    assert not marker.exists()  # its code never ran
+    assert loaded.qtl_stub_id() == 1 and lib.read_bytes() == good  # rebuilt, then loaded
+
+    lib.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one flipped bit
+    with pytest.warns(RuntimeWarning, match="has sha256"):
+        assert kernels.build(cache) == lib
+    assert lib.read_bytes() == good
+
+    lib.chmod(0o777)  # anyone could have replaced it
+    with pytest.warns(RuntimeWarning, match=r"writable by others \(mode 0o777\)"):
+        kernels.load(cache)
+    assert lib.stat().st_mode & 0o777 == 0o755
+    manifest = next(cache.glob("*.json"))
+    manifest.write_bytes(b"\x80\x04not json")
+    with pytest.warns(RuntimeWarning, match="is unreadable"):
+        kernels.load(cache)
+    if os.geteuid() == 0:  # a file of another user (root can make one)
+        os.chown(lib, 65534, 65534)
+        with pytest.warns(RuntimeWarning, match="belongs to user id 65534"):
+            kernels.load(cache)
+    assert json.loads(manifest.read_text())["sha256"] == hashlib.sha256(good).hexdigest()
 
 
 def test_a_broken_compiler_is_a_clear_error(tmp_path, monkeypatch):

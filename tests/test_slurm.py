@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,32 @@ def _records(sweep_dir: Path) -> list[dict]:
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_database_password_is_generated_at_up(slurm_cluster):
+    """No password ships with the script: `up` generates one (0600 files) and the database
+    accepts that one, not the one an older script shipped; a second `up` keeps it."""
+    state = Path(os.environ.get("QTL_SLURM_DIR", "/tmp/qtl-slurm"))
+    pass_file, conf = state / "slurmdbd.pass", Path("/etc/slurm/slurmdbd.conf")
+    password = pass_file.read_text()
+    assert re.fullmatch("[0-9a-f]{48}", password), "not a generated password"
+    assert password not in SCRIPT.read_text() and "qtl-local" not in SCRIPT.read_text()
+    for f in (pass_file, conf):
+        assert f.stat().st_mode & 0o777 == 0o600 and f.stat().st_uid == 0, f
+    assert f"StoragePass={password}\n" in conf.read_text()
+
+    def login(pw: str) -> int:
+        cmd = ["mariadb", "--socket=/run/mysqld/mysqld.sock", "-u", "slurm", "-e", "select 1"]
+        env = {**os.environ, "MYSQL_PWD": pw}
+        return subprocess.run(cmd, env=env, capture_output=True).returncode
+
+    assert login(password) == 0 and login("qtl-local") != 0
+    up = subprocess.run([SCRIPT, "up"], capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert pass_file.read_text() == password and password not in up.stdout + up.stderr
+    clusters = subprocess.run(["sacctmgr", "-n", "-P", "list", "cluster", "format=Cluster"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert clusters.returncode == 0 and "qtl" in clusters.stdout.split(), clusters.stderr
 
 
 def test_grid_on_slurm_then_rerun_trains_nothing(slurm_cluster, workdir, synth_root):

@@ -7,10 +7,19 @@ queue, and a job that crashes (even hard: OOM-kill, segfault) fails alone. Witho
 N jobs run at once, each pinned to its own share of the CPU cores, with thread counts to
 match. JAX's GPU memory is set deliberately: allocate on demand by default, or a fixed
 fraction per job (``xla_mem_fraction``).
+
+What passes between the launcher and a job is data only: the job's config as YAML and a
+JSON job file (what to import, the resolver cache, the callbacks' plain state) going out, a
+JSON result (status, JSON return value, error type/message/traceback) coming back, all
+signed with a key only the two processes hold (``_files``). Nothing is unpickled, so a file
+someone else left in the sweep folder can at most be refused.
 """
 # No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is
 # in sys.modules, and dataclasses then cannot resolve string annotations.
 
+import builtins
+import copy
+import json
 import logging
 import os
 import shutil
@@ -24,12 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import version
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hydra_plugins.qtl_launchers._files import (
+    JOB,
+    RESULT,
+    RESULT_FIELDS,
+    JobFileError,
+    new_key,
+    read_signed,
+    sha256,
+    write_private,
+    write_signed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +71,7 @@ class GpuPoolLauncherConf:
     xla_mem_fraction: float | None = None
     # extra environment variables for every job
     env: dict[str, str] = field(default_factory=dict)
-    # where each job's stdout/stderr goes (job<N>.log)
+    # where each job's stdout/stderr goes (job<N>.log), and its job/result files while it runs
     log_dir: str = "${hydra.sweep.dir}/.gpu_pool"
     # seconds a job gets to save a checkpoint after SIGTERM when the sweep is interrupted
     stop_grace_s: float = 60.0
@@ -136,15 +157,109 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def task_reference(task_function: TaskFunction) -> dict[str, Any]:
+    """How a job process finds the task function again: its module (or, for a script, the
+    script's file) and its name there. Checked here, so a task function that cannot be found
+    that way fails the sweep at once with the reason, not in every job."""
+    name = task_function.__qualname__
+    module_name = task_function.__module__
+    module = sys.modules.get(module_name)
+    found: Any = module
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    if "<" in name or module is None or getattr(found, "__wrapped__", found) is not task_function:
+        raise ValueError(
+            f"hydra/launcher=gpu_pool: the task function {module_name}.{name} is not defined "
+            "at the top level of its module, so a job process cannot import it; define the "
+            "@hydra.main function at module level"
+        )
+    if module_name != "__main__":
+        return {"module": module_name, "file": None, "name": name}
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":  # python -m package.app
+        return {"module": spec.name, "file": None, "name": name}
+    file = getattr(module, "__file__", None)
+    if not file:
+        raise ValueError("hydra/launcher=gpu_pool needs an app file (not an interactive session)")
+    return {"module": None, "file": str(Path(file).resolve()), "name": name}
+
+
+def _cache_to_json(config: DictConfig) -> list[list[Any]]:
+    """OmegaConf's resolver cache (e.g. ``${now:...}``) as [name, args, value] rows."""
+    rows = []
+    for name, entries in OmegaConf.get_cache(config).items():
+        for args, value in entries.items():
+            row = [name, list(args) if isinstance(args, tuple) else [args], value]
+            try:
+                json.dumps(row)
+            except (TypeError, ValueError):
+                log.warning(
+                    f"gpu_pool: resolver cache ${{{name}:...}} is not JSON; jobs re-resolve it"
+                )
+                continue
+            rows.append(row)
+    return rows
+
+
+def _callback_states(hydra_context: HydraContext) -> list[dict[str, Any]]:
+    """Each sweep callback's class and attributes, for the job's fresh copy of it (what
+    pickling the callback would carry, limited to plain data: JSON, and configs as YAML)."""
+    states = []
+    for cb in hydra_context.callbacks.callbacks:
+        state, configs = {}, {}
+        for attr, value in vars(cb).items():
+            if OmegaConf.is_config(value):
+                configs[attr] = OmegaConf.to_yaml(value, resolve=False)
+                continue
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                log.warning(
+                    f"gpu_pool: callback {type(cb).__name__}.{attr} is neither JSON nor a "
+                    "config; each job gets the value its constructor sets"
+                )
+                continue
+            state[attr] = value
+        cls = f"{type(cb).__module__}.{type(cb).__qualname__}"
+        states.append({"class": cls, "state": state, "configs": configs})
+    return states
+
+
+class RemoteJobError(RuntimeError):
+    """An exception raised inside a gpu_pool job, carried back as text."""
+
+    remote_traceback: str = ""
+
+
+def remote_error(error: dict[str, Any]) -> BaseException:
+    """The job's exception, rebuilt from its type name and message: a built-in exception
+    type as itself, any other as a RemoteJobError subclass of the same name (no import)."""
+    name, module = str(error.get("type", "Exception")), str(error.get("module", ""))
+    message = str(error.get("message", ""))
+    err: BaseException | None = None
+    builtin = getattr(builtins, name, None) if module == "builtins" else None
+    if isinstance(builtin, type) and issubclass(builtin, Exception):
+        try:
+            err = builtin(message)
+        except Exception:  # built-ins whose constructor wants more than a message
+            err = None
+    if err is None:
+        cls = type(name.rsplit(".", 1)[-1], (RemoteJobError,), {"__module__": module})
+        err = cls(message)
+    err.remote_traceback = str(error.get("traceback", ""))  # type: ignore[attr-defined]
+    return err
+
+
 @dataclass
 class _Running:
     idx: int
     slot: Slot
     proc: subprocess.Popen
     job_file: Path
+    config_file: Path
     result_file: Path
     log_file: Path
-    overrides: list[str]
+    config: DictConfig
     started: float
 
 
@@ -170,11 +285,13 @@ class GpuPoolLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> list[JobReturn]:
-        import cloudpickle
-
         assert self.config is not None and self.hydra_context is not None
+        assert self.task_function is not None
         p = self.params
         slots = make_slots(p.get("gpus"), p.get("cpu_jobs"), p.get("xla_mem_fraction"))
+        task = task_reference(self.task_function)
+        callbacks = _callback_states(self.hydra_context)
+        key = new_key()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log_dir = Path(str(p["log_dir"])).absolute()
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -192,12 +309,15 @@ class GpuPoolLauncher(Launcher):
             while pending or running:
                 while pending and free:
                     idx, overrides = pending.popleft()
-                    running.append(self._start(idx, list(overrides), free.popleft(), log_dir))
+                    job = self._start(
+                        idx, list(overrides), free.popleft(), log_dir, task, callbacks, key
+                    )
+                    running.append(job)
                 time.sleep(0.05)
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
                     free.append(job.slot)
-                    results[job.idx] = self._collect(job, cloudpickle)
+                    results[job.idx] = self._collect(job, key)
         except BaseException:
             self._stop(running, float(p.get("stop_grace_s", 60.0)))
             raise
@@ -205,23 +325,41 @@ class GpuPoolLauncher(Launcher):
             signal.signal(signal.SIGTERM, previous_term)
         return [results[i] for i in sorted(results)]
 
-    def _start(self, idx: int, overrides: list[str], slot: Slot, log_dir: Path) -> _Running:
-        import cloudpickle
-
-        job_file = log_dir / f"job{idx}.pkl"
-        result_file = log_dir / f"job{idx}.result.pkl"
+    def _start(
+        self,
+        idx: int,
+        overrides: list[str],
+        slot: Slot,
+        log_dir: Path,
+        task: dict[str, Any],
+        callbacks: list[dict[str, Any]],
+        key: bytes,
+    ) -> _Running:
+        assert self.config is not None and self.hydra_context is not None
+        # composed here, as Hydra's basic launcher does: the job gets the launcher's values
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = f"gpu_pool_{idx}"
+            sweep_config.hydra.job.num = idx
+        job_file = log_dir / f"job{idx}.json"
+        config_file = log_dir / f"job{idx}.yaml"
+        result_file = log_dir / f"job{idx}.result.json"
         log_file = log_dir / f"job{idx}.log"
         result_file.unlink(missing_ok=True)
-        payload = {
-            "hydra_context": self.hydra_context,
-            "task_function": self.task_function,
-            "config": self.config,
+        text = OmegaConf.to_yaml(sweep_config, resolve=False).encode()
+        write_private(config_file, text)
+        version_base = version.getbase()
+        body = {
+            "job": idx,
             "overrides": overrides,
-            "idx": idx,
-            "singletons": Singleton.get_state(),
+            "config_file": config_file.name,
+            "config_sha256": sha256(text),
+            "task": task,
+            "version_base": None if version_base is None else str(version_base),
+            "resolver_cache": _cache_to_json(sweep_config),
+            "callbacks": callbacks,
         }
-        with job_file.open("wb") as f:
-            cloudpickle.dump(payload, f)
+        write_signed(job_file, JOB, body, key)
         env = {**os.environ, **{str(k): str(v) for k, v in self.params["env"].items()}}
         env.update(slot.env)
         # the job imports the same code as this process (the app's folder first)
@@ -240,27 +378,69 @@ class GpuPoolLauncher(Launcher):
                     str(result_file),
                 ],
                 env=env,
+                stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops jobs cleanly
             )
-        return _Running(idx, slot, proc, job_file, result_file, log_file, overrides, time.time())
+        assert proc.stdin is not None
+        try:  # the key travels over a pipe: in no file, in no environment
+            proc.stdin.write(key.hex().encode() + b"\n")
+            proc.stdin.close()
+        except BrokenPipeError:  # the process died at once; _collect reports it
+            pass
+        return _Running(
+            idx, slot, proc, job_file, config_file, result_file, log_file, sweep_config, time.time()
+        )
 
     @staticmethod
-    def _collect(job: _Running, cloudpickle: Any) -> JobReturn:
+    def _collect(job: _Running, key: bytes) -> JobReturn:
         seconds = time.time() - job.started
-        ret: JobReturn | None = None
+        task_cfg = copy.deepcopy(job.config)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        ret = JobReturn(
+            overrides=list(job.config.hydra.overrides.task),
+            cfg=task_cfg,
+            hydra_cfg=OmegaConf.create({"hydra": job.config.hydra}),
+            status=JobStatus.FAILED,
+        )
         if job.result_file.exists():
-            with job.result_file.open("rb") as f:
-                ret = cloudpickle.load(f)
-            job.result_file.unlink()
-        job.job_file.unlink(missing_ok=True)
-        if ret is None:  # the process died before Hydra could record the job (killed, OOM)
-            ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED)
+            try:
+                res = read_signed(job.result_file, RESULT, key, RESULT_FIELDS)
+                if res["job"] != job.idx or res["status"] not in ("COMPLETED", "FAILED"):
+                    raise JobFileError(
+                        f"{job.result_file}: a result for job #{res['job']} with status "
+                        f"{res['status']!r}, expected job #{job.idx}, COMPLETED or FAILED"
+                    )
+            except JobFileError as err:
+                ret.return_value = err
+            else:
+                ret.status = JobStatus[res["status"]]
+                ret.task_name, ret.working_dir = res["task_name"], res["working_dir"]
+                if ret.status == JobStatus.COMPLETED:
+                    ret.return_value = res["return_value"]
+                    if res["return_repr"] is not None:
+                        log.info(
+                            f"\t#{job.idx} returned a value JSON cannot carry back "
+                            f"({res['return_repr'][:200]}); its return value here is None"
+                        )
+                else:
+                    err = remote_error(res["error"] or {})
+                    err.add_note(
+                        f"(raised in gpu_pool job #{job.idx}; traceback in {job.log_file})"
+                    )
+                    ret.return_value = err
+            job.result_file.unlink(missing_ok=True)
+        else:  # the process died before Hydra could record the job (killed, OOM, bad job file)
             ret.return_value = RuntimeError(
                 f"job #{job.idx} process exited with code {job.proc.returncode} before "
-                f"finishing; its output is in {job.log_file}"
+                f"finishing{_last_error(job.log_file)}; its output is in {job.log_file}"
             )
+        job.job_file.unlink(missing_ok=True)
+        job.config_file.unlink(missing_ok=True)
+        if ret.status == JobStatus.FAILED and isinstance(ret._return_value, JobFileError):
+            log.error(f"\t#{job.idx}: {ret._return_value}")
         state = "done" if ret.status == JobStatus.COMPLETED else "FAILED"
         log.info(f"\t#{job.idx} {state} on {job.slot.name} after {seconds:.1f} s")
         return ret
@@ -278,3 +458,15 @@ class GpuPoolLauncher(Launcher):
             except subprocess.TimeoutExpired:
                 job.proc.kill()
                 job.proc.wait()
+
+
+def _last_error(log_file: Path) -> str:
+    """The worker's own refusal (``[gpu_pool] error: ...``), if that is why it stopped."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if line.startswith("[gpu_pool] error: "):
+            return f" ({line.removeprefix('[gpu_pool] error: ')[:500]})"
+    return ""

@@ -17,6 +17,14 @@ every run and seed. Two kinds of entries:
 Every entry is written in one diskcache transaction after the image is fully encoded, so a
 killed build leaves whole entries or none; the zstd checksum catches damage on read, and a
 damaged entry is rebuilt from its source file (or reported when that is gone).
+
+Nothing read from the cache is ever unpickled: diskcache pickles any value that is not
+bytes/str/number (and any such key) and unpickles it on read, which would run whatever code
+a planted entry names. :class:`RawDisk` stores str keys and bytes values only, and refuses
+any other stored form on read; with the codec's own header check, an entry that is not
+qtl's encoding is treated like a damaged one: a warning naming the cache file and key, then
+rebuilt from the source image (so the foreign entry is overwritten, and a run does not die
+for a cache entry while the original is at hand) or, with the source gone, a DataError.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import numpy as np
+from diskcache.core import DBNAME, MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
 from qtl.config import DataConfig, OnBadImage, QtlConfig
 from qtl.data.codec import FILTER, CorruptEntry, decode, encode
@@ -56,14 +66,67 @@ def workers_for(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
+class ForeignEntry(CorruptEntry):
+    """A cache entry stored in a form qtl never writes (a pickle, text, a number)."""
+
+
+_MODES = {MODE_PICKLE: "a pickle", MODE_TEXT: "text", MODE_RAW: "a str or number"}
+
+
+class RawDisk(diskcache.Disk):
+    """diskcache storage of str keys and bytes values, as they are: nothing is pickled on
+    write, and a stored pickle (or any other form) is refused on read, unread."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if type(key) is not str:
+            raise TypeError(f"qtl's cache keys are str, not {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise ForeignEntry("the cache holds a pickled key, which qtl never writes")
+        return super().get(key, raw)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
+        if type(value) is not bytes:
+            raise TypeError(f"qtl's cache values are bytes, not {type(value).__name__}")
+        return super().store(value, read, key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == MODE_RAW and isinstance(value, bytes):
+            return value
+        if mode == MODE_BINARY and self._inside(filename):
+            return super().fetch(mode, filename, value, read)
+        if mode == MODE_BINARY:
+            raise ForeignEntry(f"the entry points at a file outside the cache: {filename!r}")
+        raise ForeignEntry(f"stored as {_MODES.get(mode, f'mode {mode}')}, not raw bytes")
+
+    def remove(self, file_path: str) -> None:
+        if self._inside(file_path):  # a planted row must not make an overwrite delete files
+            super().remove(file_path)
+
+    def _inside(self, filename: str | None) -> bool:
+        if not filename or os.path.isabs(filename):
+            return False
+        root = os.path.realpath(self._directory)
+        return os.path.realpath(os.path.join(root, filename)).startswith(root + os.sep)
+
+
 def open_cache(directory: Path | str) -> Any:
     """The diskcache at ``directory``; never evicts (a full NIH cache is ~2.5 GB)."""
-    import diskcache
-
     Path(directory).mkdir(parents=True, exist_ok=True)
     return diskcache.Cache(
-        str(directory), size_limit=2**62, eviction_policy="none", cull_limit=0, statistics=False
+        str(directory),
+        size_limit=2**62,
+        eviction_policy="none",
+        cull_limit=0,
+        statistics=False,
+        disk=RawDisk,
     )
+
+
+def _where(cache: Any, key: str) -> str:
+    return f"entry {key!r} of {Path(cache.directory) / DBNAME}"
 
 
 @dataclass(frozen=True)
@@ -225,7 +288,11 @@ def _write_index(cache: Any, key: str, entries: SplitEntries) -> None:
 
 
 def _read_index(cache: Any, key: str, n: int) -> SplitEntries | None:
-    raw = cache.get(key)
+    try:
+        raw = cache.get(key)
+    except ForeignEntry as err:  # rebuilt from the sources, like a missing index
+        warnings.warn(f"ignoring cache {_where(cache, key)}: {err}; rebuilding it", stacklevel=2)
+        return None
     if raw is None:
         return None
     try:
@@ -299,27 +366,30 @@ class CachedImages:
         return len(self.keys)
 
     def read(self, i: int) -> np.ndarray:
-        """One image; a missing or damaged entry is rebuilt from its source file."""
-        blob = self.cache.get(self.keys[i])
+        """One image; a missing, damaged or foreign entry is rebuilt from its source file."""
         reason = "missing"
-        if blob is not None:
-            try:
+        try:
+            blob = self.cache.get(self.keys[i])
+            if blob is not None:
                 image = decode(blob)
                 if image.shape == self.shape[1:]:
                     return image
                 reason = f"of shape {image.shape}, not {self.shape[1:]}"
-            except CorruptEntry as err:
-                reason = str(err)
+        except CorruptEntry as err:  # ForeignEntry too: never unpickled, never decoded
+            reason = str(err)
         return self._rebuild(i, reason)
 
     def _rebuild(self, i: int, reason: str) -> np.ndarray:
         path = self.paths[i]
+        where = _where(self.cache, self.keys[i])
         if not os.path.exists(path):
             raise DataError(
-                f"the cache entry for {path} in {self.cache.directory} is {reason} and that "
-                "image file is gone; put the images back and run mode=cache to rebuild it."
+                f"cache {where} (image {path}) is unusable: {reason}; and that image file is "
+                "gone, so it cannot be rebuilt. Put the images back and run mode=cache."
             )
-        warnings.warn(f"rebuilding cache entry of {path}: {reason}", stacklevel=2)
+        warnings.warn(
+            f"cache {where} is unusable: {reason}; rebuilding it from {path}", stacklevel=2
+        )
         image = preprocess(load_gray(path), self.prep.resize, self.prep.crop)
         self.cache.set(self.keys[i], encode(image))
         return image

@@ -11,6 +11,14 @@ The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernel
 by the source, jaxlib version, compiler and machine type, and written atomically, so
 concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the
 simulator keeps its XLA path: same results, a little slower; a warning says why.
+
+Loading a shared object runs its code, so a cached one is trusted only as built: each build
+writes a manifest (``wire_gram-<key>.json``: the cache key, the library's file name and its
+sha256), and before loading, the library's bytes are hashed and compared with it; both
+files must belong to this user (or root) and be writable by no one else. Anything else (a
+changed byte, a swapped file, a foreign owner) is not loaded: a warning says why and the
+library is rebuilt. The bytes that were checked are the bytes loaded (from an in-memory
+copy where Linux allows), so a file swapped in between is never run.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +39,9 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("wire_gram.cc")
 TARGET = "qtl_wire_gram"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+_MEMFDS: list[int] = []  # in-memory copies of the loaded libraries (see _dlopen)
 
 
 class KernelUnavailable(RuntimeError):
@@ -49,33 +62,129 @@ def compiler() -> str:
     raise KernelUnavailable("no C++ compiler found ($CXX, c++, g++ or clang++)")
 
 
-def build(cache: Path | None = None) -> Path:
-    """Compile ``wire_gram.cc`` into the cache (once per source/jaxlib/compiler) and return it."""
+def _key() -> tuple[str, str, str]:
+    """(compiler, FFI include dir, cache key of a build from this source with them)."""
     import jax
     import jaxlib
 
     cxx = compiler()
-    include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         "\n".join(
             [SOURCE.read_text(), jaxlib.__version__, version, platform.machine(), *FLAGS]
         ).encode()
     ).hexdigest()[:16]
+    return cxx, jax.ffi.include_dir(), key
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why a cached file cannot be trusted as this user's own build, or None."""
+    st = path.stat()
+    if st.st_uid not in (os.getuid(), 0):
+        return f"{path} belongs to user id {st.st_uid}, not to this user"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (mode {oct(st.st_mode & 0o777)})"
+    return None
+
+
+def _verified(manifest: Path, key: str) -> tuple[Path, bytes] | str | None:
+    """The cached library and its bytes when they match the manifest; else why not (None:
+    nothing cached)."""
+    if not manifest.exists():
+        return None
+    try:
+        if reason := _untrusted(manifest):
+            return reason
+        meta = json.loads(manifest.read_text())
+        name, want = meta["library"], meta["sha256"]
+        if meta.get("key") != key or not re.fullmatch(rf"wire_gram-{key}-[0-9a-f]{{16}}\.so", name):
+            return f"{manifest} does not describe a build with key {key}"
+        lib = manifest.with_name(name)
+        if reason := _untrusted(lib):
+            return reason
+        data = lib.read_bytes()
+    except FileNotFoundError as err:
+        return f"{err.filename} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{manifest} is unreadable ({type(err).__name__}: {err})"
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        return f"{lib} has sha256 {got[:16]}..., not the {str(want)[:16]}... recorded at build"
+    return lib, data
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)  # whatever the umask: a group-writable file would not be trusted
+    os.replace(tmp, path)  # atomic: a concurrent job sees no file or a whole one
+
+
+def _ensure(cache: Path | None) -> tuple[Path, bytes]:
+    """The verified library (built now if it is missing or fails verification)."""
+    cxx, include, key = _key()
     cache = cache or cache_dir()
-    lib = cache / f"wire_gram-{key}.so"
-    if lib.exists():
-        return lib
+    manifest = cache / f"wire_gram-{key}.json"
+    found = _verified(manifest, key)
+    if isinstance(found, tuple):
+        return found
+    if found is not None:
+        warnings.warn(
+            f"qtl: not loading the cached native kernel: {found}; rebuilding it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{lib.name}.{os.getpid()}.tmp"
+    tmp = cache / f".wire_gram-{key}.{os.getpid()}.tmp"
     cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp)]
-    print(f"qtl: building the native CPU kernel (once): {lib}", file=sys.stderr, flush=True)
+    print(f"qtl: building the native CPU kernel (once) in {cache}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise KernelUnavailable(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    os.replace(tmp, lib)  # atomic: a concurrent job sees no library or a whole one
-    return lib
+    data = tmp.read_bytes()
+    tmp.unlink()
+    digest = hashlib.sha256(data).hexdigest()
+    # named by its content: a concurrent build never changes the bytes a manifest points at
+    lib = cache / f"wire_gram-{key}-{digest[:16]}.so"
+    _write(lib, data, 0o755)
+    meta = {"key": key, "library": lib.name, "sha256": digest, "compiler": cxx}
+    _write(manifest, (json.dumps(meta, indent=1) + "\n").encode(), 0o644)
+    return lib, data
+
+
+def build(cache: Path | None = None) -> Path:
+    """Compile ``wire_gram.cc`` into the cache (once per source/jaxlib/compiler, and again if
+    the cached library fails verification); the verified library's path."""
+    return _ensure(cache)[0]
+
+
+def _dlopen(data: bytes, path: Path) -> ctypes.CDLL:
+    """Load exactly ``data`` (already verified): from an anonymous in-memory file where the
+    system has them, else from ``path``."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create(path.name, os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except OSError:  # e.g. memfd execution disabled (vm.memfd_noexec)
+            os.close(fd)
+        else:
+            # kept open: the loader knows libraries by path, and a reused fd number would
+            # make a later load return this library instead of the one asked for
+            _MEMFDS.append(fd)
+            return lib
+    return ctypes.CDLL(str(path))
+
+
+def load(cache: Path | None = None) -> ctypes.CDLL:
+    """The native kernel library, built if needed, loaded only after its hash is checked."""
+    path, data = _ensure(cache)
+    return _dlopen(data, path)
 
 
 @functools.cache
@@ -85,7 +194,7 @@ def wire_gram_target() -> str | None:
     if os.environ.get("QTL_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = load()
     except (KernelUnavailable, OSError) as err:
         warnings.warn(
             f"qtl: native CPU kernel unavailable, using XLA for rotation gradients "
