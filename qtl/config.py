@@ -190,7 +190,7 @@ class DataConfig:
     hflip_p: float = 0.5  # probability of a horizontal flip
     max_rotation_deg: float = 15.0  # rotation drawn uniformly in [-x, x] degrees
     workers: int = 0  # threads decoding images; 0 = one per CPU core
-    cache_dir: str | None = None  # preprocessed-image cache; null = .cache/qtl/images (shared)
+    cache_dir: str = ".cache/qtl/images"  # image cache; conf/data sets it to paths.image_cache
     on_bad_image: OnBadImage = OnBadImage.fail  # corrupt/missing image: fail | skip
     augment_on: AugmentOn = AugmentOn.auto  # where flip + rotation run: auto | device | host
     limit: int | None = None  # use only the first N records per split (smoke tests)

@@ -34,8 +34,7 @@ from qtl.data.records import Split
 from qtl.data.synthetic import generate, spec, spec_hash
 from qtl.labels import ALL_LABELS
 from qtl.progress import want_progress
-
-_BENCH_DIR = Path(".cache") / "qtl"
+from qtl.utils import paths
 
 
 def _dataset(cfg: QtlConfig, show: bool) -> Split:
@@ -43,7 +42,7 @@ def _dataset(cfg: QtlConfig, show: bool) -> Split:
     sizes = {"train": b.images, "val": 1, "test": 1, "external": 0}
     params = spec(sizes=sizes, image_px=b.image_px, seed=0)
     root = generate(
-        _BENCH_DIR / f"bench-data-{spec_hash(params)}",
+        paths.data_dir(cfg.paths) / f"bench-data-{spec_hash(params)}",
         sizes=sizes,
         image_px=b.image_px,
         seed=0,
@@ -139,7 +138,8 @@ def bench_data(cfg: QtlConfig, run_dir: Path | None) -> dict[str, Any]:
 
     cold = {t: _cold(split, prep, min(b.cold_images, n), t) for t in counts}
 
-    cache_path = _BENCH_DIR / "bench-data-cache"  # fresh each time: the build is timed
+    # fresh each time: the build is timed
+    cache_path = paths.cache_dir(cfg.paths) / "bench-data-cache"
     shutil.rmtree(cache_path, ignore_errors=True)
     cache = open_cache(cache_path)
     with _Clock() as build_clock:

@@ -51,7 +51,6 @@ from qtl.data.synthetic import _locked
 from qtl.progress import bar
 
 FORMAT = 1  # bump when the stored layout or the preprocessing code changes what is stored
-DEFAULT_DIR = Path(".cache") / "qtl" / "images"
 _CHUNK = 16  # images per build task
 _SHOWN = 20  # bad files named in an error message; the full list goes to a file
 
@@ -444,7 +443,7 @@ def _reader_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else DEFAULT_DIR
+    return Path(cfg.cache_dir).expanduser()
 
 
 def cached_splits(
@@ -493,9 +492,16 @@ def build(cfg: QtlConfig, run_dir: Path | None = None) -> CachedData:
     """``mode=cache``: re-check every source image and fill the cache for the run's splits."""
     from qtl.data.source import load_splits
     from qtl.progress import want_progress
+    from qtl.utils import paths
 
     show = want_progress(cfg.progress)
-    splits = load_splits(cfg.data, list(cfg.task.labels), progress=show, check_files=False)
+    splits = load_splits(
+        cfg.data,
+        list(cfg.task.labels),
+        progress=show,
+        check_files=False,
+        data_dir=paths.data_dir(cfg.paths),
+    )
     directory = cache_dir(cfg.data)
     data = cached_splits(cfg.data, splits, progress=show, recheck=True)
     total = sum(len(s) for s in splits.values())

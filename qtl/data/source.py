@@ -9,15 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from qtl.config import DataConfig, DataName
+from qtl.config import DataConfig, DataName, PathsConfig
 from qtl.data.mimic import read_mimic
 from qtl.data.nih import read_nih_split
 from qtl.data.records import DataError, Split
 from qtl.data.synthetic import MIMIC_CSV, MIMIC_DIR, generate, spec, spec_hash
 
 
-def synthetic_root(cfg: DataConfig) -> Path:
-    """``data.root`` or a folder keyed by the generator settings (shared by all runs)."""
+def synthetic_root(cfg: DataConfig, data_dir: Path | None = None) -> Path:
+    """``data.root`` or a folder under ``data_dir`` (``paths.data_dir``) keyed by the
+    generator settings, shared by all runs."""
     if cfg.root:
         return Path(cfg.root)
     params = spec(
@@ -26,19 +27,26 @@ def synthetic_root(cfg: DataConfig) -> Path:
         seed=cfg.synth_seed,
         difficulty=cfg.synth_difficulty,
     )
-    return Path(".cache") / "qtl" / f"synthetic-{spec_hash(params)}"
+    base = data_dir if data_dir is not None else Path(PathsConfig.data_dir)
+    return Path(base) / f"synthetic-{spec_hash(params)}"
 
 
 def load_splits(
-    cfg: DataConfig, labels: Sequence[str], *, progress: bool = False, check_files: bool = True
+    cfg: DataConfig,
+    labels: Sequence[str],
+    *,
+    progress: bool = False,
+    check_files: bool = True,
+    data_dir: Path | None = None,
 ) -> dict[str, Split]:
     """train / val / test (and external when configured), in the order of ``labels``.
 
     ``check_files=False``: missing images are left to the image cache (see ``read_nih_split``).
+    ``data_dir``: where a synthetic set without ``data.root`` is written (``paths.data_dir``).
     """
     if cfg.name == DataName.synthetic:
         root = generate(
-            synthetic_root(cfg),
+            synthetic_root(cfg, data_dir),
             sizes=dict(cfg.synth_sizes),
             image_px=cfg.synth_image_px,
             seed=cfg.synth_seed,

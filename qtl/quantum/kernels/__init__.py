@@ -49,9 +49,11 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built kernels live (``$QTL_KERNEL_CACHE``, else ``~/.cache/qtl/kernels``)."""
-    env = os.environ.get("QTL_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "qtl" / "kernels"
+    """Where built kernels live: ``paths.kernel_dir``, which the applications export as
+    ``$QTL_KERNEL_CACHE`` (this code runs while tracing, without a config)."""
+    from qtl.utils.paths import kernel_dir
+
+    return kernel_dir()
 
 
 def compiler() -> str:
