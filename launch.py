@@ -44,9 +44,9 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
         sys.exit(2)
-    if isinstance(result, dict):  # a finished training run: the sweep's objective
-        return (result.get("auroc", {}).get("test") or {}).get("mean")
-    return None
+    from qtl.sweep.objective import job_return
+
+    return job_return(result, typed.search)  # a training run: its validation objective
 
 
 if __name__ == "__main__":

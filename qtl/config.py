@@ -206,6 +206,21 @@ class ReportConfig:
     auto: bool = True  # write the report when a multirun (launch.py -m) ends
 
 
+class SearchObjective(StrEnum):
+    val_loss = "val_loss"  # best validation loss (the early-stopping criterion): minimised
+    val_auroc = "val_auroc"  # validation mean AUROC of that best checkpoint: maximised
+
+
+@dataclass
+class SearchConfig:
+    objective: SearchObjective = SearchObjective.val_loss  # what a trial returns to Optuna
+
+    @property
+    def direction(self) -> str:
+        """Optuna's direction for the objective: never set by hand, so it cannot disagree."""
+        return "minimize" if self.objective == SearchObjective.val_loss else "maximize"
+
+
 @dataclass
 class BenchCircuitConfig:
     qubits: list[int] = field(default_factory=lambda: [8, 14, 19])  # circuit sizes to time
@@ -256,6 +271,7 @@ class QtlConfig:
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
     bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
+    search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
 
 
 def register_configs() -> None:
