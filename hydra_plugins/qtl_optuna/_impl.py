@@ -204,12 +204,12 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
             if resume:
                 batch, resume = resume[: self.n_jobs], resume[self.n_jobs :]
                 trials = [Trial(study, t._trial_id) for t in batch]
-                overrides = [self._overrides(t.params, fixed) for t in batch]
             else:
                 n = min(self.n_jobs, to_go)
                 trials = [study.ask() for _ in range(n)]
-                overrides = self._configure_trials(trials, space, fixed)
                 to_go -= n
+            # an interrupted trial keeps the values it has (Trial._suggest reads them back)
+            overrides = self._configure_trials(trials, space, fixed)
             returns = self._launch(trials, overrides)
             for trial, ret in zip(trials, returns, strict=True):
                 self._tell(study, trial, ret, sweep_dir)
@@ -360,11 +360,12 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
     def _interrupted(
         self, study: optuna.Study, space: dict[str, BaseDistribution]
     ) -> list[FrozenTrial]:
-        """RUNNING trials (stale: we hold the lock): continue them, or fail them if they no
-        longer fit the search space."""
+        """RUNNING trials (stale: we hold the lock): continue them, or fail them if their
+        parameters no longer fit the search space."""
         resume = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.distributions == space:
+            # killed while its parameters were being drawn: the missing ones are drawn now
+            if all(space.get(k) == d for k, d in t.distributions.items()):
                 resume.append(t)
                 continue
             trial = Trial(study, t._trial_id)
@@ -376,11 +377,6 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
                 "told FAIL (not counted in n_trials)"
             )
         return sorted(resume, key=lambda t: t.number)
-
-    @staticmethod
-    def _overrides(params: dict[str, Any], fixed: dict[str, Any]) -> tuple[str, ...]:
-        """The same overrides ``_configure_trials`` gave the trial when it was asked."""
-        return tuple(f"{k}={v}" for k, v in {**params, **fixed}.items())
 
     def _launch(self, trials: list[Trial], overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Job number = trial number: one launch per run of consecutive numbers."""
