@@ -45,8 +45,6 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 log = logging.getLogger(__name__)
-# Optuna's SQLite storage loads alembic, whose plugin set-up logs at INFO (Hydra shows INFO)
-logging.getLogger("alembic").setLevel(logging.WARNING)
 
 SEARCH_FILE = "search.json"  # what the search report reads: study name, storage, objective
 LOCK_FILE = ".search.lock"
@@ -418,7 +416,7 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
             return
         err = ret._return_value
         trial.set_user_attr(ERROR, _first_line(err))
-        if run_dir is not None and diverged(run_dir):
+        if diverged(run_dir, str(err)):
             trial.set_user_attr(OUTCOME, "diverged")
             study.tell(trial, state=TrialState.PRUNED)
             log.warning(f"trial {trial.number}: loss went non-finite (diverged): PRUNED")

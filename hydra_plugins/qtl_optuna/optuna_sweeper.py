@@ -64,6 +64,10 @@ class QtlOptunaSweeper(Sweeper):
         params: DictConfig | None,
         only_when: DictConfig | None = None,
     ) -> None:
+        import logging
+
+        # importing optuna loads alembic, whose plugin set-up logs at INFO (Hydra shows INFO)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         from ._impl import QtlOptunaSweeperImpl
 
         self.sweeper = QtlOptunaSweeperImpl(

@@ -92,6 +92,7 @@ def _run_record(folder: Path, run_dir: str | None) -> dict[str, Any]:
 
 def load_search(folder: Path | str) -> SearchTrials:
     """Read the study's trials and each trial's run record."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up logs at INFO on import
     import optuna
     from optuna.distributions import (
         CategoricalDistribution,
@@ -103,7 +104,6 @@ def load_search(folder: Path | str) -> SearchTrials:
     info = json.loads((folder / SEARCH_FILE).read_text())
     storage = _storage(folder, info)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up logs at INFO
     study = optuna.load_study(study_name=info["study_name"], storage=storage)
     rows, dists = [], {}
     for t in study.get_trials(deepcopy=False):

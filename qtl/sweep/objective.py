@@ -55,8 +55,18 @@ def read_objective(run_dir: Path | str, objective: SearchObjective | str) -> flo
     return objective_value(results, objective)
 
 
-def diverged(run_dir: Path | str) -> bool:
-    """Whether the run's recorded epochs show a non-finite loss (it diverged)."""
+# What a failed job's error says when the model's outputs went non-finite: the metric code
+# (scikit-learn) refuses NaN/inf predictions before the epoch is recorded.
+_NONFINITE_ERRORS = ("input contains nan", "input contains infinity")
+
+
+def diverged(run_dir: Path | str | None, error: str | None = None) -> bool:
+    """Whether a run diverged: a non-finite loss in its recorded epochs, or a failure whose
+    error is about non-finite model outputs."""
+    if error is not None and any(e in error.lower() for e in _NONFINITE_ERRORS):
+        return True
+    if run_dir is None:
+        return False
     path = Path(run_dir) / METRICS
     try:
         lines = path.read_text().splitlines()
