@@ -294,6 +294,21 @@ class ReportConfig:
     auto: bool = True  # write the report when a multirun (launch.py -m) ends
 
 
+class SearchObjective(StrEnum):
+    val_loss = "val_loss"  # best validation loss (the early-stopping criterion): minimised
+    val_auroc = "val_auroc"  # validation mean AUROC of that best checkpoint: maximised
+
+
+@dataclass
+class SearchConfig:
+    objective: SearchObjective = SearchObjective.val_loss  # what a trial returns to Optuna
+
+    @property
+    def direction(self) -> str:
+        """Optuna's direction for the objective: never set by hand, so it cannot disagree."""
+        return "minimize" if self.objective == SearchObjective.val_loss else "maximize"
+
+
 @dataclass
 class BenchCircuitConfig:
     qubits: list[int] = field(default_factory=lambda: [8, 14, 19])  # circuit sizes to time
@@ -361,6 +376,7 @@ class QtlConfig:
     bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
     bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
+    search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "seed",
@@ -382,6 +398,7 @@ class QtlConfig:
         "bench_data",
         "bench_step",
         "paths",  # where caches and outputs live, not what a run computes
+        "search",  # how a search scores a run, not what the run computes
     )
 
 

@@ -44,9 +44,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     """What ``launch.py`` does for one job: validate, set up the process, dispatch.
 
-    Returns the sweep objective (test mean AUROC of a finished training run) for Hydra's
-    sweepers. A user error exits with status 2; in a multirun it is re-raised so Hydra marks
-    that job failed and still runs the others.
+    Returns the sweep objective of a finished training run for Hydra's sweepers (a
+    validation number, ``search.objective``: see ``qtl.sweep.objective``). A user error exits
+    with status 2; in a multirun it is re-raised so Hydra marks that job failed and still runs
+    the others.
     """
     from qtl.runtime import configure_jax
     from qtl.utils import paths
@@ -61,6 +62,6 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         if multirun:
             raise
         sys.exit(2)
-    if isinstance(result, dict):
-        return (result.get("auroc", {}).get("test") or {}).get("mean")
-    return None
+    from qtl.sweep.objective import job_return
+
+    return job_return(result, cfg.search)

@@ -36,6 +36,10 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
     _check(cfg)
     root = Path(cfg.sweep)  # type: ignore[arg-type]
     out = Path(cfg.out) if cfg.out else root / "report"
+    from qtl.report.search import is_search, write_search_report
+
+    if is_search(root):  # an Optuna search (experiment=search): its trials, not a head comparison
+        return write_search_report(root, out, cfg.dpi)
     sweep = collect(root, skip=out)
     comps = compare(sweep)
     tables = {
