@@ -92,11 +92,22 @@ class Checkpoints:
             free = f"; {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
         except OSError:
             free = ""
-        return (
-            f"could not {doing} in {path}: {cause}{free} ({detail}). The checkpoints that "
-            f"were complete before stay usable in {self.directory}; fix the cause (free "
-            "space, permissions, the mount) and rerun the same command to resume from them."
-        )
+        if code == errno.ENOENT:
+            after = (
+                f"The checkpoints that were in {self.directory} are gone with it; rerun the "
+                "same command to start the run over, or put the folder back first to resume."
+            )
+        else:
+            after = (
+                f"The checkpoints that were complete before stay usable in {self.directory}; "
+                "fix the cause (free space, permissions, the mount) and rerun the same "
+                "command to resume from them."
+            )
+        return f"could not {doing} in {path}: {cause}{free} ({detail}). {after}"
+
+    @staticmethod
+    def _unit(which: str) -> str:
+        return "epoch" if which == "best" else "step"
 
     def steps(self, which: str) -> list[int]:
         return sorted(self._managers[which].all_steps())
@@ -116,7 +127,7 @@ class Checkpoints:
             raise CheckpointSaveError(
                 self._why(
                     FileNotFoundError(errno.ENOENT, "checkpoint folder vanished", str(folder)),
-                    f"save the '{which}' checkpoint of step {step}",
+                    f"save the '{which}' checkpoint of {self._unit(which)} {step}",
                     folder,
                 )
             )
@@ -136,7 +147,9 @@ class Checkpoints:
             manager.wait_until_finished()
         except Exception as err:
             raise CheckpointSaveError(
-                self._why(err, f"save the '{which}' checkpoint of step {step}", folder)
+                self._why(
+                    err, f"save the '{which}' checkpoint of {self._unit(which)} {step}", folder
+                )
             ) from err
 
     def prune(self, last: int, best: int | None) -> None:
