@@ -34,7 +34,7 @@ def not_finished(root: Path) -> list[tuple[Path, str, str]]:
             continue
         failure = read_failure(d)
         if failure is not None:
-            reason = str(failure.get("message") or failure.get("reason") or "failed.json")
+            reason = str(failure.get("summary") or failure.get("message") or "failed.json")
             out.append((d, "failed", reason.strip().splitlines()[0]))
         else:
             out.append((d, "unfinished", "no results.json (killed, still running or requeued)"))

@@ -182,7 +182,7 @@ def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> tuple[str, b
     far it got) and whether it is a recorded failure."""
     failure = read_failure(job_dir)  # written by the run itself, e.g. training diverged
     if failure is not None:
-        message = str(failure.get("message") or failure.get("reason") or "failed.json")
+        message = str(failure.get("summary") or failure.get("message") or "failed.json")
         return message.strip().splitlines()[0][:300], True
     error = job_dir / "job_error.txt"  # written by qtl.report.callback for a failed job
     if error.exists():

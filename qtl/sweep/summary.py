@@ -50,7 +50,7 @@ def _recorded_failure(record: dict[str, Any]) -> str | None:
     failure = read_failure(Path(record["output_dir"]))
     if failure is None:
         return None
-    return str(failure.get("message") or failure.get("reason") or "failed").splitlines()[0]
+    return str(failure.get("summary") or failure.get("message") or "failed").splitlines()[0]
 
 
 def _slurm_job_id() -> str | None:

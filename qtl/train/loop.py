@@ -119,6 +119,10 @@ def _diverged(
     files.write_failure(
         {
             "reason": "non_finite",
+            "summary": (
+                f"training diverged at {where} (NaN/Inf; train.lr={tc.lr:g}, "
+                f"train.backbone_lr={backbone_lr})"
+            ),
             "message": message,
             "epoch": epoch,
             "batch": batch,
