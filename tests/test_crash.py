@@ -354,3 +354,34 @@ def test_unwritable_checkpoint_folder_fails_fast(breakage, twin, synth_root, tmp
         assert _steps(run_dir, "last") == [N] and _steps(run_dir, "best") == [1]
     train_and_evaluate(_cfg(synth_root), run_dir)
     _same_as_twin(run_dir, twin)
+
+
+def test_kill_while_pruning_leaves_a_resumable_folder(tmp_path):
+    """A step half-deleted by a kill during `prune` is older than the commit: never restored,
+    removed by the next prune."""
+    import jax.numpy as jnp
+
+    from qtl.train.checkpoint import Checkpoints
+
+    state = {"w": jnp.arange(4.0)}
+    ckpts = Checkpoints(tmp_path / "ck")
+    ckpts.save("last", N, state, {"epoch": 1})
+    ckpts.save("last", 2 * N, {"w": state["w"] + 1}, {"epoch": 2})
+    ckpts.close()
+    half = tmp_path / "ck" / "last" / str(N)
+    shutil.rmtree(half / "state")  # what rmtree had done when the kill came
+    ckpts = Checkpoints(tmp_path / "ck")
+    try:
+        assert ckpts.latest_epoch("last") == 2 * N
+        restored, meta = ckpts.restore("last", state)
+        assert meta == {"epoch": 2} and np.asarray(restored["w"]).tolist() == [1, 2, 3, 4]
+        ckpts.prune(last=2 * N, best=None)
+        assert ckpts.steps("last") == [2 * N] and not half.exists()
+    finally:
+        ckpts.close()
+
+
+def test_fault_point_names_are_checked(monkeypatch):
+    monkeypatch.setenv("QTL_FAULT", "between_best_and_lats")
+    with pytest.raises(ValueError, match="between_best_and_last"):
+        faults.point("before_best_save")

@@ -111,8 +111,8 @@ def _diverged(
     shown = ", ".join(f"{x:.4g}" for x in recent[-5:]) or "none"
     backbone_lr = "null (= train.lr)" if tc.backbone_lr is None else f"{tc.backbone_lr:g}"
     message = (
-        f"training diverged at {where}: {what} is not finite (NaN/Inf); losses before it: "
-        f"{shown}. Most likely the learning rate is too high: train.lr={tc.lr:g}, "
+        f"training diverged at {where}: {what} is not finite (NaN/Inf); training losses "
+        f"before it: {shown}. Most likely the learning rate is too high: train.lr={tc.lr:g}, "
         f"train.backbone_lr={backbone_lr} (train.optimizer={tc.optimizer}). Nothing after "
         f"{last_good} was saved; the failure is recorded in {files.failed}."
     )
