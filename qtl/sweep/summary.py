@@ -47,7 +47,8 @@ def _recorded_failure(record: dict[str, Any]) -> str | None:
     """The first line of the run's own failed.json, if it wrote one."""
     from qtl.record.files import read_failure
 
-    failure = read_failure(Path(record["output_dir"]))
+    folder = record.get("output_dir")
+    failure = read_failure(Path(folder)) if folder else None
     if failure is None:
         return None
     return str(failure.get("summary") or failure.get("message") or "failed").splitlines()[0]
@@ -147,7 +148,7 @@ class SweepSummary(Callback):
 
 def _note(record: dict[str, Any]) -> str:
     if record["state"] == "failed":
-        return record.get("error") or _recorded_failure(record) or ""
+        return _recorded_failure(record) or record.get("error", "")
     results = Path(record["output_dir"]) / "results.json"
     if record["state"] == "unfinished" or not results.exists():
         restarts = record.get("slurm_restarts") or 0
