@@ -6,6 +6,9 @@ python launch.py debug=tiny head=dqc               # a seconds-long run to try t
 python launch.py mode=describe task=cxr19 head=dqc # parameter table, no training
 python launch.py -m task=cxr8,cxr14,cxr19 head=cdl,dqc seed='range(5)'   # the grid
 python launch.py --cfg job                          # show the composed config
+
+Exit status of a single run: 0 done, 2 bad input, 3 a save failed (disk full, read-only or
+vanished folder; rerun after fixing it resumes), 4 training diverged (see failed.json).
 """
 
 from __future__ import annotations

@@ -58,12 +58,24 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
         print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
         print(format_auroc_table(done))
         return done
+    failed = files.read_failure()
+    if failed is not None:  # deterministic: the same command would fail the same way
+        from qtl.train.preempt import TrainingDiverged
+
+        raise TrainingDiverged(
+            f"run {run_dir} failed before and is not retrained: "
+            f"{failed.get('message') or failed.get('reason')} To retry with other settings, "
+            "start a new run (e.g. name=<new name> train.lr=<lower>); to retry this one "
+            f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes from "
+            "its last good checkpoint."
+        )
     return _train(cfg, run_dir, files)
 
 
 def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     import jax
 
+    from qtl import faults
     from qtl.data.cache import cached_splits, write_skipped
     from qtl.data.source import load_splits
     from qtl.evaluate.metrics import mean_auroc, per_label_auroc
@@ -97,9 +109,11 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
     del model
     ckpts = Checkpoints(run_dir / "checkpoints")
     progress = Progress()
-    if ckpts.latest_epoch("last") is not None:
+    last = ckpts.latest_epoch("last")
+    if last is not None:
         state, meta = ckpts.restore("last", state)
         progress = Progress.from_json(meta)
+        ckpts.prune(last=last, best=progress.best_epoch or None)  # what a crash left over
         files.write_metrics(progress.history)
         mid = f"and {progress.batch} batches of epoch {progress.epoch + 1} " * (progress.batch > 0)
         print(
@@ -115,7 +129,8 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
             cfg, steps, state, progress, arrays, ckpts, files, logger, show_progress=show
         )
         t_eval = time.perf_counter()
-        best, _ = ckpts.restore("best", state)
+        best, _ = ckpts.restore("best", state, step=progress.best_epoch)
+        faults.point("evaluate")
         auroc: dict[str, Any] = {}
         losses: dict[str, float] = {}
         for name, (images, y) in arrays.items():
@@ -134,6 +149,7 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any) -> dict[str, Any]:
             auroc[name] = {"mean": mean_auroc(per_label), "per_label": per_label}
             losses[name] = loss
             files.write_predictions(name, splits[name].ids, y, probs, labels)
+            faults.point("between_predictions")
         results = {
             "run": run_name,
             "task": cfg.task.name,

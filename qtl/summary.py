@@ -1,8 +1,10 @@
-"""Side-by-side per-label AUROC of every finished run under a directory.
+"""Side-by-side per-label AUROC of every finished run under a directory, then the runs
+that failed (with the reason they recorded) and those that never finished.
 
     python -m qtl.summary multirun/demo
 
-Reads only results.json files (the full statistical report is a separate mode).
+Reads only the run records (results.json, failed.json, run_config.json); the full
+statistical report is a separate mode.
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ def collect(root: Path) -> list[dict[str, Any]]:
     """All results.json under ``root``, sorted by task, head, seed."""
     runs = [json.loads(p.read_text()) for p in sorted(Path(root).rglob("results.json"))]
     return sorted(runs, key=lambda r: (r["task"], r["head"], r["seed"]))
+
+
+def not_finished(root: Path) -> list[tuple[Path, str, str]]:
+    """(run dir, "failed" | "unfinished", reason) of every run under ``root`` without
+    results.json: failed.json gives the reason; otherwise it was killed or is running."""
+    from qtl.record.files import read_failure
+
+    dirs = {p.parent for p in Path(root).rglob("run_config.json")}
+    dirs |= {p.parent for p in Path(root).rglob("failed.json")}
+    out = []
+    for d in sorted(dirs):
+        if (d / "results.json").exists() or "wandb" in d.parts:
+            continue
+        failure = read_failure(d)
+        if failure is not None:
+            reason = str(failure.get("summary") or failure.get("message") or "failed.json")
+            out.append((d, "failed", reason.strip().splitlines()[0]))
+        else:
+            out.append((d, "unfinished", "no results.json (killed, still running or requeued)"))
+    return out
 
 
 def table(runs: list[dict[str, Any]], split: str) -> str:
@@ -45,19 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0] if args else "multirun")
     runs = collect(root)
-    if not runs:
+    others = not_finished(root)
+    if runs:
+        print(f"\n{len(runs)} finished run(s) under {root}\n")
+        for split in ("test", "external"):
+            print(table(runs, split) + "\n")
+        for r in runs:
+            w = r["wall_seconds"]
+            print(
+                f"{r['run']}: best epoch {r['best_epoch']}/{r['epochs']}, "
+                f"train {w['train']:.0f}s, data {w['data']:.0f}s"
+            )
+    else:
         print(f"no results.json under {root}", file=sys.stderr)
-        return 1
-    print(f"\n{len(runs)} finished run(s) under {root}\n")
-    for split in ("test", "external"):
-        print(table(runs, split) + "\n")
-    for r in runs:
-        w = r["wall_seconds"]
-        print(
-            f"{r['run']}: best epoch {r['best_epoch']}/{r['epochs']}, "
-            f"train {w['train']:.0f}s, data {w['data']:.0f}s"
-        )
-    return 0
+    if others:
+        print(f"\n{len(others)} run(s) not finished:")
+        for d, state, reason in others:
+            print(f"  {state:<10} {d}: {reason}")
+    return 0 if runs else 1
 
 
 if __name__ == "__main__":

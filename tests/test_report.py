@@ -166,7 +166,7 @@ def test_missing_seed_and_failed_run_use_complete_pairs_only(tmp_path):
     text = out.read_text()
     assert "9 run(s) found: 8 finished, 1 failed or unfinished; 1 missing" in text
     assert "only complete seed pairs" in text and "CXR8: seeds 0, 1, 3 (left out: 2, 4" in text
-    assert "**failed or unfinished** `cxr8-dqc/seed2`" in text
+    assert "**failed** `cxr8-dqc/seed2`" in text
     assert "DataError: image x.png is unreadable" in text
     assert "**missing** cxr8 dqc seed 4" in text
     runs = {(r["head"], r["seed"]): r for r in _rows(out.parent / "tables" / "runs.csv")}
@@ -304,7 +304,7 @@ def test_multirun_writes_the_report_and_still_reports_a_failed_job(synth_root, t
     assert report.exists(), proc.stderr[-3000:]
     text = report.read_text()
     assert "2 run(s) found: 1 finished, 1 failed or unfinished; 0 missing" in text
-    assert "**failed or unfinished** `cxr8-dqc/seed0`" in text
+    assert "**failed** `cxr8-dqc/seed0`" in text
     assert "ConfigError: run directory" in text
     assert "CXR8: seeds none (left out: 0" in text
     for name in ("mean_auroc", "loss_cxr8", "per_label_cxr8_test", "per_label_cxr8_external"):

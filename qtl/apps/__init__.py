@@ -33,35 +33,51 @@ def dispatch(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
     return importlib.import_module(APPS[cfg.mode]).main(cfg, run_dir)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are a researcher's to fix: printed as one message, no traceback."""
-    from qtl.data.records import DataError
-    from qtl.train.checkpoint import CheckpointError
+# Exit status of a single run that stopped on a known cause (a sweep exits 1 instead):
+# 2 bad input (fix the command, data or config), 3 a checkpoint or record could not be
+# written (fix the disk, rerun to resume), 4 training diverged (recorded in failed.json).
+EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = 2, 3, 4
 
-    return (ConfigError, DataError, CheckpointError)
+
+def _user_errors() -> dict[type[BaseException], int]:
+    """Errors that are a researcher's to fix (one message, no traceback) -> exit status."""
+    from qtl.data.records import DataError
+    from qtl.record.files import SaveError
+    from qtl.train.checkpoint import CheckpointError
+    from qtl.train.preempt import TrainingDiverged
+
+    return {
+        ConfigError: EXIT_INPUT,
+        DataError: EXIT_INPUT,
+        CheckpointError: EXIT_INPUT,
+        SaveError: EXIT_SAVE,
+        TrainingDiverged: EXIT_DIVERGED,
+    }
 
 
 def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     """What ``launch.py`` does for one job: validate, set up the process, dispatch.
 
+    Exit status of a single run: 0 done, 2 bad input, 3 a save failed (disk full, read-only
+    or vanished folder; rerun after fixing it resumes), 4 training diverged (see failed.json).
     Returns the sweep objective of a finished training run for Hydra's sweepers (a
-    validation number, ``search.objective``: see ``qtl.sweep.objective``). A user error exits
-    with status 2; in a multirun it is re-raised so Hydra marks that job failed and still runs
-    the others.
+    validation number, ``search.objective``: see ``qtl.sweep.objective``). In a multirun a
+    known error is re-raised, so Hydra marks that job failed and still runs the others.
     """
     from qtl.runtime import configure_jax
     from qtl.utils import paths
 
+    known = _user_errors()
     try:
         cfg = to_schema(raw)
         paths.export(cfg.paths)
         configure_jax(paths.jax_cache(cfg.paths))
         result = dispatch(cfg, run_dir)
-    except _user_errors() as err:
-        print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr)
+    except tuple(known) as err:
+        print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr, flush=True)
         if multirun:
-            raise
-        sys.exit(2)
+            raise  # Hydra records this job as failed and still runs the sweep's other jobs
+        sys.exit(next(code for kind, code in known.items() if isinstance(err, kind)))
     from qtl.sweep.objective import job_return
 
     return job_return(result, cfg.search)

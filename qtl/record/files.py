@@ -1,12 +1,20 @@
-"""Local run records: results.json, metrics.jsonl, predictions_<split>.csv.
+"""Local run records: results.json, metrics.jsonl, predictions_<split>.csv, failed.json.
 
-These files alone are enough to rebuild every table and figure (no W&B needed). Writes are
-atomic (temp file + rename) so a kill never leaves a half-written results.json.
+These files alone are enough to rebuild every table and figure (no W&B needed). Each is
+written whole to a temp file, flushed to disk and renamed over the old one, so a kill or a
+power loss leaves the old or the new file, never a torn one; and each is rewritten from the
+checkpointed state, so a rerun after a crash writes the same files again.
+
+``failed.json`` records a run that cannot succeed by being rerun as it is (training
+diverged): the summaries and the report list it as failed with its reason, and a rerun
+refuses with that reason instead of training into the same failure again.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -15,11 +23,53 @@ from typing import Any
 
 import numpy as np
 
+FAILED = "failed.json"
+
+_CAUSES = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "the folder vanished (deleted or unmounted during the run)",
+    errno.EIO: "an I/O error from the disk",
+}
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or record that could not be written; the message names where and why."""
+
+
+def describe_os_error(code: int) -> str:
+    """A researcher's reading of an errno (``28`` -> "the disk is full ...")."""
+    return _CAUSES.get(code, f"{errno.errorcode.get(code, 'error')} ({os.strerror(code)})")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step, durably; raises SaveError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        cause = describe_os_error(err.errno) if err.errno else str(err)
+        raise SaveError(
+            f"could not write {path}: {cause} ({err}). Fix that and rerun the same command: "
+            "the run resumes from its last checkpoint and writes this file again."
+        ) from err
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 class RunFiles:
@@ -31,12 +81,11 @@ class RunFiles:
         self.results = self.dir / "results.json"
         self.metrics = self.dir / "metrics.jsonl"
         self.config = self.dir / "run_config.json"
+        self.failed = self.dir / FAILED
 
     def write_metrics(self, history: Sequence[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl from the checkpointed history (one line per finished epoch)."""
-        tmp = self.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, self.metrics)
+        write_text_atomic(self.metrics, "".join(json.dumps(row) + "\n" for row in history))
 
     def write_predictions(
         self,
@@ -48,18 +97,36 @@ class RunFiles:
     ) -> Path:
         """One row per image: id, true label per column, predicted probability per column."""
         path = self.dir / f"predictions_{split}.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", *names, *(f"prob_{n}" for n in names)])
-            for i, image_id in enumerate(ids):
-                writer.writerow(
-                    [image_id, *(int(v) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]
-                )
-        os.replace(tmp, path)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["id", *names, *(f"prob_{n}" for n in names)])
+        for i, image_id in enumerate(ids):
+            writer.writerow(
+                [image_id, *(int(v) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]
+            )
+        write_text_atomic(path, out.getvalue())
         return path
 
     def read_results(self) -> dict[str, Any] | None:
         if not self.results.exists():
             return None
         return json.loads(self.results.read_text())
+
+    def write_failure(self, record: dict[str, Any]) -> None:
+        """failed.json: ``{"status": "failed", "reason": ..., "message": ..., ...}``."""
+        write_json_atomic(self.failed, {"status": "failed", **record})
+
+    def read_failure(self) -> dict[str, Any] | None:
+        return read_failure(self.dir)
+
+
+def read_failure(run_dir: Path) -> dict[str, Any] | None:
+    """The run's failed.json, or None; an unreadable one still counts as a failure."""
+    path = Path(run_dir) / FAILED
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"status": "failed", "reason": "unknown", "message": f"{path}: unreadable ({err})"}
+    return record if isinstance(record, dict) else {"status": "failed", "reason": "unknown"}

@@ -3,9 +3,10 @@
 A sweep is whatever ``launch.py -m`` wrote under ``multirun/<name>``: one directory per job
 (``<task>-<head>/seed<seed>``). Only the files a run writes are used (results.json,
 metrics.jsonl, run_config.json, Hydra's ``.hydra/``), so the report can be rebuilt anywhere
-the directory is copied to. A job directory without results.json is a failed (or unfinished)
-run; a (task, head, seed) that the rest of the grid implies but that has no directory at all
-is missing.
+the directory is copied to. A job directory without results.json is a failed run (it has
+failed.json, written when training diverged, or the sweep's job_error.txt) or an unfinished
+one (killed, still running or requeued); a (task, head, seed) that the rest of the grid
+implies but that has no directory at all is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from qtl.config import ConfigError
 from qtl.labels import LABEL_COUNTS
+from qtl.record.files import FAILED, read_failure
 
 # Evaluated splits that are test sets, in report order, with their display names.
 TEST_SETS: dict[str, str] = {"test": "internal test", "external": "external test"}
@@ -39,10 +41,18 @@ class Run:
     results: dict[str, Any] | None = None  # results.json; None = failed or unfinished
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
     problem: str = ""  # why there is no result, for report.md
+    failed_run: bool = False  # a recorded failure (failed.json, job_error.txt), not a kill
 
     @property
     def finished(self) -> bool:
         return self.results is not None
+
+    @property
+    def status(self) -> str:
+        """finished | failed (recorded why) | unfinished (killed, running or requeued)."""
+        if self.finished:
+            return "finished"
+        return "failed" if self.failed_run else "unfinished"
 
     def auroc(self, split: str, label: str | None = None) -> float | None:
         """Mean AUROC (label=None) or one label's AUROC on a split; None if not evaluated."""
@@ -167,24 +177,30 @@ def _identify(job_dir: Path, root: Path) -> tuple[str, str, int] | None:
     return None
 
 
-def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> str:
-    """A one-line reason for report.md: the job's error, or how far it got."""
+def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> tuple[str, bool]:
+    """A one-line reason for report.md (the run's recorded failure, the job's error, or how
+    far it got) and whether it is a recorded failure."""
+    failure = read_failure(job_dir)  # written by the run itself, e.g. training diverged
+    if failure is not None:
+        message = str(failure.get("summary") or failure.get("message") or "failed.json")
+        return message.strip().splitlines()[0][:300], True
     error = job_dir / "job_error.txt"  # written by qtl.report.callback for a failed job
     if error.exists():
-        return error.read_text(errors="replace").strip().splitlines()[0][:300]
+        lines = error.read_text(errors="replace").strip().splitlines()
+        return (lines[0][:300] if lines else "job failed"), True
     for log in sorted(job_dir.glob("*.log")):
         lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
         errors = [x for x in lines if "Error" in x or "error" in x]
         if errors:
-            return errors[-1][:200]
+            return errors[-1][:200], False
     if history:
-        return f"no results.json; stopped after epoch {history[-1].get('epoch')}"
-    return "no results.json; no epoch finished"
+        return f"no results.json; stopped after epoch {history[-1].get('epoch')}", False
+    return "no results.json; no epoch finished", False
 
 
 def _job_dirs(root: Path, skip: Path | None) -> list[Path]:
     """Directories holding a job's records (``wandb/`` and the report's own folder skipped)."""
-    marks = ("results.json", "run_config.json", "metrics.jsonl", ".hydra/config.yaml")
+    marks = ("results.json", "run_config.json", "metrics.jsonl", FAILED, ".hydra/config.yaml")
     found: set[Path] = set()
     for mark in marks:
         for path in root.rglob(mark):
@@ -216,7 +232,7 @@ def collect(root: Path | str, skip: Path | None = None) -> Sweep:
         history = _read_history(job / "metrics.jsonl")
         run = Run(*key, dir=job, results=results, history=history)
         if results is None:
-            run.problem = _why_no_result(job, history)
+            run.problem, run.failed_run = _why_no_result(job, history)
         runs.append(run)
     if not runs:
         raise ReportError(

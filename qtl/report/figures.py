@@ -238,4 +238,6 @@ def draw(
         "volcano": volcano,
         "loss_curves": lambda s, c, a, f, d: loss_curves(s, f, d),
     }
+    if not sweep.finished:  # every run failed: report.md still lists them, with no figures
+        return {name: [] for name in which}
     return {name: drawers[name](sweep, comps, alpha, folder, dpi) for name in which}

@@ -38,7 +38,7 @@ def _pairs_note(sweep: Sweep, comps: dict[Key, Paired]) -> list[str]:
 
 def _problems(sweep: Sweep) -> list[str]:
     lines = [
-        f"- **failed or unfinished** `{r.dir.relative_to(sweep.root).as_posix()}` "
+        f"- **{r.status}** `{r.dir.relative_to(sweep.root).as_posix()}` "
         f"({r.task} {r.head} seed {r.seed}): {r.problem}"
         for r in sweep.failed
     ]

@@ -244,7 +244,7 @@ def runs_table(sweep: Sweep) -> Table:
                 "task": r.task,
                 "head": r.head,
                 "seed": r.seed,
-                "status": "finished" if r.finished else f"failed: {r.problem}",
+                "status": r.status if r.finished else f"{r.status}: {r.problem}",
                 "best_epoch": res.get("best_epoch"),
                 "epochs": res.get("epochs"),
                 "test_mean_auroc": r.auroc("test"),

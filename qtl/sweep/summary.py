@@ -10,8 +10,9 @@ always sees which runs are done and where their outputs are.
 
 Job states: ``finished`` (trained to the end now), ``resumed`` (continued from a
 checkpoint and finished), ``skipped`` (finished already: results.json was there),
-``failed`` (with the first line of its error) and ``unfinished`` (started, never reported
-an end: killed, or still running/requeued on the cluster).
+``failed`` (with the first line of its error, or the reason the run recorded in its
+failed.json, e.g. training diverged) and ``unfinished`` (started, never reported an end:
+killed, or still running/requeued on the cluster).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ def _before(run_dir: Path) -> str:
     if last.is_dir() and any(p.name.isdigit() for p in last.iterdir()):
         return "resume"
     return "new"
+
+
+def _recorded_failure(record: dict[str, Any]) -> str | None:
+    """The first line of the run's own failed.json, if it wrote one."""
+    from qtl.record.files import read_failure
+
+    folder = record.get("output_dir")
+    failure = read_failure(Path(folder)) if folder else None
+    if failure is None:
+        return None
+    return str(failure.get("summary") or failure.get("message") or "failed").splitlines()[0]
 
 
 def _slurm_job_id() -> str | None:
@@ -123,6 +135,9 @@ class SweepSummary(Callback):
             return None
         self._done = True
         records = [json.loads(p.read_text()) for p in sorted(Path(self._records).glob("*.json"))]
+        for r in records:  # a job that died after recording its failure (no end reported)
+            if r.get("state") == "unfinished" and _recorded_failure(r) is not None:
+                r["state"] = "failed"
         text = format_summary(self._sweep_dir, records)
         sweep_dir = Path(self._sweep_dir)
         (sweep_dir / f"{self.filename}.txt").write_text(text + "\n")
@@ -133,7 +148,7 @@ class SweepSummary(Callback):
 
 def _note(record: dict[str, Any]) -> str:
     if record["state"] == "failed":
-        return record.get("error", "")
+        return _recorded_failure(record) or record.get("error", "")
     results = Path(record["output_dir"]) / "results.json"
     if record["state"] == "unfinished" or not results.exists():
         restarts = record.get("slurm_restarts") or 0

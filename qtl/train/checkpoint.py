@@ -4,10 +4,27 @@ The state is saved as a flat dict of arrays keyed by position, with the pytree p
 JSON metadata; restore rebuilds it in the structure of a freshly initialised state, after
 checking that every path and shape agrees. That keeps checkpoints independent of how
 Flax/optax register their pytree classes.
+
+Crash safety rests on one commit point. A step directory is complete or absent (Orbax writes
+``<step>.orbax-checkpoint-tmp`` and renames it when done; leftovers are removed when the
+next run opens the folder). At the end of an epoch the loop saves ``best/<epoch>`` if the
+epoch improved, then ``last/<step>``, whose bookkeeping names the best epoch: saving ``last``
+is the commit. Only then are the steps it supersedes pruned, so a kill before the commit
+leaves the previous ``last`` and the ``best`` it names untouched, and the rerun redoes the
+epoch, replacing the uncommitted ``best/<epoch>`` it finds (the defect this replaces: Orbax's
+``StepAlreadyExistsError`` on every rerun).
+
+Saves are synchronous: a disk that is full, read-only or gone fails the save at once with a
+:class:`CheckpointSaveError` naming the folder and the cause, instead of surfacing later from
+a background thread.
 """
 
 from __future__ import annotations
 
+import errno
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +32,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qtl.record.files import SaveError, describe_os_error
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not fit the run's model (different config or code)."""
+
+
+class CheckpointSaveError(SaveError):
+    """A checkpoint that could not be written; the complete ones before it are kept."""
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], list[str]]:
@@ -26,39 +49,145 @@ def _flatten(tree: Any) -> tuple[dict[str, Any], list[str]]:
     return {f"{i:05d}": leaf for i, (_, leaf) in enumerate(leaves)}, paths
 
 
+def _errno(err: BaseException) -> int | None:
+    """The OS error behind ``err``: an OSError in its chain, or tensorstore's os_error_code."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class Checkpoints:
-    """``<dir>/last`` and ``<dir>/best``, one step kept in each."""
+    """``<dir>/last`` and ``<dir>/best``; see the module docstring for the save protocol."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self._managers = {
-            name: ocp.CheckpointManager(self.directory / name, options=options)
-            for name in ("last", "best")
-        }
-
-    def save(self, which: str, epoch: int, state: Any, meta: dict[str, Any]) -> None:
-        """Save and wait: a checkpoint that is reported saved is on disk."""
-        flat, paths = _flatten(state)
-        manager = self._managers[which]
-        manager.save(
-            epoch,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave({**meta, "paths": paths})
-            ),
-            force=True,
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None,  # pruned by `prune` after each commit, never before it
+            create=True,
+            cleanup_tmp_directories=True,  # half-written steps of a killed save
+            enable_async_checkpointing=False,  # a failed save raises here, not in a thread
         )
-        manager.wait_until_finished()
+        try:
+            self._managers = {
+                name: ocp.CheckpointManager(self.directory / name, options=options)
+                for name in ("last", "best")
+            }
+        except Exception as err:
+            raise CheckpointSaveError(self._why(err, "open the checkpoint folder")) from err
+
+    def _why(self, err: BaseException, doing: str, path: Path | None = None) -> str:
+        path = path or self.directory
+        code = _errno(err)
+        cause = describe_os_error(code) if code else f"{type(err).__name__}"
+        detail = str(err).strip().splitlines()[0][:240] if str(err).strip() else ""
+        try:
+            free = f"; {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = ""
+        if code == errno.ENOENT:
+            after = (
+                f"The checkpoints that were in {self.directory} are gone with it; rerun the "
+                "same command to start the run over, or put the folder back first to resume."
+            )
+        else:
+            after = (
+                f"The checkpoints that were complete before stay usable in {self.directory}; "
+                "fix the cause (free space, permissions, the mount) and rerun the same "
+                "command to resume from them."
+            )
+        return f"could not {doing} in {path}: {cause}{free} ({detail}). {after}"
+
+    @staticmethod
+    def _unit(which: str) -> str:
+        return "epoch" if which == "best" else "step"
+
+    def steps(self, which: str) -> list[int]:
+        return sorted(self._managers[which].all_steps())
 
     def latest_epoch(self, which: str) -> int | None:
+        """The newest complete step of ``which`` (the global step for ``last``)."""
         return self._managers[which].latest_step()
 
-    def restore(self, which: str, template: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore into the structure of ``template`` (a state built the same way)."""
+    def save(self, which: str, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Save and return once it is on disk; a step already there is replaced.
+
+        A step can only be there already if a run crashed after writing it and before the
+        commit that would have made it count (an improved epoch's ``best``).
+        """
+        folder = self.directory / which
+        if not folder.is_dir():
+            raise CheckpointSaveError(
+                self._why(
+                    FileNotFoundError(errno.ENOENT, "checkpoint folder vanished", str(folder)),
+                    f"save the '{which}' checkpoint of {self._unit(which)} {step}",
+                    folder,
+                )
+            )
+        flat, paths = _flatten(state)
         manager = self._managers[which]
-        epoch = manager.latest_step()
-        if epoch is None:
-            raise CheckpointError(f"no '{which}' checkpoint in {self.directory}")
+        try:
+            if step in manager.all_steps():
+                manager.delete(step)
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(flat),
+                    meta=ocp.args.JsonSave({**meta, "paths": paths}),
+                ),
+                force=True,
+            )
+            manager.wait_until_finished()
+        except Exception as err:
+            raise CheckpointSaveError(
+                self._why(
+                    err, f"save the '{which}' checkpoint of {self._unit(which)} {step}", folder
+                )
+            ) from err
+
+    def prune(self, last: int, best: int | None) -> None:
+        """Delete what the committed ``last/<last>`` supersedes: older ``last`` steps and any
+        ``best`` other than the one it names (kept all when that one is missing).
+
+        Failing to delete only leaves disk space used, so it warns instead of stopping a run.
+        """
+        keep = {"last": last, "best": best}
+        for which, manager in self._managers.items():
+            steps = manager.all_steps()
+            if keep[which] not in steps:
+                continue
+            for step in steps:
+                if step == keep[which] or (which == "last" and step > last):
+                    continue
+                try:
+                    manager.delete(step)
+                except Exception as err:  # noqa: BLE001 - see docstring
+                    print(
+                        f"[qtl] warning: could not delete {self.directory / which / str(step)}"
+                        f" ({type(err).__name__}: {err})",
+                        file=sys.stderr,
+                    )
+
+    def restore(
+        self, which: str, template: Any, step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restore ``step`` (default: the newest) into the structure of ``template``."""
+        manager = self._managers[which]
+        epoch = manager.latest_step() if step is None else step
+        if epoch is None or epoch not in manager.all_steps():
+            wanted = "" if step is None else f" of step {step}"
+            raise CheckpointError(
+                f"no '{which}' checkpoint{wanted} in {self.directory} (found: "
+                f"{manager.all_steps() or 'none'}). The folder was changed outside qtl; "
+                "delete the run directory to start the run over."
+            )
         flat_t, paths_t = _flatten(template)
         meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("paths") != paths_t:
@@ -80,5 +209,9 @@ class Checkpoints:
         return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
     def close(self) -> None:
+        """Release the managers; never raises (it runs while another error propagates)."""
         for manager in self._managers.values():
-            manager.close()
+            try:
+                manager.close()
+            except Exception as err:  # noqa: BLE001
+                print(f"[qtl] warning: closing checkpoints: {err}", file=sys.stderr)

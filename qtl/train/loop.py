@@ -1,15 +1,21 @@
-"""The epoch loop: train, validate, checkpoint, stop early — resumable at every epoch boundary.
+"""The epoch loop: train, validate, checkpoint, stop early — resumable at every moment.
 
-Order inside an epoch: train over all batches -> validation loss -> save `last` (and `best`)
--> rewrite metrics.jsonl from the checkpointed history. A kill anywhere loses at most the
-epoch in progress; the rerun restores `last` and continues with the next epoch, with the
-same batches it would have seen (the stream is a function of seed and epoch only).
+Order inside an epoch: train over all batches -> validation loss -> save `best` (if the
+epoch improved) -> save `last`, the commit -> prune what it superseded -> rewrite
+metrics.jsonl from the checkpointed history. A kill anywhere loses at most the epoch in
+progress; the rerun restores `last` and continues with the next epoch, with the same batches
+it would have seen (the stream is a function of seed and epoch only). Why every crash window
+between those steps is safe: ``qtl.train.checkpoint``.
 
 A scheduler's stop signal (SLURM preemption or time limit, see ``qtl.train.preempt``) loses
 nothing: after the current step, `last` is saved with the position inside the epoch and the
 losses so far; the resumed run skips the batches already trained and finishes the epoch
 exactly as an uninterrupted run would. `last` is keyed by the global step, so a mid-epoch
 save and the following epoch-end save never collide.
+
+A non-finite loss, gradient or weight stops training (:class:`TrainingDiverged`): the step
+returns a NaN loss for it, and every save is preceded by a check of all losses since the
+last one, so a bad update is never checkpointed. The failure is recorded in failed.json.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import jax
 import numpy as np
 
+from qtl import faults
 from qtl.config import QtlConfig
 from qtl.data.augment import augment_host, placement
 from qtl.data.loader import WaitClock, batches, num_batches
@@ -29,7 +37,7 @@ from qtl.evaluate.predict import predict
 from qtl.progress import bar
 from qtl.record.files import RunFiles
 from qtl.train.checkpoint import Checkpoints
-from qtl.train.preempt import StopRequest
+from qtl.train.preempt import StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
 
 
@@ -63,6 +71,72 @@ class Progress:
         return cls(**d)
 
 
+class _Losses:
+    """One epoch's batch losses: fetched and checked, and still on the device.
+
+    The jitted step runs ahead of the host; fetching only at log points and before a save
+    keeps it so, and the first non-finite loss is still found by its batch.
+    """
+
+    def __init__(self, done: list[float]):
+        self.done = list(done)
+        self.pending: list[Any] = []
+
+    def check(self) -> int | None:
+        """Fetch the pending losses; the index of the first non-finite batch, if any."""
+        fetched = [float(x) for x in jax.device_get(self.pending)]
+        self.pending = []
+        for x in fetched:
+            if not np.isfinite(x):
+                return len(self.done)
+            self.done.append(x)
+        return None
+
+
+def _diverged(
+    cfg: QtlConfig,
+    files: RunFiles,
+    *,
+    epoch: int,
+    batch: int | None,
+    n_batches: int,
+    step: int | None,
+    recent: list[float],
+    last_good: str,
+) -> TrainingDiverged:
+    """Record the failure in failed.json and build the error that ends the run."""
+    tc = cfg.train
+    where = f"epoch {epoch}, batch {batch} of {n_batches}" if batch else f"epoch {epoch}"
+    what = "the training loss, a gradient or an updated weight" if batch else "the validation loss"
+    shown = ", ".join(f"{x:.4g}" for x in recent[-5:]) or "none"
+    backbone_lr = "null (= train.lr)" if tc.backbone_lr is None else f"{tc.backbone_lr:g}"
+    message = (
+        f"training diverged at {where}: {what} is not finite (NaN/Inf); training losses "
+        f"before it: {shown}. Most likely the learning rate is too high: train.lr={tc.lr:g}, "
+        f"train.backbone_lr={backbone_lr} (train.optimizer={tc.optimizer}). Nothing after "
+        f"{last_good} was saved; the failure is recorded in {files.failed}."
+    )
+    files.write_failure(
+        {
+            "reason": "non_finite",
+            "summary": (
+                f"training diverged at {where} (NaN/Inf; train.lr={tc.lr:g}, "
+                f"train.backbone_lr={backbone_lr})"
+            ),
+            "message": message,
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "recent_losses": recent[-5:],
+            "train.lr": tc.lr,
+            "train.backbone_lr": tc.backbone_lr,
+            "train.optimizer": tc.optimizer,
+            "last_good_checkpoint": last_good,
+        }
+    )
+    return TrainingDiverged(message)
+
+
 def fit(
     cfg: QtlConfig,
     steps: Steps,
@@ -93,11 +167,31 @@ def fit(
     epochs = bar(
         enabled=show_progress, total=tc.max_epochs, initial=p.epoch, desc="epochs", unit="ep"
     )
+
+    def guard(losses: _Losses, epoch: int) -> None:
+        bad = losses.check()
+        if bad is not None:
+            raise _diverged(
+                cfg,
+                files,
+                epoch=epoch,
+                batch=bad + 1,
+                n_batches=n_batches,
+                step=(epoch - 1) * n_batches + bad + 1,
+                recent=losses.done,
+                last_good=last_good(),
+            )
+
+    def last_good() -> str:
+        if p.batch:
+            return f"the checkpoint at batch {p.batch} of epoch {p.epoch + 1}"
+        return f"the checkpoint after epoch {p.epoch}" if p.epoch else "the start (no checkpoint)"
+
     with epochs, StopRequest() as stop:
         while p.stopped is None and p.epoch < tc.max_epochs:
             epoch = p.epoch + 1
             start, t0 = p.batch, time.perf_counter() - p.epoch_seconds
-            losses: list[Any] = list(p.epoch_losses)
+            losses = _Losses(p.epoch_losses)
             clock = WaitClock()
             with bar(
                 enabled=show_progress,
@@ -113,19 +207,23 @@ def fit(
                     if i < start:  # trained before a mid-epoch checkpoint
                         continue
                     state, loss = steps.train_step(state, b.images, b.labels, b.mask, b.key)
-                    losses.append(loss)
+                    losses.pending.append(loss)
                     if (i + 1) % tc.log_every == 0 or i + 1 == n_batches:
-                        recent = float(np.mean([float(x) for x in losses[-tc.log_every :]]))
+                        guard(losses, epoch)
+                        recent = float(np.mean(losses.done[-tc.log_every :]))
                         logger.log({"train/loss": recent, "epoch": epoch}, step=int(state.step))
                         inner.set_postfix(loss=f"{recent:.4f}")
                     inner.update(1)
                     if stop.signum is not None and i + 1 < n_batches:
-                        p.batch, p.epoch_losses = i + 1, [float(x) for x in losses]
+                        guard(losses, epoch)  # never checkpoint a non-finite update
+                        p.batch, p.epoch_losses = i + 1, list(losses.done)
                         p.epoch_seconds = time.perf_counter() - t0
                         ckpts.save("last", int(state.step), state, p.to_json())
+                        ckpts.prune(last=int(state.step), best=p.best_epoch or None)
                         logger.finish(1)  # flush W&B before the requeue ends its service
                         stop.hand_over(f"epoch {epoch}, batch {i + 1} of {n_batches}")
-            train_loss = float(np.mean([float(x) for x in losses]))
+            guard(losses, epoch)
+            train_loss = float(np.mean(losses.done))
             val_probs, val_loss = predict(
                 steps.eval_step,
                 state,
@@ -135,6 +233,17 @@ def fit(
                 desc="val",
                 progress=show_progress,
             )
+            if not np.isfinite(val_loss):
+                raise _diverged(
+                    cfg,
+                    files,
+                    epoch=epoch,
+                    batch=None,
+                    n_batches=n_batches,
+                    step=int(state.step),
+                    recent=losses.done,
+                    last_good=last_good(),
+                )
             val_auroc = mean_auroc(per_label_auroc(val_y, val_probs, cfg.task.labels))
             seconds = time.perf_counter() - t0
             p.epoch = epoch
@@ -161,8 +270,12 @@ def fit(
             p.history.append(row)
             p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
             if improved:
-                ckpts.save("best", epoch, state, p.to_json())
-            ckpts.save("last", int(state.step), state, p.to_json())
+                faults.point("before_best_save")
+                ckpts.save("best", epoch, state, p.to_json())  # counts once `last` names it
+                faults.point("between_best_and_last")
+            ckpts.save("last", int(state.step), state, p.to_json())  # the commit
+            faults.point("after_last_save")
+            ckpts.prune(last=int(state.step), best=p.best_epoch)
             files.write_metrics(p.history)
             logger.log(
                 {

@@ -30,6 +30,15 @@ class TrainingInterrupted(SystemExit):
     """
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or a weight became NaN/Inf, or a rerun met a run recorded so.
+
+    Nothing after the last good checkpoint was saved, and the run directory's failed.json
+    says where it happened. (Here, next to :class:`TrainingInterrupted`, so the launcher
+    can name both without importing the trainer.)
+    """
+
+
 class StopRequest:
     """Context manager: while inside, STOP_SIGNALS set :attr:`signum` instead of acting."""
 

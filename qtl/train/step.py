@@ -130,7 +130,14 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, rest, opt_state), loss
+        new_state = TrainState(state.step + 1, params, rest, opt_state)
+        # The loss comes back NaN when it, a gradient or the updated state is not finite, so
+        # the loop's check of the losses it fetches anyway guards every save (no extra sync).
+        finite = jnp.isfinite(loss)
+        for leaf in jax.tree.leaves((grads, new_state)):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                finite &= jnp.isfinite(leaf).all()
+        return new_state, jnp.where(finite, loss, jnp.nan)
 
     @jax.jit
     def eval_step(state: TrainState, images_u8, labels, mask) -> tuple[jax.Array, jax.Array]:
