@@ -335,7 +335,7 @@ def test_cli_cache_then_train_with_sources_moved_away_and_skips_recorded(dataset
     (and one bad image skipped): it trains, evaluates and records the skipped id."""
     import json
 
-    from qtl.run import train_and_evaluate
+    from qtl.apps.train import train_and_evaluate
 
     root = _copy(dataset, tmp_path)
     corrupt, missing = _break(root)

@@ -1,6 +1,6 @@
 """A run killed at any moment resumes, and a save that cannot happen stops the run at once.
 
-Every crash window of a run's life is hit on purpose (``QTL_FAULT``, see ``qtl.faults``, and
+Every crash window of a run's life is hit on purpose (``QTL_FAULT``, see ``qtl.utils.faults``, and
 a kill inside Orbax's own save), the same command is run again, and the result is compared
 with an uninterrupted twin: the same epochs (none lost or repeated), the same losses, the
 same best epoch and AUROCs, and one complete step left in each checkpoint folder.
@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
 
-from qtl import faults
-from qtl.run import train_and_evaluate
+from qtl.apps.train import train_and_evaluate
 from qtl.train.checkpoint import CheckpointSaveError
+from qtl.utils import faults
 
 pytestmark = pytest.mark.slow
 

@@ -299,7 +299,7 @@ def weights_dir(tmp_path_factory) -> Path:
     """A tiny backbone saved as transformers' ResNetModel would (model.safetensors)."""
     from flax import nnx
 
-    from qtl.models.pretrain import save_hf_backbone
+    from qtl.apps.pretrain import save_hf_backbone
     from qtl.models.resnet import ResNet
 
     cfg = _cfg()
@@ -313,7 +313,7 @@ def _sha(path: Path) -> str:
 
 
 def test_local_weights_are_recorded_by_hash(tmp_path, weights_dir):
-    from qtl.models.classifier import build_model
+    from qtl.apps.pretrain import build_pretrained_model
     from qtl.models.hf_import import load_pretrained
 
     cfg = _cfg(f"backbone.pretrained={weights_dir}")
@@ -329,7 +329,7 @@ def test_local_weights_are_recorded_by_hash(tmp_path, weights_dir):
         }
     ]
     assert weights["config_json_sha256"] == _sha(weights_dir / "config.json")
-    report = load_pretrained(build_model(_cfg(), 0).backbone, str(weights_dir))
+    report = load_pretrained(build_pretrained_model(_cfg(), 0).backbone, str(weights_dir))
     assert report["provenance"] == weights  # the same resolution the loader used
 
 

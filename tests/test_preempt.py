@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose
 
-from qtl.run import train_and_evaluate
+from qtl.apps.train import train_and_evaluate
 from qtl.train.preempt import TrainingInterrupted
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ import pytest
 from conftest import TINY, compose
 from flax import nnx
 
+from qtl.apps.pretrain import pretrain_config, save_hf_backbone, synthetic_pretrained
 from qtl.config import ConfigError
 from qtl.data.source import load_splits
 from qtl.data.synthetic import MARKER
 from qtl.models.hf_import import load_pretrained
-from qtl.models.pretrain import pretrain_config, save_hf_backbone, synthetic_pretrained
 from qtl.models.resnet import ResNet
 
 

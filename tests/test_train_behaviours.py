@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import TINY, compose
 
+from qtl.apps.pretrain import build_pretrained_model
+from qtl.apps.train import train_and_evaluate
 from qtl.evaluate.predict import predict
-from qtl.models.classifier import build_model
-from qtl.run import train_and_evaluate
 from qtl.train.checkpoint import Checkpoints
 from qtl.train.step import init_state, make_steps
 
@@ -38,7 +38,7 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def _template(cfg):
-    model = build_model(cfg, cfg.seed)
+    model = build_pretrained_model(cfg, cfg.seed)
     steps = make_steps(model, cfg)
     return model, init_state(model, cfg, steps.tx)
 
@@ -148,7 +148,7 @@ def _steps(*extra: str):
         "train.backbone_lr=null",  # one rate for every parameter
         *extra,
     )
-    model = build_model(cfg, 0)
+    model = build_pretrained_model(cfg, 0)
     steps = make_steps(model, cfg)
 
     def fresh():  # the train step donates its state

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
 
+from qtl.apps.train import train_and_evaluate
 from qtl.record.wandb_file import read_run_file
-from qtl.run import train_and_evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -44,6 +44,8 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from qtl.utils.files import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"  # what the search report reads: study name, storage, objective
@@ -285,7 +287,7 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
     def _check_identity(self, study: optuna.Study) -> None:
         """A study holds one config's trials; another config must not continue it."""
         from qtl.config import to_schema
-        from qtl.run import _identity
+        from qtl.record.identity import identity as _identity
 
         task_keys = [str(k) for k in self.config if k != "hydra"]
         mine = json.loads(
@@ -351,9 +353,7 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
             "n_trials": self.n_trials,
             "fixed_overrides": [f"{k}={v}" for k, v in fixed.items()],
         }
-        tmp = sweep_dir / (SEARCH_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=1) + "\n")
-        os.replace(tmp, sweep_dir / SEARCH_FILE)
+        write_json_atomic(sweep_dir / SEARCH_FILE, info, indent=1)
 
     def _interrupted(
         self, study: optuna.Study, space: dict[str, BaseDistribution]

@@ -24,7 +24,7 @@ def run_case(case: dict) -> dict:
 
     cfg = to_schema(case["config"])
     batch, px, n = cfg.train.batch_size, cfg.data.crop, len(cfg.task.labels)
-    model = build_model(cfg, cfg.seed)
+    model = build_model(cfg, cfg.seed)  # random backbone: step time does not depend on it
     steps = make_steps(model, cfg)
     holder = [init_state(model, cfg, steps.tx)]
     del model

@@ -47,8 +47,8 @@ from qtl.config import DataConfig, OnBadImage, QtlConfig
 from qtl.data.codec import FILTER, CorruptEntry, decode, encode
 from qtl.data.preprocess import load_gray, preprocess
 from qtl.data.records import DataError, Split
-from qtl.data.synthetic import _locked
 from qtl.progress import bar
+from qtl.utils.files import file_lock
 
 FORMAT = 1  # bump when the stored layout or the preprocessing code changes what is stored
 _CHUNK = 16  # images per build task
@@ -332,7 +332,7 @@ def split_entries(
     if (found := complete()) is not None:
         return found
     # one builder at a time: the sweep's other jobs wait, then find the entries cached
-    with _locked(Path(cache.directory) / "build"):
+    with file_lock(Path(cache.directory) / ".build.lock"):
         if (found := complete()) is not None:
             return found
         entries = fill(cache, split, prep, workers=workers, on_bad=on_bad, progress=progress)

@@ -32,6 +32,7 @@ from PIL import Image
 from qtl.data.nih import LABEL_FILE
 from qtl.data.records import DataError
 from qtl.labels import ALL_LABELS, MIMIC_NAMES, prevalence
+from qtl.utils.files import file_lock
 
 GENERATOR_VERSION = 2  # bump when the output of the same parameters changes
 MARKER = ".complete"
@@ -760,20 +761,9 @@ def is_complete(root: Path, params: Mapping[str, object]) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path) -> contextlib.AbstractContextManager[None]:
     """Exclusive lock beside ``root`` so parallel jobs (multirun) generate only once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the swap still keeps the folder consistent
-        yield
-        return
-    with (root.parent / f".{root.name}.lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(root.parent / f".{root.name}.lock")
 
 
 def _owned(root: Path) -> bool:

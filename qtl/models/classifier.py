@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from qtl.config import HeadName, QtlConfig
+from qtl.config import ConfigError, HeadName, QtlConfig
 from qtl.models.heads import make_head
 from qtl.models.resnet import ResNet
 
@@ -28,34 +28,43 @@ class Classifier(nnx.Module):
         return self.head(features)
 
 
-def build_model(cfg: QtlConfig, seed: int) -> Classifier:
-    """Initialise from ``seed`` (then load pretrained backbone weights when configured)."""
+SYNTHETIC = "synthetic"  # backbone.pretrained=synthetic: weights qtl trains (qtl.apps.pretrain)
+
+
+def _source(cfg: QtlConfig, weights: str | None) -> str | None:
+    """The weights to load: ``weights`` (resolved by the application) or the configured ones."""
+    if weights is not None:
+        return weights
+    if cfg.backbone.pretrained == SYNTHETIC:
+        raise ConfigError(
+            "backbone.pretrained=synthetic names weights that qtl trains itself; build the "
+            "model through qtl.apps.pretrain.build_pretrained_model (or pass weights=<folder>)."
+        )
+    return cfg.backbone.pretrained or None
+
+
+def build_model(cfg: QtlConfig, seed: int, *, weights: str | None = None) -> Classifier:
+    """Initialise from ``seed``, then load the backbone's starting weights: ``weights`` (a hub
+    id or a folder, resolved by the application) or ``backbone.pretrained``."""
     model = Classifier(cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1)))
-    source = cfg.backbone.pretrained
+    source = _source(cfg, weights)
     if source:
         from qtl.models.hf_import import load_pretrained
-        from qtl.models.pretrain import SYNTHETIC, synthetic_pretrained
 
-        if source == SYNTHETIC:
-            source = str(synthetic_pretrained(cfg))
         load_pretrained(model.backbone, source)
     return model
 
 
-def weights_provenance(cfg: QtlConfig) -> dict[str, Any]:
-    """Where the backbone's starting weights come from for ``cfg``, resolved here and now.
-
-    ``pretrained=synthetic`` resolves to its cached folder (pretraining it if it is not there
-    yet, as :func:`build_model` would); a hub id to the snapshot of the commit it names now.
-    """
-    source = cfg.backbone.pretrained
+def weights_provenance(cfg: QtlConfig, weights: str | None = None) -> dict[str, Any]:
+    """Where the backbone's starting weights come from, resolved here and now: the file's
+    sha256 and, for a hub id, the commit of the snapshot it names now."""
+    source = _source(cfg, weights)
     if not source:
         return {"source": None, "kind": "random_init", "seed": cfg.seed}
     from qtl.models.hf_import import weights_provenance as resolve
-    from qtl.models.pretrain import SYNTHETIC, synthetic_pretrained
 
-    if source == SYNTHETIC:
-        return {**resolve(str(synthetic_pretrained(cfg))), "source": SYNTHETIC, "kind": SYNTHETIC}
+    if cfg.backbone.pretrained == SYNTHETIC:
+        return {**resolve(source), "source": SYNTHETIC, "kind": SYNTHETIC}
     return resolve(source)
 
 

@@ -13,59 +13,24 @@ refuses with that reason instead of training into the same failure again.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qtl.utils.files import SaveError, atomic_write_text, describe_os_error
+
+__all__ = ["SaveError", "describe_os_error", "RunFiles", "read_failure", "write_json_atomic"]
+
 FAILED = "failed.json"
-
-_CAUSES = {
-    errno.ENOSPC: "the disk is full (no space left on device)",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOENT: "the folder vanished (deleted or unmounted during the run)",
-    errno.EIO: "an I/O error from the disk",
-}
-
-
-class SaveError(RuntimeError):
-    """A checkpoint or record that could not be written; the message names where and why."""
-
-
-def describe_os_error(code: int) -> str:
-    """A researcher's reading of an errno (``28`` -> "the disk is full ...")."""
-    return _CAUSES.get(code, f"{errno.errorcode.get(code, 'error')} ({os.strerror(code)})")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step, durably; raises SaveError naming the file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power loss
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        cause = describe_os_error(err.errno) if err.errno else str(err)
-        raise SaveError(
-            f"could not write {path}: {cause} ({err}). Fix that and rerun the same command: "
-            "the run resumes from its last checkpoint and writes this file again."
-        ) from err
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -283,8 +283,13 @@ def _weights_note(first: dict[str, Any], now: dict[str, Any], restarting: bool) 
     )
 
 
-def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path) -> None:
+def check_run_dir(
+    cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | None = None
+) -> None:
     """Refuse a run directory started with another config; record the run otherwise.
+
+    ``weights``: the backbone's starting weights as the application resolved them (for
+    ``backbone.pretrained=synthetic``, the folder qtl pretrained), recorded with their hash.
 
     Resolves ``data.augment_on=auto`` in ``cfg`` in place (the recorded placement on a
     resume, this machine's choice at a first start), so every later part of the run sees
@@ -296,14 +301,14 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path) -> None:
     run_dir = Path(run_dir)
     if not path.exists():
         cfg.data.augment_on = resolve_augment_on(cfg.data)
-        weights = weights_provenance(cfg)  # before writing: a weights problem records nothing
+        loaded = weights_provenance(cfg, weights)  # first: a weights problem records nothing
         record = {
             "fingerprint": fingerprint(cfg),
             "identity": identity(cfg),
             "config": config_dict(cfg),
             "record_version": RECORD_VERSION,
             "runtime": runtime_settings(cfg),
-            "provenance": {"weights": weights},
+            "provenance": {"weights": loaded},
         }
         _write(path, record)
         return
@@ -323,16 +328,16 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path) -> None:
     if (run_dir / "results.json").exists():
         return  # finished: nothing runs, nothing to record
     runtime = runtime_settings(cfg)
-    weights = weights_provenance(cfg)
+    loaded = weights_provenance(cfg, weights)
     restarting = not _has_checkpoint(run_dir)
     recorded_weights = (record.get("provenance") or {}).get("weights")
     update: dict[str, Any] = {}
     if recorded_weights is None:
-        update["provenance"] = {**(record.get("provenance") or {}), "weights": weights}
-    elif note := _weights_note(recorded_weights, weights, restarting):
+        update["provenance"] = {**(record.get("provenance") or {}), "weights": loaded}
+    elif note := _weights_note(recorded_weights, loaded, restarting):
         notes.append(note)
         if restarting:  # the run starts over from these weights: they are its weights now
-            update["provenance"] = {**record["provenance"], "weights": weights}
+            update["provenance"] = {**record["provenance"], "weights": loaded}
     if record.get("runtime") is None or (restarting and record["runtime"] != runtime):
         update["runtime"] = runtime
     else:

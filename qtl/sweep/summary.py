@@ -30,6 +30,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from qtl.utils.files import write_json_atomic
+
 RECORDS = ".sweep_jobs"
 
 
@@ -66,9 +68,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1)
 
 
 class SweepSummary(Callback):
@@ -76,7 +76,7 @@ class SweepSummary(Callback):
 
     def __init__(self, filename: str = "sweep_summary") -> None:
         self.filename = filename
-        self._records: str | None = None  # set in the launching process, pickled to jobs
+        self._records: str | None = None  # set in the launching process, copied to jobs
         self._sweep_dir: str | None = None
         self._done = False
 

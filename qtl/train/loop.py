@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from qtl import faults
 from qtl.config import QtlConfig
 from qtl.data.augment import augment_host, placement
 from qtl.data.loader import WaitClock, batches, num_batches
@@ -39,6 +38,7 @@ from qtl.record.files import RunFiles
 from qtl.train.checkpoint import Checkpoints
 from qtl.train.preempt import StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
+from qtl.utils import faults
 
 
 @dataclass

@@ -10,6 +10,7 @@ of a sweep would otherwise duplicate (generating a dataset, pretraining, buildin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -17,13 +18,38 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_CAUSES = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "the folder vanished (deleted or unmounted during the run)",
+    errno.EIO: "an I/O error from the disk",
+}
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or record that could not be written; the message names where and why."""
+
+
+def describe_os_error(code: int) -> str:
+    """A researcher's reading of an errno (``28`` -> "the disk is full ...")."""
+    return _CAUSES.get(code, f"{errno.errorcode.get(code, 'error')} ({os.strerror(code)})")
+
 
 def atomic_write_bytes(path: Path | str, data: bytes, *, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    The temporary file is created readable by this user only, and gets ``mode`` (whatever the
+    umask) before the rename; the rename is fsynced too, so it survives a power loss. A
+    failure raises :class:`SaveError` naming the file and the cause, and leaves no temp file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -31,10 +57,22 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, mode: int | None = None
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        cause = describe_os_error(err.errno) if err.errno else str(err)
+        raise SaveError(
+            f"could not write {path}: {cause} ({err}). Fix that and rerun the same command: "
+            "the run resumes from its last checkpoint and writes this file again."
+        ) from err
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return path
 
 

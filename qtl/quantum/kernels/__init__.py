@@ -36,6 +36,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from qtl.utils.files import atomic_write_bytes
+
 SOURCE = Path(__file__).with_name("wire_gram.cc")
 TARGET = "qtl_wire_gram"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -116,12 +118,9 @@ def _verified(manifest: Path, key: str) -> tuple[Path, bytes] | str | None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)  # whatever the umask: a group-writable file would not be trusted
-    os.replace(tmp, path)  # atomic: a concurrent job sees no file or a whole one
+    # atomic (a concurrent job sees no file or a whole one), with ``mode`` whatever the
+    # umask: a group-writable file would not be trusted
+    atomic_write_bytes(path, data, mode=mode)
 
 
 def _ensure(cache: Path | None) -> tuple[Path, bytes]:

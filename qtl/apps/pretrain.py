@@ -1,4 +1,5 @@
-"""``backbone.pretrained=synthetic``: a stand-in for ImageNet weights where none can be fetched.
+"""``backbone.pretrained=synthetic``: a stand-in for ImageNet weights where none can be fetched
+(an application of the trainer: it trains a model, so the model layer only loads its output).
 
 The study is *transfer* learning: the quantum head sits on a pretrained backbone. A backbone
 trained from scratch through the dressed circuit barely learns (each <Z_i> after the CNOT
@@ -12,10 +13,7 @@ through the same importer as ``microsoft/resnet-50``, and shared by every head a
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,13 +30,14 @@ from qtl.config import (
     TrainConfig,
 )
 from qtl.labels import CXR19
+from qtl.models.classifier import SYNTHETIC
+from qtl.utils import paths
+from qtl.utils.files import atomic_write_bytes, atomic_write_text, file_lock
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
+    from qtl.models.classifier import Classifier
     from qtl.models.resnet import ResNet
 
-SYNTHETIC = "synthetic"
 SOURCE_SEED_OFFSET = 1000  # the source dataset's seed: data.synth_seed + this
 
 
@@ -74,21 +73,9 @@ def pretrain_config(cfg: QtlConfig) -> QtlConfig:
     return src
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """One process pretrains; parallel jobs of a sweep wait and reuse its result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def save_hf_backbone(backbone: ResNet, out_dir: Path) -> Path:
     """Write ``model.safetensors`` + ``config.json`` as transformers' ResNetModel would."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from qtl.models.hf_import import to_torch_state_dict
 
@@ -105,22 +92,38 @@ def save_hf_backbone(backbone: ResNet, out_dir: Path) -> Path:
         "downsample_in_first_stage": False,
         "downsample_in_bottleneck": False,
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(to_torch_state_dict(backbone), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")  # present => complete
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    blob = save(to_torch_state_dict(backbone), metadata={"format": "pt"})
+    atomic_write_bytes(out_dir / "model.safetensors", blob)  # present => complete
     return out_dir
+
+
+def resolve_weights(cfg: QtlConfig) -> str | None:
+    """What ``backbone.pretrained`` names, as a hub id or a folder the model layer can load:
+    ``synthetic`` becomes its cached folder (pretrained here first if it is not there yet)."""
+    source = cfg.backbone.pretrained
+    if source == SYNTHETIC:
+        return str(synthetic_pretrained(cfg))
+    return source or None
+
+
+def build_pretrained_model(cfg: QtlConfig, seed: int) -> Classifier:
+    """The run's model with its starting weights resolved (what the train app builds)."""
+    from qtl.models.classifier import build_model
+
+    return build_model(cfg, seed, weights=resolve_weights(cfg))
 
 
 def synthetic_pretrained(cfg: QtlConfig) -> Path:
     """Folder with the pretrained backbone for ``cfg`` (trained on first use, then cached)."""
-    from qtl.run import fingerprint, train_and_evaluate
+    from qtl.apps.train import train_and_evaluate
+    from qtl.record.identity import fingerprint
 
     src = pretrain_config(cfg)
-    out = Path(".cache") / "qtl" / "pretrained" / f"{cfg.backbone.name}-{fingerprint(src)}"
+    out = paths.pretrained_dir(cfg.paths) / f"{cfg.backbone.name}-{fingerprint(src)}"
     if (out / "model.safetensors").exists():
         return out
-    with _lock(out.with_suffix(".lock")):
+    with file_lock(out.with_suffix(".lock")):
         if (out / "model.safetensors").exists():
             return out
         print(
@@ -140,7 +143,7 @@ def _best_backbone(src: QtlConfig, run_dir: Path) -> ResNet:
     from qtl.train.checkpoint import Checkpoints
     from qtl.train.step import init_state, make_steps
 
-    model = build_model(src, src.seed)
+    model = build_model(src, src.seed, weights=None)
     steps = make_steps(model, src)
     ckpts = Checkpoints(run_dir / "checkpoints")
     try:
