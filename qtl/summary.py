@@ -9,55 +9,57 @@ statistical report is a separate mode.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
+
+from qtl.record.files import Results, RunFiles
 
 
-def collect(root: Path) -> list[dict[str, Any]]:
-    """All results.json under ``root``, sorted by task, head, seed."""
-    runs = [json.loads(p.read_text()) for p in sorted(Path(root).rglob("results.json"))]
-    return sorted(runs, key=lambda r: (r["task"], r["head"], r["seed"]))
+def collect(root: Path) -> list[Results]:
+    """Every finished run under ``root`` (its results.json), sorted by task, head, seed."""
+    runs = [
+        RunFiles(p.parent, create=False).read_results()
+        for p in sorted(Path(root).rglob("results.json"))
+        if "wandb" not in p.parent.parts
+    ]
+    return sorted((r for r in runs if r), key=lambda r: (r.task, r.head, r.seed))
 
 
 def not_finished(root: Path) -> list[tuple[Path, str, str]]:
     """(run dir, "failed" | "unfinished", reason) of every run under ``root`` without
     results.json: failed.json gives the reason; otherwise it was killed or is running."""
-    from qtl.record.files import read_failure
-
     dirs = {p.parent for p in Path(root).rglob("run_config.json")}
     dirs |= {p.parent for p in Path(root).rglob("failed.json")}
     out = []
     for d in sorted(dirs):
-        if (d / "results.json").exists() or "wandb" in d.parts:
+        files = RunFiles(d, create=False)
+        if files.status() == "finished" or "wandb" in d.parts:
             continue
-        failure = read_failure(d)
+        failure = files.read_failure()
         if failure is not None:
-            reason = str(failure.get("summary") or failure.get("message") or "failed.json")
-            out.append((d, "failed", reason.strip().splitlines()[0]))
+            out.append((d, "failed", failure.headline))
         else:
             out.append((d, "unfinished", "no results.json (killed, still running or requeued)"))
     return out
 
 
-def table(runs: list[dict[str, Any]], split: str) -> str:
+def table(runs: list[Results], split: str) -> str:
     """Labels as rows, one column per run (task/head/seed)."""
-    runs = [r for r in runs if split in r["auroc"]]
+    runs = [r for r in runs if split in r.auroc]
     if not runs:
         return f"(no run evaluated on '{split}')"
     labels: list[str] = []
     for r in runs:
-        labels += [x for x in r["labels"] if x not in labels]
-    cols = [f"{r['task']}/{r['head']}/s{r['seed']}" for r in runs]
+        labels += [x for x in r.labels if x not in labels]
+    cols = [f"{r.task}/{r.head}/s{r.seed}" for r in runs]
     width = max(len(x) for x in [*labels, "mean AUROC"])
     cw = max(10, *(len(c) for c in cols))
     out = [f"{split} AUROC".ljust(width) + "  " + "  ".join(c.rjust(cw) for c in cols)]
     for name in [*labels, "mean AUROC"]:
         cells = []
         for r in runs:
-            block = r["auroc"][split]
-            v = block["mean"] if name == "mean AUROC" else block["per_label"].get(name)
+            block = r.auroc[split]
+            v = block.mean if name == "mean AUROC" else block.per_label.get(name)
             cells.append((f"{v:.3f}" if v is not None else "n/a").rjust(cw))
         out.append(name.ljust(width) + "  " + "  ".join(cells))
     return "\n".join(out)
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("test", "external"):
             print(table(runs, split) + "\n")
         for r in runs:
-            w = r["wall_seconds"]
+            w = r.wall_seconds
             print(
-                f"{r['run']}: best epoch {r['best_epoch']}/{r['epochs']}, "
-                f"train {w['train']:.0f}s, data {w['data']:.0f}s"
+                f"{r.run}: best epoch {r.best_epoch}/{r.epochs}, "
+                f"train {w.get('train', 0):.0f}s, data {w.get('data', 0):.0f}s"
             )
     else:
         print(f"no results.json under {root}", file=sys.stderr)

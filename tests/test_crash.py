@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
+from helpers import read_metrics as _metrics
 
 from qtl.apps.train import train_and_evaluate
 from qtl.train.checkpoint import CheckpointSaveError
@@ -39,10 +40,6 @@ N = 6  # batches per epoch: 96 training images, batch 16; `last` of epoch e is s
 
 def _cfg(synth_root: Path):
     return compose(*ARGS, f"data.root={synth_root}")
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _steps(run_dir: Path, which: str) -> list[int]:

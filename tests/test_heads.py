@@ -89,9 +89,7 @@ def test_cdl_head_gives_logits_of_one_linear_map():
     """Logits, not probabilities: the loss applies the sigmoid (BCE on logits, REFERENCE §2)."""
     head = CDLHead(16, 5, rngs=nnx.Rngs(0))
     feats = 10.0 * jax.random.normal(jax.random.key(3), (7, 16))
-    expected = np.asarray(feats) @ np.asarray(head.fc.kernel[...]) + np.asarray(
-        head.fc.bias[...]
-    )
+    expected = np.asarray(feats) @ np.asarray(head.fc.kernel[...]) + np.asarray(head.fc.bias[...])
     got = np.asarray(head(feats))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     assert np.abs(got).max() > 1.0  # unbounded: no sigmoid/tanh inside the head

@@ -17,15 +17,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
+from helpers import read_metrics as _metrics
 
 from qtl.apps.train import train_and_evaluate
 from qtl.train.preempt import TrainingDiverged
 
 pytestmark = pytest.mark.slow
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _steps(run_dir: Path, which: str) -> list[int]:

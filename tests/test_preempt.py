@@ -4,22 +4,17 @@ continues at the next batch - same history as a run that was never interrupted."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 from conftest import TINY, compose
+from helpers import read_metrics as _metrics
 
 from qtl.apps.train import train_and_evaluate
 from qtl.train.preempt import TrainingInterrupted
 
 pytestmark = pytest.mark.slow
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_signal_mid_epoch_checkpoints_and_resumes_at_that_batch(

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY, compose, launch
+from helpers import make_results
 from PIL import Image
 from scipy import stats
 
 from qtl.config import ConfigError, LoggerConfig, ReportConfig
 from qtl.labels import CXR8, CXR14
-from qtl.record.files import RunFiles, write_json_atomic
+from qtl.record.files import RunFiles
 from qtl.record.wandb_file import read_run_file
 from qtl.report import write_report
 from qtl.report.collect import ReportError
@@ -64,24 +65,24 @@ def _write_run(root: Path, task: str, head: str, seed: int, *, finished: bool = 
     for split in SPLITS:
         per_label = {x: _auroc(task, head, seed, split, x) for x in labels}
         auroc[split] = {"mean": float(np.mean(list(per_label.values()))), "per_label": per_label}
-    results = {
-        "run": f"hand/{task}-{head}/seed{seed}",
-        "task": task,
-        "head": head,
-        "seed": seed,
-        "labels": labels,
-        "epochs": epochs,
-        "best_epoch": epochs - 1,
-        "stopped": "early_stopping",
-        "best_val_loss": history[-2]["val_loss"],
-        "final_val_loss": history[-1]["val_loss"],
-        "auroc": auroc,
+    results = make_results(
+        run=f"hand/{task}-{head}/seed{seed}",
+        task=task,
+        head=head,
+        seed=seed,
+        labels=labels,
+        epochs=epochs,
+        best_epoch=epochs - 1,
+        stopped="early_stopping",
+        best_val_loss=history[-2]["val_loss"],
+        final_val_loss=history[-1]["val_loss"],
+        auroc=auroc,
         # reverse of the task order, so sorting by frequency is visible
-        "train_label_counts": {x: 10 * (i + 1) for i, x in enumerate(labels)},
-        "wall_seconds": {"data": 1.0, "train": 20.0 + seed, "evaluate": 2.0},
-        "hardware": {"device": "cpu", "platform": "cpu", "host": "test", "cpus": 2},
-    }
-    write_json_atomic(files.results, results)
+        train_label_counts={x: 10 * (i + 1) for i, x in enumerate(labels)},
+        wall_seconds={"data": 1.0, "train": 20.0 + seed, "evaluate": 2.0},
+        hardware={"device": "cpu", "platform": "cpu", "host": "test", "cpus": 2},
+    )
+    files.write_results(results)
     return run_dir
 
 
@@ -292,7 +293,7 @@ def test_wandb_summary_run_holds_tables_and_figures(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_multirun_writes_the_report_and_still_reports_a_failed_job(synth_root, tmp_path):
     # dqc's folder belongs to another config, so that job fails with a ConfigError
-    taken = tmp_path / "multirun" / "demo" / "cxr8-dqc" / "seed0"
+    taken = tmp_path / "multirun" / "debug" / "cxr8-dqc" / "seed0"
     taken.mkdir(parents=True)
     (taken / "run_config.json").write_text(json.dumps({"identity": {"seed": 99}}))
     proc = launch(
@@ -300,7 +301,7 @@ def test_multirun_writes_the_report_and_still_reports_a_failed_job(synth_root, t
     )
     assert proc.returncode != 0  # the failed job is not hidden by the report
     assert "belongs to a run with a different config" in proc.stderr
-    report = tmp_path / "multirun" / "demo" / "report" / "report.md"
+    report = tmp_path / "multirun" / "debug" / "report" / "report.md"
     assert report.exists(), proc.stderr[-3000:]
     text = report.read_text()
     assert "2 run(s) found: 1 finished, 1 failed or unfinished; 0 missing" in text

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, compose, launch
+from helpers import make_results
 
 SEARCH = ["experiment=[demo,search]", *TINY[1:]]  # the demo's tiny setting, searched
 
@@ -90,12 +91,19 @@ def test_objective_of_a_run_without_a_usable_record(tmp_path):
     # json.dumps writes an infinite best loss as Infinity: a run that never improved
     (tmp_path / "results.json").write_text(json.dumps({"best_val_loss": math.inf}))
     assert math.isnan(read_objective(tmp_path, "val_loss"))
-    assert math.isnan(objective_value({"auroc": {"val": {"mean": None}}}, "val_auroc"))
+    no_auc = make_results(auroc={"val": {"mean": None, "per_label": {}}})
+    assert math.isnan(objective_value(no_auc, "val_auroc"))
+    assert objective_value(make_results(best_val_loss=0.25), "val_loss") == 0.25
     assert not diverged(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"epoch": 1, "train_loss": 0.7, "val_loss": 0.7}) + "\n"
-        + json.dumps({"epoch": 2, "train_loss": math.inf, "val_loss": math.nan}) + "\n"
-    )  # fmt: skip
+    from qtl.record.files import EpochRow, RunFiles
+
+    row = dict(step=1, val_mean_auroc=0.5, best=True, seconds=1.0)
+    RunFiles(tmp_path).write_metrics(
+        [
+            EpochRow(epoch=1, train_loss=0.7, val_loss=0.7, **row),
+            EpochRow(epoch=2, train_loss=math.inf, val_loss=math.nan, **row),
+        ]
+    )
     assert diverged(tmp_path)
     assert diverged(None, "ValueError: Input contains NaN.")
 

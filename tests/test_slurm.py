@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, launch
+from helpers import read_metrics as _metrics
 
 from qtl.record.wandb_file import read_run_file
 
@@ -82,10 +83,6 @@ def _final_rows(job_id: str, fields: str) -> list[list[str]]:
 
 def _records(sweep_dir: Path) -> list[dict]:
     return json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_database_password_is_generated_at_up(slurm_cluster):
@@ -165,9 +162,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, 
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    base = workdir / "multirun" / "slurm-preempt"  # the sweep's own folder is base/demo
+    base = workdir / "multirun" / "slurm-preempt"  # the sweep's own folder is base/debug
     run_dir = base / "preempted" / "cxr8-cdl" / "seed0"
-    record = base / "demo" / ".sweep_jobs" / "00000.json"
+    record = base / "debug" / ".sweep_jobs" / "00000.json"
     deadline = time.time() + 400
     while time.time() < deadline and driver.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
@@ -181,11 +178,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, 
 
     # SLURM ran the job twice under the same id: requeued once, then completed
     assert _final_rows(job_id, "State") == [["REQUEUED"], ["COMPLETED"]]
-    submitit_dir = base / "demo" / ".submitit"
+    submitit_dir = base / "debug" / ".submitit"
     logs = "".join(p.read_text() for p in submitit_dir.rglob("*_0_log.*"))
     assert "checkpoint saved (epoch 2, batch " in logs and "Requeued job" in logs
     assert "after epoch 1 and " in logs and " batches of epoch 2 " in logs
-    states = {r["num"]: r for r in _records(base / "demo")}
+    states = {r["num"]: r for r in _records(base / "debug")}
     assert states[0]["state"] == "resumed" and states[0]["slurm_restarts"] == 1
     assert states[1]["state"] == "finished"
 

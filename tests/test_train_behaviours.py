@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, compose
+from helpers import read_metrics as _metrics
 
 from qtl.apps.pretrain import build_pretrained_model
 from qtl.apps.train import train_and_evaluate
@@ -27,10 +28,6 @@ BATCH, REAL, PX, LABELS = 16, 11, 32, 8
 
 def _tiny(synth_root: Path, *extra: str):
     return compose(*TINY, f"data.root={synth_root}", *extra)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _leaves(tree) -> list[np.ndarray]:

@@ -18,19 +18,20 @@ import numpy as np
 from qtl.config import Backend, ConfigError, QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
+from qtl.record.schema import Results, SplitScores
 
 
-def format_auroc_table(results: dict[str, Any]) -> str:
+def format_auroc_table(results: Results) -> str:
     """Per-label AUROC per evaluated split, as a fixed-width text table."""
-    splits = [s for s in ("val", "test", "external") if s in results["auroc"]]
-    labels = results["labels"]
+    splits = [s for s in ("val", "test", "external") if s in results.auroc]
+    labels = results.labels
     width = max(len(x) for x in [*labels, "mean"])
     lines = [f"{'label':<{width}}  " + "  ".join(f"{s:>8}" for s in splits)]
     for name in [*labels, "mean"]:
         cells = []
         for s in splits:
-            block = results["auroc"][s]
-            value = block["mean"] if name == "mean" else block["per_label"].get(name)
+            block = results.auroc[s]
+            value = block.mean if name == "mean" else block.per_label.get(name)
             cells.append(f"{value:8.3f}" if value is not None else f"{'n/a':>8}")
         lines.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
@@ -56,14 +57,14 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
     if done is not None:
         print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
         print(format_auroc_table(done))
-        return done
+        return done.to_json()
     failed = files.read_failure()
     if failed is not None:  # deterministic: the same command would fail the same way
         from qtl.train.preempt import TrainingDiverged
 
         raise TrainingDiverged(
             f"run {run_dir} failed before and is not retrained: "
-            f"{failed.get('message') or failed.get('reason')} To retry with other settings, "
+            f"{failed.message or failed.reason} To retry with other settings, "
             "start a new run (e.g. name=<new name> train.lr=<lower>); to retry this one "
             f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes from "
             "its last good checkpoint."
@@ -79,7 +80,6 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
     from qtl.evaluate.metrics import mean_auroc, per_label_auroc
     from qtl.evaluate.predict import predict
     from qtl.models.classifier import build_model, parameter_table
-    from qtl.record.files import write_json_atomic
     from qtl.record.loggers import make_logger
     from qtl.train.checkpoint import Checkpoints
     from qtl.train.loop import Progress, fit
@@ -147,51 +147,51 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
                 progress=show,
             )
             per_label = per_label_auroc(y, probs, labels)
-            auroc[name] = {"mean": mean_auroc(per_label), "per_label": per_label}
+            auroc[name] = SplitScores(mean=mean_auroc(per_label), per_label=per_label)
             losses[name] = loss
             files.write_predictions(name, splits[name].ids, y, probs, labels)
             faults.point("between_predictions")
-        results = {
-            "run": run_name,
-            "task": cfg.task.name,
-            "head": cfg.head.name.value,
-            "seed": cfg.seed,
-            "labels": labels,
-            "fingerprint": fingerprint(cfg),
-            "config": config_dict(cfg),
-            "parameters": dict(table),
-            "epochs": progress.epoch,
-            "best_epoch": progress.best_epoch,
-            "stopped": progress.stopped,
-            "best_val_loss": progress.best_val_loss,
-            "final_val_loss": progress.history[-1]["val_loss"] if progress.history else None,
-            "loss": losses,
-            "auroc": auroc,
-            "split_sizes": {name: len(s) for name, s in splits.items()},
+        results = Results(
+            run=run_name,
+            task=cfg.task.name,
+            head=cfg.head.name.value,
+            seed=cfg.seed,
+            labels=labels,
+            fingerprint=fingerprint(cfg),
+            config=config_dict(cfg),
+            parameters=dict(table),
+            epochs=progress.epoch,
+            best_epoch=progress.best_epoch,
+            stopped=progress.stopped,
+            best_val_loss=progress.best_val_loss,
+            final_val_loss=progress.history[-1]["val_loss"] if progress.history else None,
+            loss=losses,
+            auroc=auroc,
+            split_sizes={name: len(s) for name, s in splits.items()},
             # positives per label in train: the report sorts labels by this frequency
-            "train_label_counts": dict(
+            train_label_counts=dict(
                 zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
             ),
-            "skipped_images": cached.skipped_ids(),
-            "wall_seconds": {
+            skipped_images=cached.skipped_ids(),
+            wall_seconds={
                 "data": round(data_seconds, 2),
                 "train": round(progress.train_seconds, 2),
                 "evaluate": round(time.perf_counter() - t_eval, 2),
                 "this_session": round(time.perf_counter() - t_start, 2),
             },
-            "hardware": {
+            hardware={
                 "device": str(jax.devices()[0].device_kind),
                 "platform": jax.default_backend(),
                 "host": platform.node(),
                 "cpus": os.cpu_count(),
             },
-            "wandb_run_id": getattr(logger, "run_id", None),
-            "provenance": run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
-        }
-        write_json_atomic(files.results, results)
+            wandb_run_id=getattr(logger, "run_id", None),
+            provenance=run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
+        )
+        files.write_results(results)
         logger.summary(
-            {f"{s}/mean_auroc": a["mean"] for s, a in auroc.items()}
-            | {f"{s}/auroc/{k}": v for s, a in auroc.items() for k, v in a["per_label"].items()}
+            {f"{s}/mean_auroc": a.mean for s, a in auroc.items()}
+            | {f"{s}/auroc/{k}": v for s, a in auroc.items() for k, v in a.per_label.items()}
             | {"best_epoch": progress.best_epoch, "best_val_loss": progress.best_val_loss}
         )
         exit_code = 0
@@ -203,7 +203,7 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         f"({progress.stopped}); results in {run_dir}"
     )
     print(format_auroc_table(results))
-    return results
+    return results.to_json()
 
 
 def main(cfg: QtlConfig, run_dir: Path | None) -> dict[str, Any]:

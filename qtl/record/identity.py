@@ -283,9 +283,7 @@ def _weights_note(first: dict[str, Any], now: dict[str, Any], restarting: bool) 
     )
 
 
-def check_run_dir(
-    cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | None = None
-) -> None:
+def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | None = None) -> None:
     """Refuse a run directory started with another config; record the run otherwise.
 
     ``weights``: the backbone's starting weights as the application resolved them (for

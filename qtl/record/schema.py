@@ -1,11 +1,12 @@
-"""The run record: what a run directory holds, with one writer and one reader.
+"""The run record's schema: the typed content of results.json, metrics.jsonl and failed.json.
 
-Every file a training run leaves behind is named and typed here, and every consumer (the
-trainer, ``qtl.summary``, the sweep summary, the report, the tests) reads it through
-:class:`RunRecord`, so a renamed field cannot leave one of them reading stale keys.
+:class:`qtl.record.files.RunFiles` is the one writer and the one reader of a run directory;
+it writes these dataclasses and parses the files back into them. Every consumer (the
+trainer, ``qtl.summary``, the sweep summary, the report, the search, the tests) goes through
+it, so a renamed field cannot leave one of them reading stale keys.
 
     <run dir>/
-      run_config.json        identity of the run (which config defines it) - RunConfig
+      run_config.json        the run's identity and provenance (qtl.record.identity)
       metrics.jsonl          one EpochRow per finished epoch (the loop's source of truth)
       results.json           the finished run - Results (schema_version)
       failed.json            a run that stopped for good (diverged, ...) - Failure
@@ -20,15 +21,9 @@ are version 1 and read the same, since version 2 only added fields with defaults
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from qtl.utils.files import atomic_write_text, write_json_atomic
 
 RESULTS_VERSION = 2
 
@@ -52,7 +47,7 @@ class SplitScores:
 
 @dataclass
 class EpochRow:
-    """One line of metrics.jsonl: a finished epoch."""
+    """One line of metrics.jsonl: a finished epoch (written from the checkpointed history)."""
 
     epoch: int
     step: int
@@ -63,6 +58,9 @@ class EpochRow:
     seconds: float
     data_wait_seconds: float = 0.0  # time the loop waited for the loader
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EpochRow:
         return cls(**_known(cls, data))
@@ -70,17 +68,32 @@ class EpochRow:
 
 @dataclass
 class Failure:
-    """Why a run stopped for good; a rerun reports it instead of silently retraining."""
+    """failed.json: why a run stopped for good; a rerun reports it instead of retraining."""
 
-    reason: str  # short kind: non_finite | ...
-    message: str  # the researcher-facing explanation (what happened, which knobs)
+    reason: str  # short kind: non_finite | unknown
+    message: str  # the researcher-facing explanation: what happened, which knobs to turn
+    summary: str = ""  # one line for listings (sweep summary, report, qtl.summary)
     epoch: int | None = None
-    batch: int | None = None
-    time: float | None = None
+    batch: int | None = None  # None: it happened in validation
+    step: int | None = None
+    recent_losses: list[float] = field(default_factory=list)  # training losses before it
+    knobs: dict[str, Any] = field(default_factory=dict)  # train.lr, train.backbone_lr, ...
+    last_good_checkpoint: str = ""
+    status: str = "failed"
+
+    @property
+    def headline(self) -> str:
+        return (self.summary or self.message or self.reason).strip().splitlines()[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Failure:
-        return cls(**_known(cls, data))
+        known = _known(cls, data)
+        known.setdefault("reason", "unknown")
+        known.setdefault("message", "")
+        return cls(**known)
 
 
 @dataclass
@@ -133,124 +146,3 @@ class Results:
             return cls(**known)
         except (KeyError, TypeError) as err:
             raise RecordError(f"{source}: not a qtl results record ({err}).") from err
-
-
-class RunRecord:
-    """The files of one run directory: the only code that names, writes and parses them."""
-
-    def __init__(self, run_dir: Path | str, *, create: bool = False):
-        self.dir = Path(run_dir)
-        if create:
-            self.dir.mkdir(parents=True, exist_ok=True)
-
-    # -- where things live -----------------------------------------------------------------
-    @property
-    def results_path(self) -> Path:
-        return self.dir / "results.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.dir / "metrics.jsonl"
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "run_config.json"
-
-    @property
-    def failure_path(self) -> Path:
-        return self.dir / "failed.json"
-
-    @property
-    def skipped_path(self) -> Path:
-        return self.dir / "skipped_images.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    def predictions_path(self, split: str) -> Path:
-        return self.dir / f"predictions_{split}.csv"
-
-    # -- results.json ----------------------------------------------------------------------
-    def write_results(self, results: Results) -> Path:
-        return write_json_atomic(self.results_path, results.to_json())
-
-    def read_results(self) -> Results | None:
-        """The finished run, or None when there is none (or it cannot be parsed as JSON)."""
-        data = _read_json(self.results_path)
-        return None if data is None else Results.from_json(data, self.results_path)
-
-    # -- metrics.jsonl ---------------------------------------------------------------------
-    def write_metrics(self, history: Sequence[EpochRow | dict[str, Any]]) -> Path:
-        """Rewrite metrics.jsonl from the checkpointed history (idempotent after a resume)."""
-        rows = [asdict(r) if isinstance(r, EpochRow) else dict(r) for r in history]
-        return atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def read_metrics(self) -> list[EpochRow]:
-        """Finished epochs in order; a torn last line (a kill mid-write elsewhere) is dropped."""
-        return list(_rows(self.metrics_path))
-
-    # -- failed.json -----------------------------------------------------------------------
-    def write_failure(self, failure: Failure) -> Path:
-        return write_json_atomic(self.failure_path, asdict(failure))
-
-    def read_failure(self) -> Failure | None:
-        data = _read_json(self.failure_path)
-        return None if data is None else Failure.from_json(data)
-
-    # -- run_config.json -------------------------------------------------------------------
-    def read_run_config(self) -> dict[str, Any] | None:
-        return _read_json(self.config_path)
-
-    def write_run_config(self, payload: dict[str, Any]) -> Path:
-        return write_json_atomic(self.config_path, payload)
-
-    # -- predictions -----------------------------------------------------------------------
-    def write_predictions(
-        self,
-        split: str,
-        ids: Sequence[str],
-        labels: Any,
-        probs: Any,
-        names: Sequence[str],
-    ) -> Path:
-        """One row per image: id, true label per column, predicted probability per column."""
-        out = io.StringIO(newline="")
-        writer = csv.writer(out)
-        writer.writerow(["id", *names, *(f"prob_{n}" for n in names)])
-        for i, image_id in enumerate(ids):
-            writer.writerow(
-                [image_id, *(int(v) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]
-            )
-        return atomic_write_text(self.predictions_path(split), out.getvalue())
-
-    # -- state -----------------------------------------------------------------------------
-    def status(self) -> str:
-        """finished | failed | started (checkpoints or epochs, no result) | new."""
-        if self.results_path.exists():
-            return "finished"
-        if self.failure_path.exists():
-            return "failed"
-        last = self.checkpoints / "last"
-        if self.metrics_path.exists() or (last.is_dir() and any(last.iterdir())):
-            return "started"
-        return "new"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise RecordError(f"{path}: unreadable ({err}).") from err
-
-
-def _rows(path: Path) -> Iterator[EpochRow]:
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            yield EpochRow.from_json(json.loads(line))
-        except (ValueError, TypeError):
-            return

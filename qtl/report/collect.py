@@ -11,7 +11,6 @@ implies but that has no directory at all is missing.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from qtl.config import ConfigError
 from qtl.labels import LABEL_COUNTS
-from qtl.record.files import FAILED, read_failure
+from qtl.record.files import FAILED, EpochRow, RecordError, Results, RunFiles
 
 # Evaluated splits that are test sets, in report order, with their display names.
 TEST_SETS: dict[str, str] = {"test": "internal test", "external": "external test"}
@@ -38,8 +37,8 @@ class Run:
     head: str
     seed: int
     dir: Path
-    results: dict[str, Any] | None = None  # results.json; None = failed or unfinished
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
+    results: Results | None = None  # results.json; None = failed or unfinished
+    history: list[EpochRow] = field(default_factory=list)  # metrics.jsonl rows
     problem: str = ""  # why there is no result, for report.md
     failed_run: bool = False  # a recorded failure (failed.json, job_error.txt), not a kill
 
@@ -56,10 +55,10 @@ class Run:
 
     def auroc(self, split: str, label: str | None = None) -> float | None:
         """Mean AUROC (label=None) or one label's AUROC on a split; None if not evaluated."""
-        block = (self.results or {}).get("auroc", {}).get(split)
+        block = self.results.auroc.get(split) if self.results else None
         if block is None:
             return None
-        value = block["mean"] if label is None else block["per_label"].get(label)
+        value = block.mean if label is None else block.per_label.get(label)
         return None if value is None else float(value)
 
 
@@ -103,7 +102,7 @@ class Sweep:
             s
             for r in self.finished
             if task is None or r.task == task
-            for s in (r.results or {}).get("auroc", {})
+            for s in (r.results.auroc if r.results else {})
         }
         return [s for s in TEST_SETS if s in found]
 
@@ -112,38 +111,20 @@ class Sweep:
         runs = [r for r in self.finished if r.task == task]
         if not runs:
             return []
-        order = list(runs[0].results["labels"])  # type: ignore[index]
-        counts = runs[0].results.get("train_label_counts")  # type: ignore[union-attr]
+        order = list(runs[0].results.labels)  # type: ignore[union-attr]
+        counts = runs[0].results.train_label_counts  # type: ignore[union-attr]
         if not counts:  # records written before qtl stored them: the NIH-CXR-LT counts
             counts = {x: LABEL_COUNTS.get(x, {}).get("train", 0) for x in order}
         return sorted(order, key=lambda x: -counts.get(x, 0))
 
     def train_counts(self, task: str) -> dict[str, int]:
         runs = [r for r in self.finished if r.task == task]
-        return dict((runs[0].results or {}).get("train_label_counts", {})) if runs else {}
+        return dict(runs[0].results.train_label_counts) if runs else {}  # type: ignore[union-attr]
 
 
 def _task_key(task: str) -> tuple[int, str]:
     digits = re.sub(r"\D", "", task)
     return (int(digits) if digits else 10**6, task)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a torn last line: keep what was complete
-    return rows
 
 
 def _name(value: Any) -> str:
@@ -153,10 +134,14 @@ def _name(value: Any) -> str:
 
 def _identify(job_dir: Path, root: Path) -> tuple[str, str, int] | None:
     """(task, head, seed) of a job directory from its records, Hydra's config, or its path."""
-    for payload in (
-        _read_json(job_dir / "results.json"),
-        (_read_json(job_dir / "run_config.json") or {}).get("config"),
-    ):
+    files = RunFiles(job_dir, create=False)
+    try:
+        results = files.read_results()
+    except RecordError:
+        results = None
+    if results is not None:
+        return results.task, results.head, results.seed
+    for payload in ((files.read_run_config() or {}).get("config"),):
         if isinstance(payload, dict):
             try:
                 return _name(payload["task"]), _name(payload["head"]), int(payload["seed"])
@@ -177,12 +162,12 @@ def _identify(job_dir: Path, root: Path) -> tuple[str, str, int] | None:
     return None
 
 
-def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> tuple[str, bool]:
+def _why_no_result(job_dir: Path, history: list[EpochRow]) -> tuple[str, bool]:
     """A one-line reason for report.md (the run's recorded failure, the job's error, or how
     far it got) and whether it is a recorded failure."""
-    failure = read_failure(job_dir)  # written by the run itself, e.g. training diverged
+    failure = RunFiles(job_dir, create=False).read_failure()  # e.g. training diverged
     if failure is not None:
-        message = str(failure.get("summary") or failure.get("message") or "failed.json")
+        message = failure.headline
         return message.strip().splitlines()[0][:300], True
     error = job_dir / "job_error.txt"  # written by qtl.report.callback for a failed job
     if error.exists():
@@ -194,7 +179,7 @@ def _why_no_result(job_dir: Path, history: list[dict[str, Any]]) -> tuple[str, b
         if errors:
             return errors[-1][:200], False
     if history:
-        return f"no results.json; stopped after epoch {history[-1].get('epoch')}", False
+        return f"no results.json; stopped after epoch {history[-1].epoch}", False
     return "no results.json; no epoch finished", False
 
 
@@ -228,8 +213,12 @@ def collect(root: Path | str, skip: Path | None = None) -> Sweep:
         if key is None or key in seen:
             continue
         seen.add(key)
-        results = _read_json(job / "results.json")
-        history = _read_history(job / "metrics.jsonl")
+        files = RunFiles(job, create=False)
+        try:
+            results = files.read_results()
+        except RecordError:
+            results = None  # not a qtl record: reported as a run without a result
+        history = files.read_metrics()
         run = Run(*key, dir=job, results=results, history=history)
         if results is None:
             run.problem, run.failed_run = _why_no_result(job, history)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from qtl.labels import CXR8, CXR14, CXR19
+from qtl.record.schema import EpochRow
 from qtl.report.collect import TEST_SETS, Sweep
 from qtl.report.stats import Key, Paired, mean_sd, per_seed, signed_log2
 
@@ -178,13 +179,13 @@ def volcano(
     return out
 
 
-def _band(histories: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _band(histories: list[list[EpochRow]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Epochs, mean and sd of ``key`` over the runs still training at each epoch."""
     by_epoch: dict[int, list[float]] = {}
     for rows in histories:
         for row in rows:
-            if row.get(key) is not None:
-                by_epoch.setdefault(int(row["epoch"]), []).append(float(row[key]))
+            if getattr(row, key) is not None:
+                by_epoch.setdefault(row.epoch, []).append(float(getattr(row, key)))
     epochs = np.array(sorted(by_epoch))
     stats = [mean_sd(by_epoch[e]) for e in epochs]
     mean = np.array([m for m, _ in stats])
@@ -209,7 +210,7 @@ def loss_curves(sweep: Sweep, folder: Path, dpi: int) -> list[Path]:
                 ax.plot(epochs, mean, color=_color(head), marker=".",
                         label=f"{head.upper()} ({len(runs)} seeds)")  # fmt: skip
                 ax.fill_between(epochs, mean - sd, mean + sd, color=_color(head), alpha=0.2)
-                best = [r.results["best_epoch"] for r in runs]  # type: ignore[index]
+                best = [r.results.best_epoch for r in runs]  # type: ignore[union-attr]
                 if key == "val_loss" and best:
                     ax.axvline(float(np.mean(best)), color=_color(head), ls=":", lw=1,
                                label=f"{head.upper()} mean best epoch")  # fmt: skip

@@ -52,7 +52,7 @@ def _problems(sweep: Sweep) -> list[str]:
 def _hardware(sweep: Sweep) -> list[str]:
     devices: dict[str, int] = {}
     for r in sweep.finished:
-        hw = (r.results or {}).get("hardware", {})
+        hw = r.results.hardware if r.results else {}
         key = f"{device(hw) or '?'} on host {hw.get('host', '?')} ({hw.get('cpus', '?')} CPUs)"
         devices[key] = devices.get(key, 0) + 1
     return [f"- {key}: {n} run(s)" for key, n in devices.items()]

@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from qtl.record.files import RecordError, RunFiles
 from qtl.report.tables import Table, _num
 
 SEARCH_FILE = "search.json"  # written by hydra_plugins/qtl_optuna at the start of a search
@@ -85,9 +86,10 @@ def _run_record(folder: Path, run_dir: str | None) -> dict[str, Any]:
         return {}
     path = Path(run_dir) if os.path.isabs(run_dir) else folder / run_dir
     try:
-        return json.loads((path / "results.json").read_text())
-    except (OSError, ValueError):
+        results = RunFiles(path, create=False).read_results()
+    except RecordError:
         return {}
+    return results.to_json() if results is not None else {}
 
 
 def load_search(folder: Path | str) -> SearchTrials:

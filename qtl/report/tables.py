@@ -216,10 +216,12 @@ def convergence_table(sweep: Sweep) -> Table:
                 continue
             row: dict[str, Any] = {"task": task, "head": head, "n_seeds": len(runs)}
             for key in ("best_epoch", "epochs", "final_val_loss", "best_val_loss"):
-                values = [r.results[key] for r in runs if r.results.get(key) is not None]  # type: ignore[index,union-attr]
+                values = [
+                    getattr(r.results, key) for r in runs if getattr(r.results, key) is not None
+                ]
                 row[key], row[f"{key}_sd"] = mean_sd(values)
             row["train_seconds"] = mean_sd(
-                [r.results["wall_seconds"]["train"] for r in runs]  # type: ignore[index]
+                [r.results.wall_seconds["train"] for r in runs]  # type: ignore[union-attr]
             )[0]
             table.rows.append(row)
     return table
@@ -236,17 +238,17 @@ def runs_table(sweep: Sweep) -> Table:
                  "train_seconds": _num(".0f"), "total_seconds": _num(".0f")},
     )  # fmt: skip
     for r in sweep.runs:
-        res = r.results or {}
-        wall = res.get("wall_seconds", {})
-        hw = res.get("hardware", {})
+        res = r.results
+        wall = res.wall_seconds if res else {}
+        hw = res.hardware if res else {}
         table.rows.append(
             {
                 "task": r.task,
                 "head": r.head,
                 "seed": r.seed,
                 "status": r.status if r.finished else f"{r.status}: {r.problem}",
-                "best_epoch": res.get("best_epoch"),
-                "epochs": res.get("epochs"),
+                "best_epoch": res.best_epoch if res else None,
+                "epochs": res.epochs if res else None,
                 "test_mean_auroc": r.auroc("test"),
                 "external_mean_auroc": r.auroc("external"),
                 "train_seconds": wall.get("train"),

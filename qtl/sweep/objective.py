@@ -12,15 +12,12 @@ lacks the metric - gives NaN here; qtl's Optuna sweeper then tells the trial PRU
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from qtl.config import SearchConfig, SearchObjective
-
-RESULTS = "results.json"
-METRICS = "metrics.jsonl"
+from qtl.record.files import RecordError, Results, RunFiles
 
 
 def direction(objective: SearchObjective | str) -> str:
@@ -36,23 +33,21 @@ def _finite(value: Any) -> float:
     return x if math.isfinite(x) else math.nan
 
 
-def objective_value(results: dict[str, Any], objective: SearchObjective | str) -> float:
-    """The objective from a run's results (the dict ``results.json`` holds); NaN if unusable."""
+def objective_value(results: Results, objective: SearchObjective | str) -> float:
+    """The objective from a run's record; NaN if unusable."""
     objective = SearchObjective(str(objective))
     if objective == SearchObjective.val_loss:
-        return _finite(results.get("best_val_loss"))
-    val = (results.get("auroc") or {}).get("val") or {}
-    return _finite(val.get("mean"))
+        return _finite(results.best_val_loss)
+    return _finite(results.mean_auroc("val"))
 
 
 def read_objective(run_dir: Path | str, objective: SearchObjective | str) -> float:
     """The objective of the run in ``run_dir``; NaN when it has no (readable) results.json."""
-    path = Path(run_dir) / RESULTS
     try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
+        results = RunFiles(Path(run_dir), create=False).read_results()
+    except RecordError:
         return math.nan
-    return objective_value(results, objective)
+    return math.nan if results is None else objective_value(results, objective)
 
 
 # What a failed job's error says when the model's outputs went non-finite: the metric code
@@ -67,20 +62,8 @@ def diverged(run_dir: Path | str | None, error: str | None = None) -> bool:
         return True
     if run_dir is None:
         return False
-    path = Path(run_dir) / METRICS
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        for key in ("train_loss", "val_loss"):
-            if key in row and math.isnan(_finite(row[key])):
-                return True
-    return False
+    rows = RunFiles(Path(run_dir), create=False).read_metrics()
+    return any(math.isnan(_finite(r.train_loss)) or math.isnan(_finite(r.val_loss)) for r in rows)
 
 
 def job_return(result: Any, search: SearchConfig) -> float | None:
@@ -90,4 +73,4 @@ def job_return(result: Any, search: SearchConfig) -> float | None:
     """
     if not isinstance(result, dict):
         return None
-    return objective_value(result, search.objective)
+    return objective_value(Results.from_json(result), search.objective)

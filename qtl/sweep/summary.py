@@ -30,6 +30,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from qtl.record.files import RunFiles
 from qtl.utils.files import write_json_atomic
 
 RECORDS = ".sweep_jobs"
@@ -37,23 +38,15 @@ RECORDS = ".sweep_jobs"
 
 def _before(run_dir: Path) -> str:
     """What a job will do in this run directory: skip it, resume it, or start it."""
-    if (run_dir / "results.json").exists():
-        return "skip"
-    last = run_dir / "checkpoints" / "last"
-    if last.is_dir() and any(p.name.isdigit() for p in last.iterdir()):
-        return "resume"
-    return "new"
+    status = RunFiles(run_dir, create=False).status()
+    return {"finished": "skip", "started": "resume"}.get(status, "new")
 
 
 def _recorded_failure(record: dict[str, Any]) -> str | None:
     """The first line of the run's own failed.json, if it wrote one."""
-    from qtl.record.files import read_failure
-
     folder = record.get("output_dir")
-    failure = read_failure(Path(folder)) if folder else None
-    if failure is None:
-        return None
-    return str(failure.get("summary") or failure.get("message") or "failed").splitlines()[0]
+    failure = RunFiles(Path(folder), create=False).read_failure() if folder else None
+    return None if failure is None else failure.headline
 
 
 def _slurm_job_id() -> str | None:
@@ -149,14 +142,13 @@ class SweepSummary(Callback):
 def _note(record: dict[str, Any]) -> str:
     if record["state"] == "failed":
         return _recorded_failure(record) or record.get("error", "")
-    results = Path(record["output_dir"]) / "results.json"
-    if record["state"] == "unfinished" or not results.exists():
+    res = RunFiles(Path(record["output_dir"]), create=False).read_results()
+    if record["state"] == "unfinished" or res is None:
         restarts = record.get("slurm_restarts") or 0
         requeued = f"; requeued {restarts}x" if restarts else ""
         return f"no end recorded (killed, or still running){requeued}"
-    res = json.loads(results.read_text())
-    test = (res.get("auroc", {}).get("test") or {}).get("mean")
-    note = f"best epoch {res.get('best_epoch')}/{res.get('epochs')}"
+    test = res.mean_auroc("test")
+    note = f"best epoch {res.best_epoch}/{res.epochs}"
     return note + (f", test mean AUROC {test:.3f}" if test is not None else "")
 
 

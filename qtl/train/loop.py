@@ -34,7 +34,7 @@ from qtl.data.loader import WaitClock, batches, num_batches
 from qtl.evaluate.metrics import mean_auroc, per_label_auroc
 from qtl.evaluate.predict import predict
 from qtl.progress import bar
-from qtl.record.files import RunFiles
+from qtl.record.files import EpochRow, Failure, RunFiles
 from qtl.train.checkpoint import Checkpoints
 from qtl.train.preempt import StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
@@ -117,22 +117,24 @@ def _diverged(
         f"{last_good} was saved; the failure is recorded in {files.failed}."
     )
     files.write_failure(
-        {
-            "reason": "non_finite",
-            "summary": (
+        Failure(
+            reason="non_finite",
+            summary=(
                 f"training diverged at {where} (NaN/Inf; train.lr={tc.lr:g}, "
                 f"train.backbone_lr={backbone_lr})"
             ),
-            "message": message,
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "recent_losses": recent[-5:],
-            "train.lr": tc.lr,
-            "train.backbone_lr": tc.backbone_lr,
-            "train.optimizer": tc.optimizer,
-            "last_good_checkpoint": last_good,
-        }
+            message=message,
+            epoch=epoch,
+            batch=batch,
+            step=step,
+            recent_losses=recent[-5:],
+            knobs={
+                "train.lr": tc.lr,
+                "train.backbone_lr": tc.backbone_lr,
+                "train.optimizer": tc.optimizer,
+            },
+            last_good_checkpoint=last_good,
+        )
     )
     return TrainingDiverged(message)
 
@@ -257,17 +259,17 @@ def fit(
                 p.stopped = "early_stopping"
             elif epoch >= tc.max_epochs:
                 p.stopped = "max_epochs"
-            row = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_mean_auroc": val_auroc,
-                "best": improved,
-                "seconds": round(seconds, 3),
-                "data_wait_seconds": round(clock.seconds, 3),  # train loop blocked on the loader
-            }
-            p.history.append(row)
+            row = EpochRow(
+                epoch=epoch,
+                step=int(state.step),
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_mean_auroc=val_auroc,
+                best=bool(improved),
+                seconds=round(seconds, 3),
+                data_wait_seconds=round(clock.seconds, 3),  # train loop blocked on the loader
+            )
+            p.history.append(row.to_json())  # JSON in the checkpoint's metadata
             p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
             if improved:
                 faults.point("before_best_save")
