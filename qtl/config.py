@@ -11,8 +11,8 @@ whether it defines *what* the run computes (``IDENTITY``) or only *how or where*
 beyond float rounding, which tests pin). Every field is in exactly one of the two
 (:func:`check_identity_declarations`), so a new field is a decision, not an accident. A
 nested dataclass named in ``IDENTITY`` contributes its own identity fields; one named in
-``OPERATIONAL`` is left out whole. ``qtl.run`` compares a rerun's identity with the one in
-``run_config.json``.
+``OPERATIONAL`` is left out whole. ``qtl.record.identity`` compares a rerun's identity with
+the one in ``run_config.json``.
 
 ``LEGACY`` maps an identity field added after run records began to the value that
 reproduces what a qtl without the field computed. A record that lacks a field (written by an

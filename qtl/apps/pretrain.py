@@ -116,8 +116,8 @@ def build_pretrained_model(cfg: QtlConfig, seed: int) -> Classifier:
 
 def synthetic_pretrained(cfg: QtlConfig) -> Path:
     """Folder with the pretrained backbone for ``cfg`` (trained on first use, then cached)."""
-    from qtl.apps.train import train_and_evaluate
     from qtl.record.identity import fingerprint
+    from qtl.train.driver import train_and_evaluate
 
     src = pretrain_config(cfg)
     out = paths.pretrained_dir(cfg.paths) / f"{cfg.backbone.name}-{fingerprint(src)}"
@@ -131,7 +131,7 @@ def synthetic_pretrained(cfg: QtlConfig) -> Path:
             f"separate synthetic source set (19 labels, synth_seed={src.data.synth_seed}); "
             f"cached in {out}"
         )
-        train_and_evaluate(src, out / "run")
+        train_and_evaluate(src, out / "run", weights=None)
         save_hf_backbone(_best_backbone(src, out / "run"), out)
     return out
 

@@ -127,7 +127,8 @@ def resolve_augment_on(data: DataConfig) -> AugmentOn:
     backend (OpenCV is ~50x faster there than dm-pix), the device on a GPU/TPU.
 
     The two implementations agree only to rounding and at the border, so the resolved value
-    is part of a run's identity, recorded at its first start and kept on resume (qtl.run).
+    is part of a run's identity, recorded at its first start and kept on resume
+    (qtl.record.identity).
     """
     if data.augment_on != AugmentOn.auto:
         return AugmentOn(data.augment_on)

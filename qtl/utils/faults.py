@@ -5,7 +5,7 @@ a scheduler's ``kill -9`` or a lost node would) the ``n``-th time (default: firs
 reaches ``<point>``. ``QTL_FAULT_ACTION=raise`` raises :class:`InjectedFault` instead, for
 in-process tests. Unset, :func:`point` is a dictionary lookup and nothing else.
 
-Points, in the order a run reaches them (``qtl.train.loop``, ``qtl.run``):
+Points, in the order a run reaches them (``qtl.train.loop``, ``qtl.train.driver``):
 
 - ``before_best_save``: an improved epoch is trained and validated, nothing saved yet
 - ``between_best_and_last``: ``best`` is on disk, ``last`` (the commit) is not
