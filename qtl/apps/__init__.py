@@ -78,6 +78,8 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
         sys.exit(next(code for kind, code in known.items() if isinstance(err, kind)))
+    if cfg.mode != Mode.train:
+        return None
     from qtl.sweep.objective import job_return
 
     return job_return(result, cfg.search)
