@@ -19,6 +19,9 @@ Why it is fast, and still exact:
 - <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
   that network is never applied; the parity sums factor into two small GEMMs (high and low
   halves of the basis index), with no 2^n x n sign table;
+- when nothing but single-qubit gates comes before that last network (one variational layer,
+  as in the QViT's quantum layers), the state is a product state and a parity's expectation is
+  the product of per-wire <Z>: O(n^2) work per example, no 2^n state at all;
 - the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
   CPU, which is faster; memory-sized on a GPU), each rematerialised in the backward pass.
 
@@ -507,6 +510,16 @@ def fast_circuit(
     # start so the state is batch-first at the end: the measurement GEMM is then the larger one
     start_batch_first = n_local % 2 == 0 if layout is None else layout == "first"
 
+    def product_parity(x: jax.Array, theta: jax.Array) -> jax.Array:
+        real = x.dtype
+        dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
+        u = _layer_matrices(plan.prefix, n, x, theta, dtype)
+        v0, v1 = u[..., :, 0, 0], u[..., :, 1, 0]  # U|0> per wire
+        zw = (jnp.abs(v0) ** 2 - jnp.abs(v1) ** 2).astype(x.dtype)
+        zw = jnp.broadcast_to(zw, (x.shape[0], n))
+        # <prod_{w in mask_i} Z_w> on a product state = prod_{w in mask_i} <Z_w>
+        return jnp.prod(jnp.where(jnp.asarray(masks)[None], zw[:, None, :], 1.0), axis=-1)
+
     def core(x: jax.Array, theta: jax.Array, index: dict) -> jax.Array:
         real = x.dtype
         dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
@@ -537,12 +550,15 @@ def fast_circuit(
         tables = _sign_tables(n, masks, real)
         return _measure(probs.astype(real), batch, n, tables, batch_first)
 
-    state_bytes = 2**n * (4 if spec.is_real else 8)
+    state_bytes = 2**n * (4 if plan.real else 8)
 
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
         batch = x2.shape[0]
+        if not plan.steps:  # no state vector: nothing to chunk
+            z = product_parity(x2, theta).astype(x.dtype)
+            return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
         index = {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}
         budget = max_state_mb if max_state_mb is not None else default_state_mb()
