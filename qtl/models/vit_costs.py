@@ -198,35 +198,39 @@ def resolve(cfg: ViTConfig, image_shape: tuple[int, int, int], n_outputs: int) -
 
 
 def module_parameter_table(model: Any) -> dict[str, int]:
-    """Parameters per component of a built :class:`qtl.models.vit.ViT`, same row names as
-    :func:`vit_costs` (the truth the analytic count is tested against)."""
+    """Parameters per component of a built (or ``nnx.eval_shape``-built) ViT, same row names
+    as :func:`vit_costs`: the truth the analytic count is tested against. Read from the
+    parameter paths, so a parameter the analytic count forgets shows up as a difference."""
+    import math
+
     import jax
     from flax import nnx
 
-    from qtl.quantum.layer import QuantumLayer
+    def key(entry: Any) -> Any:
+        return getattr(entry, "key", getattr(entry, "name", entry))
 
     table: dict[str, int] = {}
-
-    def add(name: str, module: Any) -> None:
-        n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-        table[name] = table.get(name, 0) + n
-
-    add("patch embedding", model.patch)
-    table["position embedding"] = int(model.pos[...].size) + (
-        int(model.cls[...].size) if model.cls is not None else 0
-    )
-    for block in model.blocks:
-        add("layer norms", block.norm1)
-        add("layer norms", block.norm2)
-        for proj in (block.attn.q, block.attn.k, block.attn.v, block.attn.o):
-            kind = "quantum" if isinstance(proj, QuantumLayer) else "classical"
-            add(f"attention projections ({kind})", proj)
-        add("MLP (classical)", block.mlp.fc1)
-        add("MLP (classical)", block.mlp.fc2)
-        if block.mlp.quantum is not None:
-            add("MLP (quantum)", block.mlp.quantum)
-    add("layer norms", model.norm)
-    add("pool and classifier", model.head)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    for path, leaf in leaves:
+        names = [key(p) for p in path]
+        n = math.prod(leaf.shape)
+        top = names[0]
+        if top == "patch":
+            row = "patch embedding"
+        elif top in ("pos", "cls"):
+            row = "position embedding"
+        elif top == "norm" or (top == "blocks" and names[2] in ("norm1", "norm2")):
+            row = "layer norms"
+        elif top == "blocks" and names[2] == "attn":
+            kind = "quantum" if names[4] == "weights" else "classical"
+            row = f"attention projections ({kind})"
+        elif top == "blocks" and names[2] == "mlp":
+            row = "MLP (quantum)" if names[3] == "quantum" else "MLP (classical)"
+        elif top == "head":
+            row = "pool and classifier"
+        else:
+            raise ValueError(f"parameter {'/'.join(map(str, names))} belongs to no component")
+        table[row] = table.get(row, 0) + n
     return {k: v for k, v in table.items() if v}
 
 
