@@ -18,11 +18,38 @@ term's gradient scale independent of T. ``alpha = 1`` is pure distillation (the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from qtl.data.medmnist_info import FlagInfo, Task
+
+DISTILL_MODES = ("none", "joint", "pretrain")
+
+
+@dataclass
+class DistillConfig:
+    """``distill=none | joint | pretrain``: the KD term and how it enters training."""
+
+    mode: str = "none"  # none | joint (KD + labels throughout) | pretrain (KD first, then labels)
+    temperature: float = 4.0  # T: both logits divided by T before the softmax/sigmoid
+    alpha: float = 0.7  # joint: weight of the T^2-scaled KD term; 1 - alpha on the label loss
+    pretrain_epochs: int = 10  # pretrain: epochs of pure KD (alpha = 1) before label training
+    teacher: str = "resnet18"  # a model preset trained on the same data, or a run directory
+
+
+def validate_distill(cfg: DistillConfig) -> None:
+    """Field errors at build time."""
+    if cfg.mode not in DISTILL_MODES:
+        raise ValueError(f"distill.mode='{cfg.mode}' is not one of: {', '.join(DISTILL_MODES)}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"distill.temperature={cfg.temperature}, expected > 0")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ValueError(f"distill.alpha={cfg.alpha}, expected a value in [0, 1]")
+    if cfg.pretrain_epochs < 0:
+        raise ValueError(f"distill.pretrain_epochs={cfg.pretrain_epochs}, expected >= 0")
 
 
 def n_outputs(info: FlagInfo, binary_logits: int = 1) -> int:

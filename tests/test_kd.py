@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qtl.data.medmnist_info import INFO, Task
-from qtl.objectives import distill_loss, label_loss, n_outputs, probabilities, soft_term
+from qtl.objectives import (
+    DistillConfig,
+    distill_loss,
+    label_loss,
+    n_outputs,
+    probabilities,
+    soft_term,
+    validate_distill,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -149,3 +159,21 @@ def test_kd_alpha_ends_and_errors():
         distill_loss("ordinal", s, t, y, alpha=0.5, temperature=0)
     with pytest.raises(ValueError, match="teacher logits"):
         soft_term("ordinal", s, t[:, :2], 2.0)
+
+
+@pytest.mark.parametrize("mode", ["none", "joint", "pretrain"])
+def test_distill_yaml_drafts_fit_the_schema(tmp_path, mode):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf" / "distill", tmp_path / "distill")
+    (tmp_path / "config.yaml").write_text(f"defaults:\n  - distill: {mode}\n  - _self_\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        loaded = compose(config_name="config").distill
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig), loaded))
+    validate_distill(cfg)
+    assert cfg.mode == mode and cfg == DistillConfig(mode=mode)
+    with pytest.raises(ValueError, match="distill.mode='kd'"):
+        validate_distill(DistillConfig(mode="kd"))

@@ -4,6 +4,7 @@ tiny jitted train step per MedMNIST task type on synthetic data."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +227,27 @@ def test_kd_train_step_moves_the_student_towards_the_teacher(tmp_path):
 
     losses = _train(model, loss, images, labels)
     assert losses[-1] < losses[0] - 0.02, losses
+
+
+def _compose_group(tmp_path, group: str, option: str):
+    """``group=option`` from the real conf/ files, composed by Hydra on their own (the drafts
+    are not in the root config's defaults yet)."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "conf"
+    shutil.copytree(root / group, tmp_path / group)
+    (tmp_path / "config.yaml").write_text(f"defaults:\n  - {group}: {option}\n  - _self_\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config")[group])
+
+
+@pytest.mark.parametrize("option,preset", [("qvit", qvit_preset), ("vit", vit_preset)])
+def test_model_yaml_drafts_are_the_presets(tmp_path, option, preset):
+    from omegaconf import OmegaConf
+
+    loaded = _compose_group(tmp_path, "model", option)
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ViTConfig), loaded))
+    assert typed == preset()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,46 @@ from qtl.data.medmnist_info import SPLITS, FlagInfo, Task, file_name, flag_info
 
 # an extra key the synthetic generator writes (JSON); the real files never carry it
 SYNTHETIC_KEY = "qtl_synthetic"
+
+
+@dataclass
+class MedMNISTConfig:
+    """``data=medmnist``: which set, where its files are, and the synthetic stand-in."""
+
+    name: str = "medmnist"
+    flag: str = "retinamnist"  # one of the 12 2D sets (qtl.data.medmnist_info.FLAGS)
+    size: int = 28  # 28 | 64 | 128 | 224: reads {flag}.npz or {flag}_{size}.npz
+    root: str | None = None  # folder of the .npz files; null = .cache/qtl/medmnist
+    synthetic: bool = True  # no file there: write the built-in synthetic one (real ones: false)
+    synth_seed: int = 0  # the synthetic set's own seed
+    synth_sizes: dict[str, int] = field(
+        default_factory=lambda: {"train": 1000, "val": 200, "test": 400}
+    )  # capped by the official split sizes
+    synth_noise: float = 0.08  # pixel noise std of the synthetic images (0..1 scale)
+    check_split_sizes: bool | None = None  # null: official sizes required of real files only
+    binary_logits: int = 1  # binary sets: 1 (sigmoid BCE) | 2 (softmax CE, MedMNIST v2 style)
+
+
+DEFAULT_ROOT = Path(".cache") / "qtl" / "medmnist"
+
+
+def open_medmnist(cfg: MedMNISTConfig) -> MedMNISTData:
+    """The checked data a run trains on: the file under ``cfg.root``, written first from the
+    synthetic generator when ``cfg.synthetic`` is on and it is missing or was made with other
+    settings (a real file there is never overwritten)."""
+    root = Path(cfg.root) if cfg.root else DEFAULT_ROOT
+    if cfg.synthetic:
+        from qtl.data.medmnist_synthetic import ensure_synthetic
+
+        ensure_synthetic(
+            root,
+            cfg.flag,
+            cfg.size,
+            sizes=cfg.synth_sizes,
+            seed=cfg.synth_seed,
+            noise=cfg.synth_noise,
+        )
+    return load_medmnist(root, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
 
 
 class MedMNISTFormatError(ValueError):
