@@ -251,3 +251,14 @@ def test_model_yaml_drafts_are_the_presets(tmp_path, option, preset):
     loaded = _compose_group(tmp_path, "model", option)
     typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ViTConfig), loaded))
     assert typed == preset()
+
+
+@pytest.mark.slow
+def test_bench_times_both_pairs_and_records_the_load():
+    from qtl.bench.qvit import run_bench
+
+    cfg = ViTConfig(hidden_size=4, num_heads=2, num_blocks=1, mlp_size=2, patch_size=4)
+    out = run_bench(cfg, (8, 8, 1), 2, batch=2, steps=3, max_seconds=5)
+    assert out["vit_step"]["quantum"] == [] and out["qvit_step"]["quantum"] == cfg.quantum
+    assert out["qvit_over_vit"] > 0 and out["pennylane_over_fast"] > 0
+    assert out["setup"]["layer_rows"] == 2 * 4 and "load average" in out["uptime_start"]
