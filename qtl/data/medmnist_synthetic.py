@@ -11,7 +11,7 @@ textures and intensities that overlap between classes, smooth background, pixel 
   grade, so neighbouring grades overlap the way graded severity does;
 - binary: a diffuse opacity present in the "finding" class only, of random strength;
 - multi-label (ChestMNIST): each label independently present (prevalence falling from 25% to
-  5% over the labels), shown as a faint blob at that label's place inside the lung fields.
+  5% over the labels), shown as a blob at that label's place inside the lung fields.
 Files are deterministic in (seed, flag, size, split) and written atomically (temp + rename),
 so concurrent jobs can share a folder. A marker key (:data:`qtl.data.medmnist.SYNTHETIC_KEY`)
 records the settings; real files never carry it.
@@ -31,7 +31,7 @@ import numpy as np
 from qtl.data.medmnist import SYNTHETIC_KEY, medmnist_path
 from qtl.data.medmnist_info import FLAGS, SIZES, SPLITS, FlagInfo, Task, flag_info
 
-VERSION = 1  # bump when the images change, so cached files are rewritten
+VERSION = 2  # bump when the images change, so cached files are rewritten
 DEFAULT_SPLITS = {"train": 1000, "val": 200, "test": 400}  # capped by the official sizes
 # the binary class that shows the finding (BreastMNIST's class 0 is "malignant")
 _FINDING_CLASS = {"breastmnist": 0}
@@ -277,8 +277,8 @@ def _chest(grid, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         py = -0.55 + 1.1 * (j // 4) / max(1, (n - 1) // 4)
         px += rng.normal(0, 0.05)
         py += rng.normal(0, 0.05)
-        blob = _soft(rng.uniform(0.1, 0.16) - np.sqrt((u - px) ** 2 + (v - py) ** 2), size)
-        img = img + rng.uniform(0.12, 0.25) * blob
+        blob = _soft(rng.uniform(0.14, 0.2) - np.sqrt((u - px) ** 2 + (v - py) ** 2), size)
+        img = img + rng.uniform(0.2, 0.35) * blob
     return img[..., None]
 
 
