@@ -207,74 +207,23 @@ def _layer_matrices(
 
 def _columns(a: jax.Array, index: list[int]) -> jax.Array:
     """``a[..., index]``, as a slice when the indices are consecutive: a gather's gradient is a
-    scatter-add, which XLA:CPU runs element by element (~10x the rest of a QViT layer)."""
+    scatter-add, which XLA:CPU runs element by element (slow at a QViT's B*T rows)."""
     if index == list(range(index[0], index[0] + len(index))):
         return a[..., index[0] : index[0] + len(index)]
     return a[..., np.array(index)]
 
 
-def _bloch_z(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array) -> jax.Array:
-    """(B, n) <Z> of every wire's gates applied to |0>, by rotating its Bloch vector.
-
-    Real arithmetic even for RX/RZ (an SO(3) rotation per gate), so a product-state circuit
-    needs no complex state at all: complex elementwise math and its gradient ran ~4x slower
-    on XLA:CPU than this. Wires with the same gate sequence are rotated together.
-    """
-    batch = x.shape[0]
+def _wire_groups_with_angles(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array):
+    """[(wires, [(gate name, angles or None), ...])]: wires with the same gate sequence, their
+    angles gathered per gate ((B, k) for inputs, (k,) for weights), so each group's gates are
+    applied to all its wires at once."""
     flat_theta = theta.reshape(-1)
     by_signature: dict[tuple[str, ...], list[int]] = {}
     for w in range(n):
         by_signature.setdefault(tuple(name for name, _ in gates.get(w, [])), []).append(w)
-    parts, order = [], []
+    groups = []
     for signature, wires in by_signature.items():
-        k = len(wires)
-        bx, by = jnp.zeros((batch, k), x.dtype), jnp.zeros((batch, k), x.dtype)
-        bz = jnp.ones((batch, k), x.dtype)
-        for j, name in enumerate(signature):
-            if name == "Hadamard":  # X <-> Z, Y -> -Y
-                bx, by, bz = bz, -by, bx
-                continue
-            syms = [gates[w][j][1] for w in wires]
-            if {s.array for s in syms} != {syms[0].array}:
-                raise ValueError(f"fast simulator: gate {name} mixes input and weight angles")
-            if syms[0].array == "x":
-                angle = _columns(x, [s.index[0] for s in syms])
-            else:
-                flat = [int(np.ravel_multi_index(s.index, theta.shape)) for s in syms]
-                angle = _columns(flat_theta, flat)
-            c, s = jnp.cos(angle), jnp.sin(angle)
-            if name == "RX":
-                by, bz = by * c - bz * s, by * s + bz * c
-            elif name == "RY":
-                bx, bz = bx * c + bz * s, bz * c - bx * s
-            else:  # RZ
-                bx, by = bx * c - by * s, bx * s + by * c
-        parts.append(bz)
-        order.extend(wires)
-    zw = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    if order != list(range(n)):
-        zw = jnp.take(zw, np.argsort(order), axis=1)
-    return zw
-
-
-def _zero_vectors(
-    gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array, dtype
-) -> jax.Array:
-    """(B, n, 2): every wire's gates applied to |0>, as elementwise products.
-
-    What ``_layer_matrices(...)[..., 0]`` gives, without its batch of 2x2 matmuls: with an
-    input angle per example that batch is B*n tiny GEMMs, which XLA:CPU runs one by one
-    (~20x slower than this at the QViT's B*T = 1,568 rows and 8 wires).
-    """
-    batch = x.shape[0]
-    flat_theta = theta.reshape(-1)
-    by_signature: dict[tuple[str, ...], list[int]] = {}
-    for w in range(n):
-        by_signature.setdefault(tuple(name for name, _ in gates.get(w, [])), []).append(w)
-    parts, order = [], []
-    for signature, wires in by_signature.items():
-        v0 = jnp.ones((batch, len(wires)), dtype)
-        v1 = jnp.zeros((batch, len(wires)), dtype)
+        ops = []
         for j, name in enumerate(signature):
             syms = [gates[w][j][1] for w in wires]
             angle = None
@@ -286,14 +235,66 @@ def _zero_vectors(
                 else:
                     flat = [int(np.ravel_multi_index(s.index, theta.shape)) for s in syms]
                     angle = _columns(flat_theta, flat)
+            ops.append((name, angle))
+        groups.append((wires, ops))
+    return groups
+
+
+def _in_wire_order(parts: list[jax.Array], order: list[int]) -> jax.Array:
+    out = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    if order != list(range(len(order))):
+        out = jnp.take(out, np.argsort(order), axis=1)
+    return out
+
+
+def _bloch_z(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array) -> jax.Array:
+    """(B, n) <Z> of every wire's gates applied to |0>, by rotating its Bloch vector.
+
+    Real arithmetic even for RX/RZ (an SO(3) rotation per gate), so a product-state circuit
+    needs no complex state at all: complex elementwise math and its gradient ran ~4x slower
+    on XLA:CPU than this.
+    """
+    batch = x.shape[0]
+    parts, order = [], []
+    for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
+        k = len(wires)
+        bx, by = jnp.zeros((batch, k), x.dtype), jnp.zeros((batch, k), x.dtype)
+        bz = jnp.ones((batch, k), x.dtype)
+        for name, angle in ops:
+            if name == "Hadamard":  # X <-> Z, Y -> -Y
+                bx, by, bz = bz, -by, bx
+                continue
+            c, s = jnp.cos(angle), jnp.sin(angle)
+            if name == "RX":
+                by, bz = by * c - bz * s, by * s + bz * c
+            elif name == "RY":
+                bx, bz = bx * c + bz * s, bz * c - bx * s
+            else:  # RZ
+                bx, by = bx * c - by * s, bx * s + by * c
+        parts.append(bz)
+        order.extend(wires)
+    return _in_wire_order(parts, order)
+
+
+def _zero_vectors(
+    gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array, dtype
+) -> jax.Array:
+    """(B, n, 2): every wire's gates applied to |0>, as elementwise products.
+
+    What ``_layer_matrices(...)[..., 0]`` gives, without its batch of 2x2 matmuls: with an
+    input angle per example that batch is B*n tiny GEMMs, which XLA:CPU runs one by one.
+    """
+    batch = x.shape[0]
+    parts, order = [], []
+    for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
+        v0 = jnp.ones((batch, len(wires)), dtype)
+        v1 = jnp.zeros((batch, len(wires)), dtype)
+        for name, angle in ops:
             g = _gate(name, angle, dtype)
             v0, v1 = g[..., 0, 0] * v0 + g[..., 0, 1] * v1, g[..., 1, 0] * v0 + g[..., 1, 1] * v1
         parts.append(jnp.stack([v0, v1], -1))
         order.extend(wires)
-    vectors = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    if order != list(range(n)):
-        vectors = jnp.take(vectors, np.argsort(order), axis=1)
-    return vectors
+    return _in_wire_order(parts, order)
 
 
 # ----------------------------------------------------------------------------- state ops
