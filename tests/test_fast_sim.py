@@ -191,3 +191,114 @@ def test_dqc_module_gradients_agree_between_simulators(n, depth):
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(b), atol=ATOL, err_msg=jax.tree_util.keystr(path)
         )
+
+
+# ----------------------------------------------------------------------------- QViT family
+# The QViT's quantum layers: raw features as RX (or RY) angles with no Hadamards, RX/RY
+# variational layers, the qvit_ring (one CNOT on two wires). Same float64 reference and
+# tolerance as the grid above, on the gradient of a fixed linear read-out of <Z> w.r.t. the
+# raw inputs and the weights.
+QVIT_CASES = [  # (n, depth, encoding, rotation, entangler)
+    (2, 1, "rx", "rx", "qvit_ring"),
+    (3, 2, "rx", "rx", "qvit_ring"),
+    (8, 1, "rx", "rx", "qvit_ring"),
+    (8, 2, "rx", "rx", "qvit_ring"),
+    (4, 2, "ry", "ry", "qvit_ring"),
+    (5, 1, "rx", "ry", "ring"),
+    (3, 2, "ry", "rx", "chain"),
+    (4, 1, "ry", "rz_ry", "even_odd"),
+]
+
+
+def _readout_loss(circuit, readout):
+    return lambda x, theta: jnp.sum(circuit(x, theta) * readout)
+
+
+@pytest.mark.parametrize("n,depth,encoding,rotation,entangler", QVIT_CASES)
+def test_qvit_family_fast_equals_pennylane_float64(n, depth, encoding, rotation, entangler):
+    spec = CircuitSpec(n, depth, entangler, rotation, encoding)
+    rng = np.random.default_rng(n * 10 + depth)
+    x = rng.normal(0, 1.5, (5, n))  # raw features: no tanh, any sign and size
+    theta = rng.normal(0, 1.0, spec.theta_shape)
+    readout = rng.normal(size=(5, n))
+    with jax.enable_x64(True):
+        reference = pennylane_circuit(spec)
+        args64 = (jnp.asarray(x, jnp.float64), jnp.asarray(theta, jnp.float64))
+        ref_z = np.asarray(jax.jit(reference)(*args64))
+        ref_loss = _readout_loss(reference, jnp.asarray(readout))
+        ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(*args64)
+    circuit = fast_circuit(spec)
+    args32 = (jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
+    z = jax.jit(circuit)(*args32)
+    loss = _readout_loss(circuit, jnp.asarray(readout, jnp.float32))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(*args32)
+    np.testing.assert_allclose(np.asarray(z), ref_z, atol=ATOL, err_msg="<Z>")
+    for name, a, b in zip(("x", "theta"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, err_msg=f"d/d {name}")
+
+
+def _dense_reference(x: np.ndarray, theta: np.ndarray, n: int, pairs) -> np.ndarray:
+    """RX(x) encoding, depth x [RX(theta) on every wire, CNOTs], <Z>: 2^n x 2^n matrices."""
+
+    def rx(a):
+        c, s = np.cos(a / 2), np.sin(a / 2)
+        return np.array([[c, -1j * s], [-1j * s, c]])
+
+    def on_all(mats):
+        out = np.ones((1, 1))
+        for m in mats:
+            out = np.kron(out, m)
+        return out
+
+    def cnot(control, target):
+        index = np.arange(2**n)
+        flip = ((index >> (n - 1 - control)) & 1) << (n - 1 - target)
+        return np.eye(2**n)[index ^ flip]
+
+    state = np.zeros(2**n, complex)
+    state[0] = 1
+    state = on_all([rx(a) for a in x]) @ state
+    for layer in theta:
+        state = on_all([rx(a) for a in layer]) @ state
+        for pair in pairs:
+            state = cnot(*pair) @ state
+    probs = np.abs(state) ** 2
+    bits = (np.arange(2**n)[:, None] >> (n - 1 - np.arange(n))[None, :]) & 1
+    return probs @ (1 - 2 * bits)
+
+
+@pytest.mark.parametrize("n,depth", [(2, 1), (2, 3), (3, 2), (4, 1)])
+def test_qvit_layer_circuit_equals_an_independent_dense_simulation(n, depth):
+    """A third opinion that shares no code with PennyLane or fast: explicit matrices."""
+    spec = CircuitSpec(n, depth, "qvit_ring", "rx", "rx")
+    rng = np.random.default_rng(depth)
+    x, theta = rng.normal(0, 2, (3, n)), rng.normal(0, 2, (depth, n))
+    pairs = [(0, 1)] if n == 2 else [(i, (i + 1) % n) for i in range(n)]
+    expected = np.stack([_dense_reference(row, theta, n, pairs) for row in x])
+    got = jax.jit(fast_circuit(spec))(jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL)
+
+
+def test_qvit_ring_is_one_cnot_on_two_wires_and_the_ring_elsewhere():
+    assert entangler_pairs("qvit_ring", 2) == [(0, 1)]
+    assert entangler_pairs("ring", 2) == [(0, 1), (1, 0)]  # the DQC's ring is unchanged
+    assert entangler_pairs("qvit_ring", 5) == ring_pairs(5)
+    with pytest.raises(ValueError, match="encoding='rz' is not one of: h_ry, rx, ry"):
+        CircuitSpec(4, 1, encoding="rz")
+
+
+def test_qvit_family_batch_splitting_changes_nothing():
+    """Complex state path (depth 2), many rows as images x tokens: chunks equal one pass."""
+    spec = CircuitSpec(6, 2, "qvit_ring", "rx", "rx")
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(37, 6)), jnp.float32)
+    theta = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+    readout = jnp.asarray(rng.normal(size=(37, 6)), jnp.float32)
+    whole = fast_circuit(spec)
+    tiny = fast_circuit(spec, max_state_mb=4 * 2**6 * 8 / 2**20)  # four states per chunk
+    results = [
+        jax.jit(jax.value_and_grad(_readout_loss(c, readout), argnums=(0, 1)))(x, theta)
+        for c in (whole, tiny)
+    ]
+    for a, b in zip(*(jax.tree.leaves(r) for r in results), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

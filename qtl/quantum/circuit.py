@@ -1,10 +1,13 @@
-"""The DQC circuit family, written once as a PennyLane quantum function.
+"""The circuit family of both studies, written once as a PennyLane quantum function.
 
-The study's circuit (REFERENCE §1) is the default: on |0...0>, H then RY(x_i) on every wire;
-then `depth` times a rotation layer RY(theta[l, i]) followed by a CNOT ring 0->1, 1->2, ...,
-(n-1)->0; finally <Z_i> on every wire. Variants change the entangler (ring | chain |
-even_odd) or the trainable rotation (ry | rx | rz_ry). Every simulator runs this one
-definition: PennyLane executes it, and ``qtl.quantum.fast`` compiles its recorded tape.
+The chest X-ray study's DQC circuit (REFERENCE §1) is the default: on |0...0>, H then RY(x_i)
+on every wire; then `depth` times a rotation layer RY(theta[l, i]) followed by a CNOT ring
+0->1, 1->2, ..., (n-1)->0; finally <Z_i> on every wire. Variants change the encoding
+(h_ry | rx | ry), the entangler (ring | chain | even_odd | qvit_ring) or the trainable
+rotation (ry | rx | rz_ry). The QViT's quantum layers (REFERENCE §10) are the member
+encoding=rx, rotation=rx, entangler=qvit_ring: raw features as RX angles, no Hadamards, and a
+ring that is a single CNOT on two wires. Every simulator runs this one definition: PennyLane
+executes it, and ``qtl.quantum.fast`` compiles its recorded tape.
 """
 
 from __future__ import annotations
@@ -22,24 +25,33 @@ import pennylane as qml
 # default.qubit asks for complex128 and JAX (x64 off) uses complex64: expected, not actionable.
 warnings.filterwarnings("ignore", message="Explicitly requested dtype complex128")
 
-ENTANGLERS = ("ring", "chain", "even_odd")
+ENTANGLERS = ("ring", "chain", "even_odd")  # the DQC head's choices
+# qvit_ring: the ring for d > 2 wires, one CNOT 0->1 for d = 2 (the public QViT design's)
+ALL_ENTANGLERS = (*ENTANGLERS, "qvit_ring")
 ROTATIONS = ("ry", "rx", "rz_ry")
+# h_ry: H then RY(x) (the DQC's); rx | ry: one rotation by the raw feature (the QViT's is rx)
+ENCODINGS = ("h_ry", "rx", "ry")
 
 
 @dataclass(frozen=True)
 class CircuitSpec:
-    """Which member of the family: qubit count, layers, entangler and rotation."""
+    """Which member of the family: qubit count, layers, entangler, rotation and encoding."""
 
     n_qubits: int
     depth: int = 3
-    entangler: str = "ring"  # ring | chain | even_odd
+    entangler: str = "ring"  # ring | chain | even_odd | qvit_ring
     rotation: str = "ry"  # ry | rx | rz_ry (RZ then RY: two angles per wire)
+    encoding: str = "h_ry"  # h_ry | rx | ry
 
     def __post_init__(self) -> None:
-        if self.entangler not in ENTANGLERS:
-            raise ValueError(f"entangler='{self.entangler}' is not one of: {', '.join(ENTANGLERS)}")
+        if self.entangler not in ALL_ENTANGLERS:
+            raise ValueError(
+                f"entangler='{self.entangler}' is not one of: {', '.join(ALL_ENTANGLERS)}"
+            )
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation='{self.rotation}' is not one of: {', '.join(ROTATIONS)}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding='{self.encoding}' is not one of: {', '.join(ENCODINGS)}")
         if self.n_qubits < 2:
             raise ValueError(f"the circuit needs at least 2 qubits, got {self.n_qubits}")
         if self.depth < 1:
@@ -55,7 +67,7 @@ class CircuitSpec:
     @property
     def is_real(self) -> bool:
         """True when every gate is real (H, RY, CNOT), so amplitudes need no imaginary part."""
-        return self.rotation == "ry"
+        return self.rotation == "ry" and self.encoding in ("h_ry", "ry")
 
 
 def ring_pairs(n_qubits: int) -> list[tuple[int, int]]:
@@ -69,17 +81,20 @@ def entangler_pairs(kind: str, n_qubits: int) -> list[tuple[int, int]]:
     """CNOT (control, target) pairs of one entangling layer, in application order.
 
     ring: 0->1, ..., (n-2)->(n-1), (n-1)->0 (the study's; for n=2 the wrap is a second CNOT 1->0);
-    chain: the ring without the wrap; even_odd: 0->1, 2->3, ... then 1->2, 3->4, ...
+    chain: the ring without the wrap; even_odd: 0->1, 2->3, ... then 1->2, 3->4, ...;
+    qvit_ring: the ring, except a single CNOT 0->1 on two wires.
     """
     if kind == "ring":
         return ring_pairs(n_qubits)
+    if kind == "qvit_ring":
+        return [(0, 1)] if n_qubits == 2 else ring_pairs(n_qubits)
     if kind == "chain":
         return [(i, i + 1) for i in range(n_qubits - 1)]
     if kind == "even_odd":
         even = [(i, i + 1) for i in range(0, n_qubits - 1, 2)]
         odd = [(i, i + 1) for i in range(1, n_qubits - 1, 2)]
         return even + odd
-    raise ValueError(f"entangler='{kind}' is not one of: {', '.join(ENTANGLERS)}")
+    raise ValueError(f"entangler='{kind}' is not one of: {', '.join(ALL_ENTANGLERS)}")
 
 
 def _rotation(kind: str, angles: Any, wire: int) -> None:
@@ -96,8 +111,13 @@ def dqc_ansatz(x: Any, theta: Any, spec: CircuitSpec) -> None:
     """Queue the circuit's gates; ``x`` is (..., n) angles (a leading batch axis broadcasts)."""
     pairs = entangler_pairs(spec.entangler, spec.n_qubits)
     for wire in range(spec.n_qubits):
-        qml.Hadamard(wires=wire)
-        qml.RY(x[..., wire], wires=wire)
+        if spec.encoding == "h_ry":
+            qml.Hadamard(wires=wire)
+            qml.RY(x[..., wire], wires=wire)
+        elif spec.encoding == "ry":
+            qml.RY(x[..., wire], wires=wire)
+        else:  # rx
+            qml.RX(x[..., wire], wires=wire)
     for layer in range(spec.depth):
         for wire in range(spec.n_qubits):
             _rotation(spec.rotation, theta[layer, wire], wire)

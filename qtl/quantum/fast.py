@@ -19,6 +19,9 @@ Why it is fast, and still exact:
 - <Z_i> after the last CNOT network is the parity of a set of bits measured before it, so
   that network is never applied; the parity sums factor into two small GEMMs (high and low
   halves of the basis index), with no 2^n x n sign table;
+- when nothing but single-qubit gates comes before that last network (one variational layer,
+  as in the QViT's quantum layers), the state is a product state and a parity's expectation is
+  the product of per-wire <Z>: O(n^2) work per example, no 2^n state at all;
 - the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
   CPU, which is faster; memory-sized on a GPU), each rematerialised in the backward pass.
 
@@ -200,6 +203,98 @@ def _layer_matrices(
     if order != list(range(n)):
         mats = jnp.take(mats, np.argsort(order), axis=-3)
     return mats
+
+
+def _columns(a: jax.Array, index: list[int]) -> jax.Array:
+    """``a[..., index]``, as a slice when the indices are consecutive: a gather's gradient is a
+    scatter-add, which XLA:CPU runs element by element (slow at a QViT's B*T rows)."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return a[..., index[0] : index[0] + len(index)]
+    return a[..., np.array(index)]
+
+
+def _wire_groups_with_angles(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array):
+    """[(wires, [(gate name, angles or None), ...])]: wires with the same gate sequence, their
+    angles gathered per gate ((B, k) for inputs, (k,) for weights), so each group's gates are
+    applied to all its wires at once."""
+    flat_theta = theta.reshape(-1)
+    by_signature: dict[tuple[str, ...], list[int]] = {}
+    for w in range(n):
+        by_signature.setdefault(tuple(name for name, _ in gates.get(w, [])), []).append(w)
+    groups = []
+    for signature, wires in by_signature.items():
+        ops = []
+        for j, name in enumerate(signature):
+            syms = [gates[w][j][1] for w in wires]
+            angle = None
+            if syms[0] is not None:
+                if {s.array for s in syms} != {syms[0].array}:
+                    raise ValueError(f"fast simulator: gate {name} mixes input and weight angles")
+                if syms[0].array == "x":
+                    angle = _columns(x, [s.index[0] for s in syms])
+                else:
+                    flat = [int(np.ravel_multi_index(s.index, theta.shape)) for s in syms]
+                    angle = _columns(flat_theta, flat)
+            ops.append((name, angle))
+        groups.append((wires, ops))
+    return groups
+
+
+def _in_wire_order(parts: list[jax.Array], order: list[int]) -> jax.Array:
+    out = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    if order != list(range(len(order))):
+        out = jnp.take(out, np.argsort(order), axis=1)
+    return out
+
+
+def _bloch_z(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array) -> jax.Array:
+    """(B, n) <Z> of every wire's gates applied to |0>, by rotating its Bloch vector.
+
+    Real arithmetic even for RX/RZ (an SO(3) rotation per gate), so a product-state circuit
+    needs no complex state at all: complex elementwise math and its gradient ran ~4x slower
+    on XLA:CPU than this.
+    """
+    batch = x.shape[0]
+    parts, order = [], []
+    for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
+        k = len(wires)
+        bx, by = jnp.zeros((batch, k), x.dtype), jnp.zeros((batch, k), x.dtype)
+        bz = jnp.ones((batch, k), x.dtype)
+        for name, angle in ops:
+            if name == "Hadamard":  # X <-> Z, Y -> -Y
+                bx, by, bz = bz, -by, bx
+                continue
+            c, s = jnp.cos(angle), jnp.sin(angle)
+            if name == "RX":
+                by, bz = by * c - bz * s, by * s + bz * c
+            elif name == "RY":
+                bx, bz = bx * c + bz * s, bz * c - bx * s
+            else:  # RZ
+                bx, by = bx * c - by * s, bx * s + by * c
+        parts.append(bz)
+        order.extend(wires)
+    return _in_wire_order(parts, order)
+
+
+def _zero_vectors(
+    gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array, dtype
+) -> jax.Array:
+    """(B, n, 2): every wire's gates applied to |0>, as elementwise products.
+
+    What ``_layer_matrices(...)[..., 0]`` gives, without its batch of 2x2 matmuls: with an
+    input angle per example that batch is B*n tiny GEMMs, which XLA:CPU runs one by one.
+    """
+    batch = x.shape[0]
+    parts, order = [], []
+    for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
+        v0 = jnp.ones((batch, len(wires)), dtype)
+        v1 = jnp.zeros((batch, len(wires)), dtype)
+        for name, angle in ops:
+            g = _gate(name, angle, dtype)
+            v0, v1 = g[..., 0, 0] * v0 + g[..., 0, 1] * v1, g[..., 1, 0] * v0 + g[..., 1, 1] * v1
+        parts.append(jnp.stack([v0, v1], -1))
+        order.extend(wires)
+    return _in_wire_order(parts, order)
 
 
 # ----------------------------------------------------------------------------- state ops
@@ -507,13 +602,17 @@ def fast_circuit(
     # start so the state is batch-first at the end: the measurement GEMM is then the larger one
     start_batch_first = n_local % 2 == 0 if layout is None else layout == "first"
 
+    def product_parity(x: jax.Array, theta: jax.Array) -> jax.Array:
+        zw = _bloch_z(plan.prefix, n, x, theta)  # <Z_w> of U|0> per wire
+        # <prod_{w in mask_i} Z_w> on a product state = prod_{w in mask_i} <Z_w>
+        return jnp.prod(jnp.where(jnp.asarray(masks)[None], zw[:, None, :], 1.0), axis=-1)
+
     def core(x: jax.Array, theta: jax.Array, index: dict) -> jax.Array:
         real = x.dtype
         dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
         use_native = native and dtype == jnp.float32 and native_ok()
         batch = x.shape[0]
-        u = _layer_matrices(plan.prefix, n, x, theta, dtype)
-        vectors = jnp.broadcast_to(u[..., :, 0], (batch, n, 2))  # U|0> per wire
+        vectors = _zero_vectors(plan.prefix, n, x, theta, dtype)  # U|0> per wire
         batch_first = start_batch_first
         steps = list(enumerate(plan.steps))
         if steps and steps[0][1][0] == "cnot":  # product state + first network in one pass
@@ -537,12 +636,15 @@ def fast_circuit(
         tables = _sign_tables(n, masks, real)
         return _measure(probs.astype(real), batch, n, tables, batch_first)
 
-    state_bytes = 2**n * (4 if spec.is_real else 8)
+    state_bytes = 2**n * (4 if plan.real else 8)
 
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
         batch = x2.shape[0]
+        if not plan.steps:  # no state vector: nothing to chunk
+            z = product_parity(x2, theta).astype(x.dtype)
+            return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
         index = {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}
         budget = max_state_mb if max_state_mb is not None else default_state_mb()

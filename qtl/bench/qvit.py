@@ -1,0 +1,229 @@
+"""QViT micro-benchmarks: the QViT train step vs the ViT step at equal dims, and the QViT's
+quantum layer on ``fast`` vs PennyLane (``python -m qtl.bench.qvit``; ``mode=bench_qvit``).
+
+Targets on a 2-core CPU (issue 15): QViT step <= 3x the ViT step (the closest public QViT was
+28x slower than its ViT per epoch on an A100), fast >= 30x PennyLane. Both steps are the same
+jitted AdamW update of softmax cross-entropy on random images; the two models differ only in
+which projections are circuits. The layer benchmark times value_and_grad of a fixed linear
+read-out of <Z> w.r.t. inputs and weights on a (B*T, d) batch, as one attention projection
+sees it. The load average is recorded beside every number: this machine is often shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qtl.bench.common import machine_info, time_calls, write_json
+from qtl.models.vit import ViT, num_tokens
+from qtl.models.vit_config import ViTConfig, equal_dims_vit, qvit_preset
+from qtl.models.vit_costs import parameter_count
+from qtl.objectives import label_loss
+from qtl.quantum.layer import QuantumLayerConfig, init_weights, layer_spec, make_simulator
+
+
+def uptime() -> str:
+    """``uptime``'s line (load averages), or the kernel's load numbers where it is missing."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def train_step_fn():
+    """A jitted (model, optimizer, images, labels) -> loss step: AdamW on softmax CE."""
+
+    @nnx.jit
+    def step(model: ViT, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array):
+        def loss_fn(m: ViT) -> jax.Array:
+            return label_loss("multi-class", m(images), labels)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
+
+
+def _prepared_step(cfg: ViTConfig, image_shape, n_outputs: int, batch: int):
+    model = ViT(cfg, image_shape, n_outputs, rngs=nnx.Rngs(params=0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(batch, *image_shape)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, n_outputs, (batch, 1)), jnp.int32)
+    step = train_step_fn()
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(model, optimizer, images, labels))
+    compile_s = time.perf_counter() - t0
+    return (lambda: jax.block_until_ready(step(model, optimizer, images, labels))), compile_s
+
+
+def bench_steps_alternating(
+    configs: dict[str, ViTConfig],
+    image_shape: tuple[int, int, int],
+    n_outputs: int,
+    *,
+    batch: int,
+    steps: int,
+    warmup: int = 3,
+    max_seconds: float = 120.0,
+) -> dict[str, dict[str, Any]]:
+    """Median ms of one train step per config, the configs' steps interleaved call by call.
+
+    Interleaving makes the ratio robust to a shared machine's load drifting during the run
+    (both see the same load), which timing one config after the other is not.
+    """
+    calls, out = {}, {}
+    for name, cfg in configs.items():
+        calls[name], compile_s = _prepared_step(cfg, image_shape, n_outputs, batch)
+        out[name] = {
+            "quantum": list(cfg.quantum),
+            "params": parameter_count(cfg, image_shape, n_outputs),
+            "compile_s": compile_s,
+        }
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    end = time.perf_counter() + max_seconds
+    while min(len(t) for t in times.values()) < steps and (
+        min(len(t) for t in times.values()) < 3 or time.perf_counter() < end
+    ):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        out[name].update(
+            steps_timed=len(t),
+            median_ms=float(np.median(t) * 1e3),
+            min_ms=float(np.min(t) * 1e3),
+        )
+    return out
+
+
+def bench_layer(
+    wires: int,
+    rows: int,
+    circuit: QuantumLayerConfig,
+    *,
+    steps: int,
+    warmup: int = 2,
+    max_seconds: float = 60.0,
+) -> dict[str, Any]:
+    """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch."""
+    spec = layer_spec(circuit, wires)
+    sim = make_simulator(circuit, wires)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
+    readout = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
+    w = init_weights(jax.random.key(0), spec.theta_shape, circuit.init)
+    f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(sim(x, w) * readout), argnums=(0, 1)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x, w))
+    compile_s = time.perf_counter() - t0
+    timing = time_calls(
+        lambda: jax.block_until_ready(f(x, w)), steps=steps, warmup=warmup, max_seconds=max_seconds
+    )
+    return {"simulator": circuit.simulator, "compile_s": compile_s, **timing}
+
+
+def run_bench(
+    cfg: ViTConfig | None = None,
+    image_shape: tuple[int, int, int] = (28, 28, 3),
+    n_outputs: int = 5,
+    *,
+    batch: int = 32,
+    steps: int = 20,
+    layer_rows: int | None = None,
+    max_seconds: float = 60.0,
+) -> dict[str, Any]:
+    """Both benchmarks; the dict written as JSON (ratios included)."""
+    qvit = cfg or qvit_preset()
+    vit = equal_dims_vit(qvit)
+    tokens = num_tokens(image_shape, qvit.patch_size)
+    rows = layer_rows or batch * tokens
+    out: dict[str, Any] = {
+        "machine": machine_info(),
+        "uptime_start": uptime(),
+        "setup": {
+            "image_shape": list(image_shape),
+            "n_outputs": n_outputs,
+            "batch": batch,
+            "tokens": tokens,
+            "hidden_size": qvit.hidden_size,
+            "num_heads": qvit.num_heads,
+            "num_blocks": qvit.num_blocks,
+            "mlp_size": qvit.mlp_size,
+            "patch_size": qvit.patch_size,
+            "circuit_layers": qvit.circuit.layers,
+            "layer_rows": rows,
+        },
+    }
+    print(f"load: {out['uptime_start']}", flush=True)
+    pair = bench_steps_alternating(
+        {"vit": vit, "qvit": qvit},
+        image_shape,
+        n_outputs,
+        batch=batch,
+        steps=steps,
+        max_seconds=2 * max_seconds,
+    )
+    out["vit_step"], out["qvit_step"] = pair["vit"], pair["qvit"]
+    print(f"ViT step  {out['vit_step']['median_ms']:.2f} ms", flush=True)
+    print(f"QViT step {out['qvit_step']['median_ms']:.2f} ms", flush=True)
+    out["qvit_over_vit"] = out["qvit_step"]["median_ms"] / out["vit_step"]["median_ms"]
+    print(f"QViT / ViT = {out['qvit_over_vit']:.2f}x (target <= 3x)", flush=True)
+    layers = {}
+    for sim in ("fast", "pennylane"):
+        circuit = replace(qvit.circuit, simulator=sim)
+        layers[sim] = bench_layer(
+            qvit.hidden_size, rows, circuit, steps=steps, max_seconds=max_seconds
+        )
+        print(f"quantum layer ({sim}) {layers[sim]['median_ms']:.3f} ms", flush=True)
+    out["layer"] = layers
+    out["pennylane_over_fast"] = layers["pennylane"]["median_ms"] / layers["fast"]["median_ms"]
+    print(f"PennyLane / fast = {out['pennylane_over_fast']:.1f}x (target >= 30x)", flush=True)
+    out["uptime_end"] = uptime()
+    print(f"load: {out['uptime_end']}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/qvit.json"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=28, help="image side (MedMNIST size)")
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--circuit-layers", type=int, default=1)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="per timed case")
+    args = parser.parse_args(argv)
+    cfg = qvit_preset()
+    cfg = replace(cfg, circuit=replace(cfg.circuit, layers=args.circuit_layers))
+    result = run_bench(
+        cfg,
+        (args.size, args.size, args.channels),
+        args.classes,
+        batch=args.batch,
+        steps=args.steps,
+        max_seconds=args.max_seconds,
+    )
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Config dataclasses of the ViT / QViT (``model=vit`` | ``model=qvit``).
+
+Defaults are the closest public QViT design (REFERENCE §10: hidden 8 = qubits per circuit,
+2 heads, 4 blocks, MLP 4, one variational layer, Q/K/V/O and the MLP's middle layer quantum)
+with patch 4 for MedMNIST's 28 px images. The QViT paper's own sizes are not available; every
+choice is a field here. The classical preset is the same config with no quantum projections
+and ``match_params_of`` set, which resizes it to the QViT's parameter count for the dataset at
+hand (:func:`qtl.models.vit_costs.match_parameter_count`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from qtl.quantum.layer import QuantumLayerConfig, validate_quantum
+
+PROJECTIONS = ("q", "k", "v", "o", "mlp")  # o: attention output; mlp: the MLP's middle layer
+POOLS = ("gap", "token")
+
+
+@dataclass
+class ViTConfig:
+    name: str = "qvit"  # vit | qvit (a label; what is quantum is `quantum`)
+    hidden_size: int = 8  # token width = qubits of every attention circuit
+    num_heads: int = 2  # attention heads (hidden_size must divide by it)
+    num_blocks: int = 4  # pre-LayerNorm transformer blocks
+    mlp_size: int = 4  # MLP hidden width (= qubits of the quantum MLP layer)
+    patch_size: int = 4  # conv patch embedding, kernel = stride = patch
+    dropout: float = 0.1  # attention weights, sublayer outputs, MLP, embeddings
+    pool: str = "gap"  # gap: mean over tokens (public design) | token: a learned class token
+    quantum: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # circuits: q k v o mlp
+    circuit: QuantumLayerConfig = field(default_factory=QuantumLayerConfig)
+    # classical preset: shrink hidden/mlp to the parameter count of this same config with these
+    # projections quantum (null: use the sizes as given, e.g. equal dims for a benchmark)
+    match_params_of: list[str] | None = None
+
+
+def validate_vit(cfg: ViTConfig) -> None:
+    """Field errors at build time (the schema may not run __post_init__)."""
+    for name in ("hidden_size", "num_heads", "num_blocks", "mlp_size", "patch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"model.{name}={getattr(cfg, name)}, expected >= 1")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(
+            f"model.hidden_size={cfg.hidden_size} does not divide into "
+            f"model.num_heads={cfg.num_heads} heads"
+        )
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"model.dropout={cfg.dropout}, expected a rate in [0, 1)")
+    if cfg.pool not in POOLS:
+        raise ValueError(f"model.pool='{cfg.pool}' is not one of: {', '.join(POOLS)}")
+    for key, value in (("quantum", cfg.quantum), ("match_params_of", cfg.match_params_of or [])):
+        bad = [p for p in value if p not in PROJECTIONS]
+        if bad:
+            raise ValueError(
+                f"model.{key}: {bad} not among the projections: {', '.join(PROJECTIONS)}"
+            )
+    if cfg.quantum:
+        validate_quantum(cfg.circuit)
+        if cfg.hidden_size < 2 and set(cfg.quantum) & {"q", "k", "v", "o"}:
+            raise ValueError("model.hidden_size must be >= 2 for quantum attention (qubits)")
+        if cfg.mlp_size < 2 and "mlp" in cfg.quantum:
+            raise ValueError("model.mlp_size must be >= 2 for a quantum MLP layer (qubits)")
+
+
+def qvit_preset() -> ViTConfig:
+    """``model=qvit``: quantum Q, K, V, O and MLP middle layer."""
+    return ViTConfig()
+
+
+def vit_preset() -> ViTConfig:
+    """``model=vit``: classical, resized to the QViT preset's parameter count."""
+    return replace(ViTConfig(), name="vit", quantum=[], match_params_of=list(PROJECTIONS))
+
+
+def equal_dims_vit(cfg: ViTConfig) -> ViTConfig:
+    """The classical ViT with the QViT's dims (more parameters): the benchmark's pair."""
+    return replace(cfg, name="vit", quantum=[], match_params_of=None)
