@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from qtl.config import Backend, ConfigError, HeadName, Mode, QtlConfig, validate
+from qtl.config import ConfigError, HeadName, Mode, QtlConfig, validate
 from qtl.progress import want_progress
 
 # Keys that do not change what a run computes; a rerun may differ in these and still resume.
@@ -127,11 +127,9 @@ def format_auroc_table(results: dict[str, Any]) -> str:
 def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or resume) a run in ``run_dir``, evaluate its best checkpoint, write records."""
     validate(cfg)
-    if cfg.backend.name != Backend.jax:
-        raise ConfigError(
-            f"backend={cfg.backend.name.value} cannot train yet: JAX runs the train step "
-            "(backend=jax); the PyTorch and TensorFlow steps exist for benchmarking only."
-        )
+    from qtl.backends import refuse_training
+
+    refuse_training(cfg)
     from qtl.record.files import RunFiles
 
     run_dir = Path(run_dir)

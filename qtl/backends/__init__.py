@@ -14,6 +14,7 @@ names the extra to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from qtl.config import Backend, ConfigError, QtlConfig
@@ -31,20 +32,38 @@ PURPOSE = (
 )
 
 
+def _missing(backend: Backend, err: Exception | None) -> ConfigError:
+    _, extra, what = _EXTRAS[backend]
+    why = f" ({type(err).__name__}: {err})" if err else ""
+    return ConfigError(
+        f"backend={backend.value} needs the optional extra '{extra}' ({what}), which is not "
+        f"installed{why}. Install it with: pip install -e '.[{extra}]' "
+        "(or '.[test]', which has both frameworks)."
+    )
+
+
+def check_installed(backend: Backend | str) -> None:
+    """Fail early, without importing the framework, when its extra is not installed."""
+    backend = Backend(backend)
+    if backend not in _EXTRAS:
+        return
+    try:
+        found = importlib.util.find_spec(_EXTRAS[backend][0]) is not None
+    except (ImportError, ValueError) as err:
+        raise _missing(backend, err) from err
+    if not found:
+        raise _missing(backend, None)
+
+
 def require(backend: Backend | str) -> ModuleType:
     """Import the framework behind ``backend``; a clear error naming the extra if it is absent."""
     backend = Backend(backend)
     if backend not in _EXTRAS:
         return importlib.import_module("jax")
-    module, extra, what = _EXTRAS[backend]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(_EXTRAS[backend][0])
     except ImportError as err:
-        raise ConfigError(
-            f"backend={backend.value} needs the optional extra '{extra}' ({what}), which is not "
-            f"installed ({type(err).__name__}: {err}). Install it with: "
-            f"pip install -e '.[{extra}]' (or '.[test]', which has both frameworks)."
-        ) from err
+        raise _missing(backend, err) from err
 
 
 def refuse_training(cfg: QtlConfig) -> None:
