@@ -240,6 +240,7 @@ class BenchStepConfig:
     case_timeout_s: float = 1800.0  # a case still running then is killed and recorded
     max_rss_gb: float = 16.0  # a case whose processes exceed this RSS is killed: out of memory
     out: str = "bench/step.json"  # JSON results (relative to the working directory); .md beside
+    dry_run: bool = False  # list the cases (after every check) and exit without running them
 
 
 @dataclass

@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -236,23 +238,26 @@ def run_case(case: dict, timeout_s: float, max_rss_gb: float) -> dict[str, Any]:
             start_new_session=True,  # one process group: killing it takes compile workers too
         )
         stop = None
-        while proc.poll() is None:
-            time.sleep(0.25)
-            if os.path.isdir("/proc"):
-                peak = max(peak, _tree_rss_bytes(proc.pid))
-            elapsed = time.perf_counter() - started
-            if peak > limit:
-                stop = (
-                    f"out of memory: its processes reached {peak / 2**30:.1f} GB resident "
-                    f"(bench_step.max_rss_gb={max_rss_gb:g})"
-                )
-            elif elapsed > timeout_s:
-                stop = f"timed out after {elapsed:.0f} s (bench_step.case_timeout_s)"
-            if stop:
+        try:
+            while proc.poll() is None:
+                time.sleep(0.25)
+                if os.path.isdir("/proc"):
+                    peak = max(peak, _tree_rss_bytes(proc.pid))
+                elapsed = time.perf_counter() - started
+                if peak > limit:
+                    stop = (
+                        f"out of memory: its processes reached {peak / 2**30:.1f} GB resident "
+                        f"(bench_step.max_rss_gb={max_rss_gb:g})"
+                    )
+                elif elapsed > timeout_s:
+                    stop = f"timed out after {elapsed:.0f} s (bench_step.case_timeout_s)"
+                if stop:
+                    break
+        finally:  # also when this process is interrupted: no worker outlives the benchmark
+            if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                break
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -261,7 +266,9 @@ def run_case(case: dict, timeout_s: float, max_rss_gb: float) -> dict[str, Any]:
     if stop:
         result["status"] = stop
     elif proc.returncode != 0 or record is None or record.get("status") != "ok":
-        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:] or [""]
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)]
+        tail = (errors or lines)[-1:] or [""]
         why = "killed (out of memory?)" if proc.returncode in (-9, 137) else "failed"
         result["status"] = f"{why}: exit {proc.returncode}: {tail[0][:300]}"
     result["wall_s"] = time.perf_counter() - started
@@ -407,11 +414,25 @@ def _command() -> str:
     return "python launch.py " + " ".join(f"'{o}'" if "[" in o else o for o in overrides)
 
 
+def _write_markdown(md: Path, payload: dict[str, Any], what: str) -> None:
+    m, c = payload["machine"], payload["config"]
+    load = ", ".join(f"{x:.1f}" for x in m["load_avg_at_start"])
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(
+        f"# Table III: seconds per train step\n\n`{payload['command']}`\n\n"
+        f"{m['cpu']}, {m['cores']} cores, load average {load} at start; {what}, batch "
+        f"{c['batch']}, {c['warmup']} warm-up + {c['steps']} timed steps.\n\n"
+        f"{format_table(payload)}\n"
+    )
+
+
 def bench_step(cfg: QtlConfig) -> dict[str, Any]:
     """Run every case of ``cfg.bench_step``; writes the JSON and the Markdown table."""
     _validate(cfg)
     b = cfg.bench_step
     todo = cases(cfg)
+    # `timeout`/`kill` send SIGTERM: exit through Python so the running worker is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     px = b.image_px or cfg.data.crop
     payload: dict[str, Any] = {
         "machine": machine_info(),
@@ -449,7 +470,13 @@ def bench_step(cfg: QtlConfig) -> dict[str, Any]:
     for i, case in enumerate(todo, 1):
         label = f"{case['framework']}/{case['compile']} {case['head']}"
         label += f" ({case['simulator']})" if case["simulator"] else ""
-        print(f"[{i}/{len(todo)}] {case['task']} {label} ...", end=" ", flush=True)
+        print(
+            f"[{i}/{len(todo)}] {case['task']} {label}",
+            end="\n" if b.dry_run else " ... ",
+            flush=True,
+        )
+        if b.dry_run:
+            continue
         result = run_case(case, b.case_timeout_s, b.max_rss_gb)
         payload["results"].append(result)
         if result["status"] == "ok":
@@ -460,15 +487,12 @@ def bench_step(cfg: QtlConfig) -> dict[str, Any]:
             )
         else:
             print(result["status"], flush=True)
-        write_json(out, payload)  # a long benchmark killed late keeps every finished case
-    table = format_table(payload)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(
-        f"# Table III: seconds per train step\n\n`{payload['command']}`\n\n"
-        f"{payload['machine']['cpu']}, {payload['machine']['cores']} cores, load "
-        f"{', '.join(f'{x:.1f}' for x in payload['machine']['load_avg_at_start'])} at start; "
-        f"{what}, batch {b.batch}.\n\n{table}\n"
-    )
-    print("\n" + table)
+        # a long benchmark killed late keeps every finished case, in both files
+        write_json(out, payload)
+        _write_markdown(md, payload, what)
+    if b.dry_run:
+        print(f"dry run: {len(todo)} cases checked, none run (bench_step.dry_run=true)")
+        return payload
+    print("\n" + format_table(payload))
     print(f"\nwritten: {out} and {md}")
     return payload
