@@ -278,17 +278,27 @@ def run_case(case: dict, timeout_s: float, max_rss_gb: float) -> dict[str, Any]:
 # --- the table ---------------------------------------------------------------------------------
 
 
+def _secs(x: float) -> str:
+    """Seconds with three significant digits, never in exponent form."""
+    return (
+        f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+    )
+
+
+def _short(status: str) -> str:
+    """'out of memory: ... (knob)' -> 'out of memory'; 'timed out after 90 s (knob)' stays."""
+    return status.split(":")[0].split(" (")[0]
+
+
 def _cell(r: dict | None) -> str:
     if r is None:
         return "-"
     if r.get("status") != "ok":
-        status = r.get("status", "failed")
-        short = status.split(":")[0]
-        partial = (
-            f", {r['median_s']:.3g} s over {r['steps_timed']} steps" if r.get("median_s") else ""
-        )
-        return f"{short}{partial}"
-    return f"{r['median_s']:.3g}"
+        short = _short(r.get("status", "failed"))
+        if r.get("median_s"):  # killed after some timed steps: what they measured
+            return f"{short} ({_secs(r['median_s'])} over {r['steps_timed']} steps)"
+        return short
+    return _secs(r["median_s"])
 
 
 def _ratio(dqc: dict | None, cdl: dict | None) -> str:
@@ -398,7 +408,7 @@ def targets(results: list[dict]) -> list[str]:
                     f"{t['median_s'] / fast['median_s']:.1f}×"
                 )
             else:
-                parts.append(f"PyTorch ({compile_mode}) DQC: {t['status'].split(' (')[0]}")
+                parts.append(f"PyTorch ({compile_mode}) DQC: {_short(t['status'])}")
         if parts:
             out.append(f"{task}: " + "; ".join(parts))
     return out
