@@ -1,6 +1,6 @@
 # qtl: two commands do all set-up on a fresh machine.
 #   make demo   -> creates .venv, trains CDL and DQC on the built-in synthetic CXR-LT, prints AUROCs
-#   make test   -> creates .venv, runs the test suite
+#   make test   -> creates .venv (with the torch and tf extras the tests need), runs the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -37,7 +37,7 @@ class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
     describe = "describe"  # print the parameter table per component, no training
     bench_circuit = "bench_circuit"  # time the DQC head's value_and_grad per simulator and n
-    bench_step = "bench_step"  # time the full train step (backbone + head) for CDL vs DQC
+    bench_step = "bench_step"  # Table III: the train step per framework x head x task
     report = "report"  # tables, paired t-tests and figures from a sweep directory (report.sweep)
     cache = "cache"  # fill the preprocessed-image cache for the splits a run needs
     bench_data = "bench_data"  # data-path benchmark: cold, warm and augmented img/s, bytes/image
@@ -71,9 +71,9 @@ class ThetaInit(StrEnum):
 
 
 class Backend(StrEnum):
-    jax = "jax"
-    torch = "torch"
-    tf = "tf"
+    jax = "jax"  # trains, evaluates and benchmarks (the only training backend)
+    torch = "torch"  # PyTorch: the same model for mode=bench_step (extra: torch)
+    tf = "tf"  # TensorFlow/Keras 3: the same model for mode=bench_step (extra: tf)
 
 
 class DataName(StrEnum):
@@ -271,7 +271,7 @@ class LoggerConfig:
 
 @dataclass
 class BackendConfig:
-    name: Backend = Backend.jax  # framework that runs the train step (jax trains)
+    name: Backend = Backend.jax  # jax trains; torch | tf only run mode=bench_step (Table III)
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("name",)
     OPERATIONAL: ClassVar[tuple[str, ...]] = ()
@@ -326,11 +326,24 @@ class BenchCircuitConfig:
 
 @dataclass
 class BenchStepConfig:
+    backends: list[Backend] | None = None  # frameworks to time; null = the backend group's one
+    tasks: list[str] | None = None  # cxr8 | cxr14 | cxr19 (one qubit per label); null = task
     heads: list[HeadName] = field(default_factory=lambda: [HeadName.cdl, HeadName.dqc])  # to time
-    steps: int = 10  # timed train steps per head, after warm-up
-    warmup: int = 2  # untimed steps after compilation
-    max_seconds: float = 600.0  # per-head budget: fewer timed steps (>= 3) when a step is slow
-    out: str = "bench/step.json"  # JSON results (relative to the working directory)
+    jax_simulators: list[Simulator] = field(
+        default_factory=lambda: [Simulator.pennylane, Simulator.fast]
+    )  # JAX DQC columns: PennyLane in the jitted step (the study's route) and qtl's fast one
+    torch_compile: list[bool] = field(default_factory=lambda: [False, True])  # eager, compiled
+    tf_jit_compile: bool = True  # TF step under tf.function(jit_compile=True) (XLA)
+    head_only: bool = False  # time the head alone on (batch, backbone width) zero features
+    image_px: int | None = None  # input side in pixels; null = data.crop
+    batch: int = 32  # images per step (the study's protocol: zero images and zero labels)
+    steps: int = 30  # timed steps per case, after warm-up
+    warmup: int = 10  # untimed steps after the first (compiling) one
+    max_seconds: float = 600.0  # per-case budget: fewer warm-up (<= 1/3 of it) and timed (>= 3)
+    case_timeout_s: float = 1800.0  # a case still running then is killed and recorded
+    max_rss_gb: float = 16.0  # a case whose processes exceed this RSS is killed: out of memory
+    out: str = "bench/step.json"  # JSON results (relative to the working directory); .md beside
+    dry_run: bool = False  # list the cases (after every check) and exit without running them
 
 
 @dataclass
