@@ -15,8 +15,10 @@ from qtl.config import QtlConfig
 def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or resume), evaluate and record the run in ``run_dir``; safe to call again."""
     from qtl.apps.pretrain import resolve_weights
+    from qtl.backends import refuse_training
     from qtl.train import driver
 
+    refuse_training(cfg)  # backend=torch|tf are for the framework benchmark, not for training
     return driver.train_and_evaluate(cfg, run_dir, weights=resolve_weights(cfg))
 
 

@@ -17,12 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from qtl.data.medmnist_info import SPLITS, FlagInfo, Task, file_name, flag_info
+from qtl.data.medmnist_info import (
+    SPLITS,
+    SYNTHETIC_KEY,
+    FlagInfo,
+    Task,
+    file_name,
+    flag_info,
+    medmnist_path,
+)
+
 
 # an extra key the synthetic generator writes (JSON); the real files never carry it
-SYNTHETIC_KEY = "qtl_synthetic"
-
-
 @dataclass
 class MedMNISTConfig:
     """``data=medmnist``: which set, where its files are, and the synthetic stand-in."""
@@ -95,11 +101,6 @@ class MedMNISTData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.size, self.size, self.info.channels)
-
-
-def medmnist_path(root: Path | str, flag: str, size: int = 28) -> Path:
-    """Where ``flag`` at ``size`` lives under ``root`` (MedMNIST's file names)."""
-    return Path(root) / file_name(flag_info(flag).flag, size)
 
 
 def load_medmnist(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 
 class Task(StrEnum):
@@ -199,3 +200,11 @@ def file_name(flag: str, size: int) -> str:
             f"{', '.join(map(str, SIZES))}"
         )
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+SYNTHETIC_KEY = "qtl_synthetic"  # npz key marking a file written by qtl's generator
+
+
+def medmnist_path(root: Path | str, flag: str, size: int = 28) -> Path:
+    """Where ``flag`` at ``size`` lives under ``root`` (MedMNIST's file names)."""
+    return Path(root) / file_name(flag_info(flag).flag, size)

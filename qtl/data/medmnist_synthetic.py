@@ -28,8 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from qtl.data.medmnist import SYNTHETIC_KEY, medmnist_path
-from qtl.data.medmnist_info import FLAGS, SIZES, SPLITS, FlagInfo, Task, flag_info
+from qtl.data.medmnist_info import (
+    FLAGS,
+    SIZES,
+    SPLITS,
+    SYNTHETIC_KEY,
+    FlagInfo,
+    Task,
+    flag_info,
+    medmnist_path,
+)
 
 VERSION = 2  # bump when the images change, so cached files are rewritten
 DEFAULT_SPLITS = {"train": 1000, "val": 200, "test": 400}  # capped by the official sizes

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qtl.config import Backend, ConfigError, QtlConfig, validate
+from qtl.config import QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
@@ -46,12 +46,6 @@ def train_and_evaluate(
     or a folder; ``backbone.pretrained`` when None).
     """
     validate(cfg)
-    if cfg.backend.name != Backend.jax:
-        raise ConfigError(
-            f"backend={cfg.backend.name.value} does not train: qtl trains with JAX (backend=jax). "
-            "The PyTorch and TensorFlow versions of the same model are for the framework "
-            "comparison: python launch.py mode=bench_step 'bench_step.backends=[jax,torch,tf]'."
-        )
     from qtl.record.files import RunFiles
 
     run_dir = Path(run_dir)
