@@ -266,6 +266,12 @@ def format_costs(title: str, costs: Costs) -> str:
     return "\n".join(lines)
 
 
+def _fewer(a: float, b: float, what: str) -> str:
+    """'12.34% fewer <what>' when a < b, else '12.34% more <what>'."""
+    change = 100 * (1 - a / b)
+    return f"{abs(change):.2f}% {'fewer' if change >= 0 else 'more'} {what}"
+
+
 def describe_pair(
     qvit: ViTConfig,
     vit: ViTConfig,
@@ -292,14 +298,14 @@ def describe_pair(
         format_costs(f"QViT ({qt.params:,d} parameters)", q),
         format_costs(f"ViT ({ct.params:,d} parameters)", c),
         how,
-        f"QViT vs ViT: {100 * (1 - qt.params / ct.params):.2f}% fewer parameters, "
-        f"{100 * (1 - qt.flops / ct.flops):.2f}% fewer classical FLOPs",
+        f"QViT vs ViT: {_fewer(qt.params, ct.params, 'parameters')}, "
+        f"{_fewer(qt.flops, ct.flops, 'classical FLOPs')}",
     ]
     same = vit_costs(replace(qvit, quantum=[], match_params_of=None), image_shape, n_outputs).total
     lines.append(
         f"QViT vs the ViT of equal dims ({same.params:,d} parameters): "
-        f"{100 * (1 - qt.params / same.params):.2f}% fewer parameters, "
-        f"{100 * (1 - qt.flops / same.flops):.2f}% fewer classical FLOPs"
+        f"{_fewer(qt.params, same.params, 'parameters')}, "
+        f"{_fewer(qt.flops, same.flops, 'classical FLOPs')}"
     )
     out: dict[str, Any] = {
         "qvit": q.as_dict(),
@@ -311,8 +317,8 @@ def describe_pair(
         lines.append(
             f"QViT vs teacher ({teacher['params']:,.0f} parameters, "
             f"{teacher['flops'] / 1e9:.3f} GFLOPs): "
-            f"{100 * (1 - qt.params / teacher['params']):.3f}% fewer parameters, "
-            f"{100 * (1 - qt.flops / teacher['flops']):.2f}% fewer classical FLOPs"
+            f"{_fewer(qt.params, teacher['params'], 'parameters')}, "
+            f"{_fewer(qt.flops, teacher['flops'], 'classical FLOPs')}"
         )
         out["teacher"] = teacher
     return "\n".join(lines), out
