@@ -89,6 +89,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [row.to_json() for row in RunFiles(run_dir, create=False).read_metrics()]
 
 
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """results.json through qtl's reader (validated against the schema), as a plain dict."""
+    from qtl.record.files import RunFiles
+
+    results = RunFiles(run_dir, create=False).read_results()
+    assert results is not None, f"no results.json in {run_dir}"
+    return results.to_json()
+
+
+def read_failure(run_dir: Path) -> dict[str, Any]:
+    """failed.json through qtl's reader, as a plain dict."""
+    from qtl.record.files import RunFiles
+
+    failure = RunFiles(run_dir, create=False).read_failure()
+    assert failure is not None, f"no failed.json in {run_dir}"
+    return failure.to_json()
+
+
 def make_results(**fields: Any):
     """A results record built with the writer's own schema; ``fields`` override defaults."""
     from qtl.record.schema import Results, SplitScores

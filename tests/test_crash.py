@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 import shutil
 import signal
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
 from helpers import read_metrics as _metrics
+from helpers import read_results
 
 from qtl.apps.train import train_and_evaluate
 from qtl.train.checkpoint import CheckpointSaveError
@@ -71,7 +71,7 @@ def twin(synth_root, tmp_path_factory) -> tuple[Path, dict]:
 
 def _same_as_twin(run_dir: Path, twin: tuple[Path, dict]) -> None:
     twin_dir, ref = twin
-    res = json.loads((run_dir / "results.json").read_text())
+    res = read_results(run_dir)
     rows, ref_rows = _metrics(run_dir), _metrics(twin_dir)
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # no epoch lost or repeated
     for a, b in zip(rows, ref_rows, strict=True):

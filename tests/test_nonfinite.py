@@ -6,7 +6,6 @@ summary, the sweep summary and the report. A rerun refuses instead of diverging 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
+from helpers import read_failure
 from helpers import read_metrics as _metrics
 
 from qtl.apps.train import train_and_evaluate
@@ -59,7 +59,7 @@ def test_nan_stops_at_its_batch_and_keeps_the_last_good_checkpoint(
     assert "train.lr=0.001" in message and "train.backbone_lr=0.0001" in message
     assert "checkpoint after epoch 1" in message
 
-    failed = json.loads((run_dir / "failed.json").read_text())
+    failed = read_failure(run_dir)
     assert failed["status"] == "failed" and failed["reason"] == "non_finite"
     assert (failed["epoch"], failed["batch"], failed["step"]) == (2, 3, 6 + 3)
     assert failed["message"] == message
@@ -103,8 +103,8 @@ def test_a_diverging_learning_rate_is_reported_as_failed(synth_root, tmp_path):
     assert proc.returncode != 0
     assert "training diverged at epoch 1, batch" in proc.stderr
     job = sweep / "cxr8-cdl" / "seed0"
-    failed = json.loads((job / "failed.json").read_text())
-    assert failed["reason"] == "non_finite" and failed["train.lr"] == 1e6
+    failed = read_failure(job)
+    assert failed["reason"] == "non_finite" and failed["knobs"]["train.lr"] == 1e6
     assert not (job / "results.json").exists()
     assert not list((job / "checkpoints" / "last").iterdir())  # nothing after the start
 

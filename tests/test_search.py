@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY, compose, launch
-from helpers import make_results
+from helpers import make_results, read_results
 
 SEARCH = ["experiment=[demo,search]", *TINY[1:]]  # the demo's tiny setting, searched
 
@@ -222,7 +222,7 @@ def test_search_killed_and_continued(killed_search):
         run_dir = folder / f"trial{t.number}"
         assert t.user_attrs["qtl_run_dir"] == f"trial{t.number}"
         assert _epochs(run_dir) == [1, 2]
-        results = json.loads((run_dir / "results.json").read_text())
+        results = read_results(run_dir)
         assert t.value == pytest.approx(results["best_val_loss"])
         losses = [
             json.loads(x)["val_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -291,7 +291,7 @@ def test_search_on_the_gpu_pool_by_val_auroc(_session_workdir, tmp_path):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     for t in study.trials:
         assert set(t.params) == {"train.lr", "train.backbone_lr"}  # only_when: dqc knobs left out
-        results = json.loads((folder / f"trial{t.number}" / "results.json").read_text())
+        results = read_results(folder / f"trial{t.number}")
         assert t.value == pytest.approx(results["auroc"]["val"]["mean"])
         assert (folder / ".gpu_pool" / f"job{t.number}.log").exists()
 

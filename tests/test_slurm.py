@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, launch
 from helpers import read_metrics as _metrics
+from helpers import read_results
 
 from qtl.record.wandb_file import read_run_file
 
@@ -127,7 +128,7 @@ def test_grid_on_slurm_then_rerun_trains_nothing(slurm_cluster, workdir, synth_r
     sweep = workdir / "multirun" / "slurm-grid"
     for head in ("cdl", "dqc"):
         for seed in (0, 1):
-            res = json.loads((sweep / f"cxr8-{head}" / f"seed{seed}" / "results.json").read_text())
+            res = read_results(sweep / f"cxr8-{head}" / f"seed{seed}")
             assert (res["head"], res["seed"], res["epochs"]) == (head, seed, 1)
             assert 0.0 <= res["auroc"]["test"]["mean"] <= 1.0
     records = _records(sweep)

@@ -3,7 +3,6 @@ the jitted trainer, checkpoints, records and W&B offline files — with tiny siz
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, compose, launch
 from helpers import read_metrics as _metrics
+from helpers import read_results
 
 from qtl.apps.train import train_and_evaluate
 from qtl.record.wandb_file import read_run_file
@@ -32,7 +32,7 @@ def test_train_writes_records_and_rerun_skips(synth_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     res = train_and_evaluate(cfg, run_dir)
 
-    saved = json.loads((run_dir / "results.json").read_text())
+    saved = read_results(run_dir)
     assert saved["auroc"]["test"]["mean"] == res["auroc"]["test"]["mean"]
     assert set(saved["auroc"]) == {"val", "test", "external"}
     assert list(saved["auroc"]["test"]["per_label"]) == list(cfg.task.labels)
