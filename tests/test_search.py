@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, TINY, compose, launch
 from helpers import make_results, read_results
 
-SEARCH = ["experiment=[demo,search]", *TINY[1:]]  # the demo's tiny setting, searched
+SEARCH = ["experiment=search", *TINY]  # the search preset at debug=tiny size
 
 
 def _trials(db: Path) -> list[tuple[int, str]]:
