@@ -265,7 +265,7 @@ def test_search_report(killed_search):
     command = (out / "best_command.txt").read_text().splitlines()[0]
     assert command in text
     argv = shlex.split(command)
-    assert argv[:2] == ["python", "launch.py"] and "experiment=demo" in argv
+    assert argv[:2] == ["python", "launch.py"] and "debug=tiny" in argv
     cfg = compose(*argv[2:])
     assert cfg.head.depth == best.params["head.depth"]
     assert cfg.head.entangler.value == best.params["head.entangler"]

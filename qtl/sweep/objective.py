@@ -52,7 +52,7 @@ def read_objective(run_dir: Path | str, objective: SearchObjective | str) -> flo
 
 # What a failed job's error says when the model's outputs went non-finite: the metric code
 # (scikit-learn) refuses NaN/inf predictions before the epoch is recorded.
-_NONFINITE_ERRORS = ("input contains nan", "input contains infinity")
+_NONFINITE_ERRORS = ("input contains nan", "input contains infinity", "training diverged")
 
 
 def diverged(run_dir: Path | str | None, error: str | None = None) -> bool:
@@ -62,7 +62,11 @@ def diverged(run_dir: Path | str | None, error: str | None = None) -> bool:
         return True
     if run_dir is None:
         return False
-    rows = RunFiles(Path(run_dir), create=False).read_metrics()
+    files = RunFiles(Path(run_dir), create=False)
+    failure = files.read_failure()  # the trainer's own record of a non-finite stop
+    if failure is not None and failure.reason == "non_finite":
+        return True
+    rows = files.read_metrics()
     return any(math.isnan(_finite(r.train_loss)) or math.isnan(_finite(r.val_loss)) for r in rows)
 
 
