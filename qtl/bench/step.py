@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -50,6 +51,13 @@ STUDY: dict[str, dict[str, tuple[float, float]]] = {
     "torch": {"cxr8": (0.07, 0.13), "cxr14": (0.07, 0.18), "cxr19": (0.07, 1.89)},
     "tf": {"cxr8": (0.06, 0.08), "cxr14": (0.06, 0.43), "cxr19": (0.06, 14.97)},
 }
+_ENV_NOTED = (
+    "OMP_WAIT_POLICY",
+    "OMP_NUM_THREADS",
+    "QTL_NATIVE",
+    "XLA_FLAGS",
+    "CUDA_VISIBLE_DEVICES",
+)
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch", "tf": "TensorFlow"}
 CIRCUIT_NAMES = {
     "pennylane": "PennyLane default.qubit",
@@ -279,10 +287,10 @@ def run_case(case: dict, timeout_s: float, max_rss_gb: float) -> dict[str, Any]:
 
 
 def _secs(x: float) -> str:
-    """Seconds with three significant digits, never in exponent form."""
-    return (
-        f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
-    )
+    """Seconds with about three significant digits, never in exponent form."""
+    if x >= 1:
+        return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+    return f"{x:.{max(3, 2 - math.floor(math.log10(max(x, 1e-9))))}f}"
 
 
 def _short(status: str) -> str:
@@ -431,8 +439,10 @@ def _write_markdown(md: Path, payload: dict[str, Any], what: str) -> None:
     md.write_text(
         f"# Table III: seconds per train step\n\n`{payload['command']}`\n\n"
         f"{m['cpu']}, {m['cores']} cores, load average {load} at start; {what}, batch "
-        f"{c['batch']}, {c['warmup']} warm-up + {c['steps']} timed steps.\n\n"
-        f"{format_table(payload)}\n"
+        f"{c['batch']}, {c['warmup']} warm-up + {c['steps']} timed steps"
+        + "".join(f", {k}={v}" for k, v in payload.get("env", {}).items())
+        + ".\n\n"
+        + f"{format_table(payload)}\n"
     )
 
 
@@ -447,6 +457,8 @@ def bench_step(cfg: QtlConfig) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "machine": machine_info(),
         "command": _command(),
+        # settings that change speed without changing the command line
+        "env": {k: os.environ[k] for k in _ENV_NOTED if k in os.environ},
         "config": {
             "backends": [x.value for x in backends(cfg)],
             "tasks": [t.name for t in _tasks(cfg)],

@@ -97,8 +97,17 @@ def _jax_device_peak() -> float | None:
 
 
 def _torch_case(case: dict, cfg: Any) -> tuple[Step, dict]:
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
     from qtl.backends import require
 
+    if case["compile"] == "torch.compile":  # a cold compile, as JAX's and TF's are
+        cache = tempfile.mkdtemp(prefix="qtl-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
     torch = require("torch")
     from qtl.backends import torch_model as tm
 
