@@ -30,7 +30,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from qtl.record.files import RunFiles
+from qtl.record.files import RecordError, RunFiles
 from qtl.utils.files import write_json_atomic
 
 RECORDS = ".sweep_jobs"
@@ -142,7 +142,11 @@ class SweepSummary(Callback):
 def _note(record: dict[str, Any]) -> str:
     if record["state"] == "failed":
         return _recorded_failure(record) or record.get("error", "")
-    res = RunFiles(Path(record["output_dir"]), create=False).read_results()
+    files = RunFiles(Path(record["output_dir"]), create=False)
+    try:
+        res = files.read_results()
+    except RecordError:  # another app's results.json (a non-qtl task in the same sweep)
+        return "finished (results.json is not a qtl record)"
     if record["state"] == "unfinished" or res is None:
         restarts = record.get("slurm_restarts") or 0
         requeued = f"; requeued {restarts}x" if restarts else ""
