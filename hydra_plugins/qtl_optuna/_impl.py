@@ -44,6 +44,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from qtl.sweep.objective import finite
 from qtl.utils.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ def ended_trials(study: optuna.Study) -> list[FrozenTrial]:
         for t in study.get_trials(deepcopy=False, states=ENDED)
         if not t.user_attrs.get(INTERRUPTED)
     ]
-
-
-def _finite(value: Any) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
 
 
 def describe(dist: BaseDistribution) -> str:
@@ -403,7 +396,7 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
                 shown = str(run_dir)
             trial.set_user_attr(RUN_DIR, shown)
         if ret.status == JobStatus.COMPLETED:
-            value = _finite(ret._return_value)
+            value = finite(ret._return_value)
             if math.isfinite(value):
                 trial.set_user_attr(OUTCOME, "complete")
                 study.tell(trial, value)

@@ -25,7 +25,8 @@ def direction(objective: SearchObjective | str) -> str:
     return SearchConfig(objective=SearchObjective(str(objective))).direction
 
 
-def _finite(value: Any) -> float:
+def finite(value: Any) -> float:
+    """``value`` as a float, NaN when it is missing, not a number or infinite."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -37,8 +38,8 @@ def objective_value(results: Results, objective: SearchObjective | str) -> float
     """The objective from a run's record; NaN if unusable."""
     objective = SearchObjective(str(objective))
     if objective == SearchObjective.val_loss:
-        return _finite(results.best_val_loss)
-    return _finite(results.mean_auroc("val"))
+        return finite(results.best_val_loss)
+    return finite(results.mean_auroc("val"))
 
 
 def read_objective(run_dir: Path | str, objective: SearchObjective | str) -> float:
@@ -67,7 +68,7 @@ def diverged(run_dir: Path | str | None, error: str | None = None) -> bool:
     if failure is not None and failure.reason == "non_finite":
         return True
     rows = files.read_metrics()
-    return any(math.isnan(_finite(r.train_loss)) or math.isnan(_finite(r.val_loss)) for r in rows)
+    return any(math.isnan(finite(r.train_loss)) or math.isnan(finite(r.val_loss)) for r in rows)
 
 
 def job_return(result: Any, search: SearchConfig) -> float | None:
