@@ -215,16 +215,20 @@ def test_a_broken_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_the_simulator_warns_and_still_runs(tmp_path):
-    """A fresh process with no compiler and an empty cache: a warning, then the XLA path."""
+    """A fresh process with no compiler and an empty cache: a warning, then the XLA path.
+
+    Three layers: at one layer the whole circuit is the product-state prefix, and no rotation
+    layer (the only place the kernel runs) is left.
+    """
     code = (
         "import warnings, jax, numpy as np\n"
         "from qtl.quantum.circuit import CircuitSpec\n"
         "from qtl.quantum.fast import fast_circuit\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        "    f = jax.jit(jax.grad(lambda t: fast_circuit(CircuitSpec(4, 1))("
+        "    f = jax.jit(jax.grad(lambda t: fast_circuit(CircuitSpec(4, 3))("
         "np.ones((2, 4), np.float32), t).sum()))\n"
-        "    g = f(np.ones((1, 4), np.float32))\n"
+        "    g = f(np.ones((3, 4), np.float32))\n"
         "print(any('native CPU kernel unavailable' in str(x.message) for x in w), g.shape)\n"
     )
     env = {**os.environ, "CXX": "", "PATH": str(tmp_path), "QTL_KERNEL_CACHE": str(tmp_path)}
@@ -232,4 +236,4 @@ def test_without_a_compiler_the_simulator_warns_and_still_runs(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "(1,", "4)"]
+    assert out.stdout.split() == ["True", "(3,", "4)"]

@@ -294,6 +294,7 @@ def test_search_on_the_gpu_pool_by_val_auroc(_session_workdir, tmp_path):
         results = read_results(folder / f"trial{t.number}")
         assert t.value == pytest.approx(results["auroc"]["val"]["mean"])
         assert (folder / ".gpu_pool" / f"job{t.number}.log").exists()
+        assert t.user_attrs["qtl_run_dir"] == f"trial{t.number}"  # the job's folder came back
 
 
 @pytest.mark.slow

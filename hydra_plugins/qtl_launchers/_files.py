@@ -41,6 +41,7 @@ RESULT_FIELDS: dict[str, Any] = {
     "error": (dict, type(None)),
     "task_name": (str, type(None)),
     "working_dir": (str, type(None)),
+    "output_dir": (str, type(None)),  # hydra.runtime.output_dir: only the job knows it
 }
 
 

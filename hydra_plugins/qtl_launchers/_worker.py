@@ -182,6 +182,7 @@ def main(job_file: str, result_file: str) -> int:
     from hydra import version
     from hydra.core.utils import JobRuntime, JobStatus, run_job, setup_globals
     from hydra.types import HydraContext
+    from omegaconf import OmegaConf
     from packaging.version import Version
 
     setup_globals()
@@ -220,6 +221,9 @@ def main(job_file: str, result_file: str) -> int:
         "error": error,
         "task_name": ret.task_name,
         "working_dir": ret.working_dir,
+        "output_dir": OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir")
+        if ret.hydra_cfg is not None
+        else None,
     }
     write_signed(Path(result_file), RESULT, body, key)
     return 0 if completed else 1

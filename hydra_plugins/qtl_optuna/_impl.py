@@ -388,8 +388,11 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
         from qtl.sweep.objective import diverged
 
         run_dir: Path | None = None
+        out = None
         if ret.hydra_cfg is not None:
-            run_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
+            out = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir", default=None)
+        if out is not None:  # a launcher that never started the job cannot know its folder
+            run_dir = Path(str(out))
             try:
                 shown = os.path.relpath(run_dir.absolute(), sweep_dir.absolute())
             except ValueError:
