@@ -12,6 +12,8 @@ Points, in the order a run reaches them (``qtl.train.loop``, ``qtl.train.driver`
 - ``after_last_save``: ``last`` is committed; old steps not pruned, metrics.jsonl not rewritten
 - ``evaluate``: training ended, the best checkpoint is restored, no predictions written
 - ``between_predictions``: the first predictions file is written, results.json is not
+- ``feature_chunk``: a chunk of backbone features is on disk, the split's manifest is not
+  (``qtl.data.features``; reached once per chunk written)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ POINTS = (
     "after_last_save",
     "evaluate",
     "between_predictions",
+    "feature_chunk",
 )
 _reached: dict[str, int] = {}
 
