@@ -60,9 +60,7 @@ def test_chunk_round_trip_and_damage_is_refused():
         decode_chunk(b"\x80\x04pickle", "float16", (5, 7))
 
 
-def test_killed_fill_keeps_its_chunks_and_the_rerun_computes_only_the_rest(
-    tmp_path, monkeypatch
-):
+def test_killed_fill_keeps_its_chunks_and_the_rerun_computes_only_the_rest(tmp_path, monkeypatch):
     images, embed, images_for, seen, calls = _fake()
     monkeypatch.setenv("QTL_FAULT", "feature_chunk@2")
     monkeypatch.setenv("QTL_FAULT_ACTION", "raise")
