@@ -379,6 +379,7 @@ class BenchFeaturesConfig:
     labels: int = 19  # one output (and one qubit) per label: CXR-19
     batch: int = 32  # training batch
     dqc_seconds: float = 120.0  # DQC: time this long of its epoch, then extrapolate
+    dqc_qubits: list[int] = field(default_factory=lambda: [19])  # DQC sizes timed (8, 14, 19)
     extract_images: int = 256  # ResNet-50 images timed for the extraction rate (after warm-up)
     extract_px: int = 224  # their side
     out: str = "bench/features.json"  # JSON results

@@ -186,6 +186,19 @@ def test_head_on_features_equals_frozen_model_on_images(synth_root, tmp_path):
             _predictions(feat_dir, split), _predictions(img_dir, split), atol=2e-5, rtol=0
         )
         assert abs(res["auroc"][split]["mean"] - ref["auroc"][split]["mean"]) < 1e-3
+    # killed right after an epoch's commit, it resumes and ends as the uninterrupted run
+    os.environ.update(QTL_FAULT="after_last_save@1", QTL_FAULT_ACTION="raise")
+    faults.reset()
+    try:
+        with pytest.raises(faults.InjectedFault):
+            train_and_evaluate(compose(*frozen), tmp_path / "resumed")
+    finally:
+        del os.environ["QTL_FAULT"], os.environ["QTL_FAULT_ACTION"]
+    train_and_evaluate(compose(*frozen), tmp_path / "resumed")
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(
+            _predictions(tmp_path / "resumed", split), _predictions(feat_dir, split)
+        )
     # an ordinary run: a rerun reports it finished; checkpoints hold the head only
     assert train_and_evaluate(compose(*frozen), feat_dir) == res
     size = sum(f.stat().st_size for f in (feat_dir / "checkpoints").rglob("*") if f.is_file())

@@ -7,7 +7,8 @@ that AUROC means something):
 * **CDL epoch**: one whole epoch through the trainer's own pieces - the loader's shuffled
   padded batches, the head's jitted train step (``qtl.train.features``), then the validation
   pass - timed after a compiling warm-up step;
-* **DQC epoch** (fast simulator): ``dqc_seconds`` of training steps and a slice of the
+* **DQC epoch** (fast simulator, with ``head.max_state_mb`` and ``head.native_kernel`` as
+  configured): ``dqc_seconds`` of training steps and a slice of the
   validation pass are timed; the epoch time is extrapolated from the median step times
   (recorded as such: ``extrapolated: true``);
 * **float16 vs float32 storage**: the CDL epoch trained on each, the same seed and batches;
@@ -61,7 +62,12 @@ def _head(cfg: QtlConfig, name: HeadName, width: int, labels: int) -> Any:
 
     from qtl.models.heads import make_head
 
-    hc = HeadConfig(name=name, simulator=Simulator.fast)
+    hc = HeadConfig(
+        name=name,
+        simulator=Simulator.fast,
+        max_state_mb=cfg.head.max_state_mb,
+        native_kernel=cfg.head.native_kernel,
+    )
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     return make_head(hc, width, labels, rngs=nnx.Rngs(params=key)), hc
 
@@ -202,6 +208,8 @@ def bench_features(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any
     b = cfg.bench_features
     t0 = time.perf_counter()
     report: dict[str, Any] = {
+        "native_kernel": cfg.head.native_kernel,
+        "max_state_mb": cfg.head.max_state_mb,
         "what": "head epochs on NIH-sized synthetic features; ResNet-50 extraction rate",
         "sizes": dict(b.sizes),
         "width": b.width,
@@ -211,8 +219,10 @@ def bench_features(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any
         "platform": jax.default_backend(),
         "load_before": _load(),
     }
-    data32 = synthetic_features(dict(b.sizes), b.width, b.labels)
+    every = synthetic_features(dict(b.sizes), b.width, max(b.labels, *b.dqc_qubits))
+    data32 = {k: (x, y[:, : b.labels]) for k, (x, y) in every.items()}
     data16 = {k: (x.astype(np.float16), y) for k, (x, y) in data32.items()}
+    labels16 = {k: y for k, (_, y) in every.items()}
     print(f"[qtl] synthetic features ready in {time.perf_counter() - t0:.1f}s")
     report["storage"] = storage(data32, cfg.features.level)
     cdl16 = time_epoch(cfg, HeadName.cdl, data16, batch=b.batch)
@@ -226,11 +236,14 @@ def bench_features(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any
         "val_mean_auroc_diff": round(cdl16["val_mean_auroc"] - cdl32["val_mean_auroc"], 6),
     }
     report["load_after_cdl"] = _load()
-    dqc = time_epoch(cfg, HeadName.dqc, data16, batch=b.batch, budget_s=b.dqc_seconds)
-    print(f"[qtl] DQC-{b.labels} (fast) epoch, extrapolated: {dqc['epoch_s']} s")
-    report["dqc_fast"] = dqc
+    report["dqc_fast"] = {}
+    for qubits in b.dqc_qubits:  # one qubit per label: the first `qubits` labels
+        sub = {k: (x, labels16[k][:, :qubits]) for k, (x, _) in data16.items()}
+        dqc = time_epoch(cfg, HeadName.dqc, sub, batch=b.batch, budget_s=b.dqc_seconds)
+        print(f"[qtl] DQC-{qubits} (fast) epoch, extrapolated: {dqc['epoch_s']} s")
+        report["dqc_fast"][f"dqc{qubits}"] = dqc
     report["load_after_dqc"] = _load()
-    del data16, data32
+    del data16, data32, every, labels16
     report["extraction_resnet50"] = extraction_rate(
         b.extract_images, b.extract_px, cfg.features.batch_size
     )
