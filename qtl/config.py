@@ -41,6 +41,8 @@ class Mode(StrEnum):
     report = "report"  # tables, paired t-tests and figures from a sweep directory (report.sweep)
     cache = "cache"  # fill the preprocessed-image cache for the splits a run needs
     bench_data = "bench_data"  # data-path benchmark: cold, warm and augmented img/s, bytes/image
+    features = "features"  # fill the frozen backbone's feature cache for the run's splits
+    bench_features = "bench_features"  # head epoch times on NIH-sized features; extraction img/s
 
 
 class HeadName(StrEnum):
@@ -346,6 +348,43 @@ class BenchStepConfig:
     dry_run: bool = False  # list the cases (after every check) and exit without running them
 
 
+class FeatureDtype(StrEnum):
+    float16 = "float16"  # half the disk and memory; predictions within ~1e-3 (docs/bench)
+    float32 = "float32"  # the backbone's own output, bit for bit
+
+
+@dataclass
+class FeaturesConfig:
+    """Frozen-backbone feature cache (qtl.data.features): the backbone runs once per image."""
+
+    cache: bool = False  # true: train the head on cached pooled features (needs backbone.freeze)
+    dtype: FeatureDtype = FeatureDtype.float16  # stored precision of the features
+    chunk: int = 2048  # feature vectors per chunk file: a killed extraction loses at most one
+    batch_size: int = 64  # images per backbone call while extracting
+    level: int = 3  # zstd level of the chunk files (lossless); 0 = stored uncompressed
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("cache", "dtype")
+    # a run without the cache computed as cache=false, whatever dtype says
+    LEGACY: ClassVar[dict[str, Any]] = {"cache": False, "dtype": "float16"}
+    # chunking, extraction batch and compression: the same stored values either way
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("chunk", "batch_size", "level")
+
+
+@dataclass
+class BenchFeaturesConfig:
+    sizes: dict[str, int] = field(
+        default_factory=lambda: {"train": 78605, "val": 12535, "test": 21081}
+    )  # synthetic feature vectors per split (NIH-CXR-LT's split sizes)
+    width: int = 2048  # feature width (ResNet-50's pooled features)
+    labels: int = 19  # one output (and one qubit) per label: CXR-19
+    batch: int = 32  # training batch
+    dqc_seconds: float = 120.0  # DQC: time this long of its epoch, then extrapolate
+    dqc_qubits: list[int] = field(default_factory=lambda: [19])  # DQC sizes timed (8, 14, 19)
+    extract_images: int = 256  # ResNet-50 images timed for the extraction rate (after warm-up)
+    extract_px: int = 224  # their side
+    out: str = "bench/features.json"  # JSON results
+
+
 @dataclass
 class BenchDataConfig:
     images: int = 2000  # synthetic images in the benchmark set (written once, reused)
@@ -363,6 +402,7 @@ class PathsConfig:
     cache_dir: str = ".cache/qtl"  # caches shared by every run and seed
     data_dir: str = ".cache/qtl"  # where built-in synthetic datasets are written
     image_cache: str = ".cache/qtl/images"  # preprocessed-image cache
+    feature_cache: str = ".cache/qtl/features"  # frozen-backbone feature cache
     pretrained_dir: str = ".cache/qtl/pretrained"  # backbones pretrained by qtl itself
     kernel_dir: str = "~/.cache/qtl/kernels"  # compiled native CPU kernels
     jax_cache: str = ".cache/jax"  # XLA compilation cache
@@ -390,6 +430,8 @@ class QtlConfig:
     bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
     bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
     search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)  # frozen-backbone cache
+    bench_features: BenchFeaturesConfig = field(default_factory=BenchFeaturesConfig)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "seed",
@@ -399,6 +441,7 @@ class QtlConfig:
         "data",
         "train",
         "backend",
+        "features",
     )
     # name: the experiment's label (it names the run directory, it computes nothing)
     OPERATIONAL: ClassVar[tuple[str, ...]] = (
@@ -412,6 +455,7 @@ class QtlConfig:
         "bench_step",
         "paths",  # where caches and outputs live, not what a run computes
         "search",  # how a search scores a run, not what the run computes
+        "bench_features",
     )
 
 
@@ -533,9 +577,43 @@ def validate(cfg: QtlConfig) -> None:
             "backbone.hidden_sizes and backbone.depths must have one entry per stage "
             f"(got {len(cfg.backbone.hidden_sizes)} and {len(cfg.backbone.depths)})."
         )
+    validate_features(cfg)
     if cfg.data.name == DataName.nih_cxr_lt and not cfg.data.root:
         raise ConfigError(
             "data.root is not set: data=nih_cxr_lt needs data.root=<folder with "
             "miccai2023_nih-cxr-lt_labels_{train,val,test}.csv>. "
             "Use data=synthetic to try qtl without data."
+        )
+
+
+def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
+    """``features.*``: a cache of fixed features needs a backbone that is fixed and images
+    that are (no augmentation). ``needed``: the mode fills the cache (mode=features)."""
+    fc = cfg.features
+    for key, value, ok in [
+        ("features.chunk", fc.chunk, fc.chunk > 0),
+        ("features.batch_size", fc.batch_size, fc.batch_size > 0),
+        ("features.level", fc.level, 0 <= fc.level <= 22),
+    ]:
+        if not ok:
+            raise ConfigError(f"{key}={value} is out of range.")
+    if not (fc.cache or needed):
+        return
+    why = "features.cache=true" if fc.cache else f"mode={cfg.mode}"
+    if not cfg.backbone.freeze:
+        raise ConfigError(
+            f"{why} needs backbone.freeze=true: the features of a backbone that trains change "
+            "every step and cannot be cached. Set backbone.freeze=true (experiment=frozen sets "
+            "it), or features.cache=false to fine-tune on images."
+        )
+    if cfg.backbone.batch_norm != BatchNormMode.inference:
+        raise ConfigError(
+            f"{why} needs backbone.batch_norm=inference: with batch statistics an image's "
+            f"features depend on the rest of its batch (got {cfg.backbone.batch_norm})."
+        )
+    if cfg.data.augment:
+        raise ConfigError(
+            f"{why} needs data.augment=false: augmentation cannot be cached (each epoch would "
+            "need the features of freshly flipped and rotated images). Set data.augment=false "
+            "(experiment=frozen does), or features.cache=false to train on augmented images."
         )

@@ -25,6 +25,8 @@ APPS: dict[Mode, str] = {
     Mode.bench_circuit: "qtl.apps.bench_circuit",
     Mode.bench_step: "qtl.apps.bench_step",
     Mode.bench_data: "qtl.apps.bench_data",
+    Mode.features: "qtl.apps.features",
+    Mode.bench_features: "qtl.apps.bench_features",
 }
 
 

@@ -21,6 +21,7 @@ from qtl.config import (
     BatchNormMode,
     ConfigError,
     DataName,
+    FeaturesConfig,
     HeadConfig,
     HeadName,
     LoggerConfig,
@@ -62,6 +63,10 @@ def pretrain_config(cfg: QtlConfig) -> QtlConfig:
     # never write the source set over the target set: its own folder next to data.root
     src.data.root = f"{cfg.data.root.rstrip('/')}-source" if cfg.data.root else None
     src.data.limit = None
+    # how the target run trains (augmented or on cached features) is not the source recipe's:
+    # a frozen-feature run and a fine-tuned one start from the same pretrained backbone
+    src.data.augment = True
+    src.features = FeaturesConfig()
     # a fixed recipe, independent of how the target run fine-tunes (like ImageNet weights)
     src.train = TrainConfig(
         lr=cfg.backbone.pretrain_lr,

@@ -93,7 +93,12 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         cfg.data, labels, progress=show, check_files=False, data_dir=paths.data_dir(cfg.paths)
     )
     t_data = time.perf_counter()
-    cached = cached_splits(cfg.data, splits, progress=show)  # fills what the cache lacks
+    if cfg.features.cache:  # frozen backbone: the head trains on features computed once
+        from qtl.train.features import cached_features
+
+        cached = cached_features(cfg, model.backbone, splits, progress=show)
+    else:
+        cached = cached_splits(cfg.data, splits, progress=show)  # fills what the cache lacks
     splits = cached.splits  # without the images skipped by data.on_bad_image=skip
     if cached.skipped_ids():
         write_skipped(run_dir / "skipped_images.json", cached)
@@ -103,8 +108,14 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
     }
     data_seconds = time.perf_counter() - t_data
 
-    steps = make_steps(model, cfg)
-    state = init_state(model, cfg, steps.tx)
+    if cfg.features.cache:  # the head is the model: the backbone never runs again
+        from qtl.train.features import init_feature_state, make_feature_steps
+
+        steps = make_feature_steps(model.head, cfg)
+        state = init_feature_state(model.head, steps.tx)
+    else:
+        steps = make_steps(model, cfg)
+        state = init_state(model, cfg, steps.tx)
     del model
     ckpts = Checkpoints(run_dir / "checkpoints")
     progress = Progress()

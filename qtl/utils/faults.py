@@ -5,13 +5,16 @@ a scheduler's ``kill -9`` or a lost node would) the ``n``-th time (default: firs
 reaches ``<point>``. ``QTL_FAULT_ACTION=raise`` raises :class:`InjectedFault` instead, for
 in-process tests. Unset, :func:`point` is a dictionary lookup and nothing else.
 
-Points, in the order a run reaches them (``qtl.train.loop``, ``qtl.train.driver``):
+Points, in the order a run reaches them (``qtl.train.loop``, ``qtl.train.driver``), then the
+feature cache's (``FEATURE_POINTS``):
 
 - ``before_best_save``: an improved epoch is trained and validated, nothing saved yet
 - ``between_best_and_last``: ``best`` is on disk, ``last`` (the commit) is not
 - ``after_last_save``: ``last`` is committed; old steps not pruned, metrics.jsonl not rewritten
 - ``evaluate``: training ended, the best checkpoint is restored, no predictions written
 - ``between_predictions``: the first predictions file is written, results.json is not
+- ``feature_chunk``: a chunk of backbone features is on disk, the split's manifest is not
+  (``qtl.data.features``; reached once per chunk written)
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ POINTS = (
     "evaluate",
     "between_predictions",
 )
+# reached while filling the feature cache (mode=features, or a features.cache=true run)
+FEATURE_POINTS = ("feature_chunk",)
 _reached: dict[str, int] = {}
 
 
@@ -40,8 +45,9 @@ def point(name: str) -> None:
     if not spec:
         return
     target, _, nth = spec.partition("@")
-    if target not in POINTS:
-        raise ValueError(f"QTL_FAULT={spec!r}: the point must be one of {', '.join(POINTS)}")
+    if target not in POINTS + FEATURE_POINTS:
+        known = ", ".join(POINTS + FEATURE_POINTS)
+        raise ValueError(f"QTL_FAULT={spec!r}: the point must be one of {known}")
     if target != name:
         return
     _reached[name] = _reached.get(name, 0) + 1

@@ -32,6 +32,10 @@ def image_cache(paths: PathsConfig) -> Path:
     return _path(paths.image_cache)
 
 
+def feature_cache(paths: PathsConfig) -> Path:
+    return _path(paths.feature_cache)
+
+
 def pretrained_dir(paths: PathsConfig) -> Path:
     return _path(paths.pretrained_dir)
 
