@@ -33,7 +33,7 @@ from qtl.models.vit_costs import (
     vit_costs,
     xla_flops,
 )
-from qtl.objectives import distill_loss, label_loss, n_outputs
+from qtl.train.objectives import distill_loss, label_loss, n_outputs
 from qtl.quantum.layer import QuantumLayer, QuantumLayerConfig
 
 ATOL = 1e-5
