@@ -752,6 +752,12 @@ def _validate_study(cfg: QtlConfig) -> None:
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is out of range.")
+    if cfg.data.augment:
+        raise ConfigError(
+            "data.augment=true is not available with data=medmnist (the flip + rotation path is "
+            "the CXR study's; MedMNIST v2 and the public QViT train without augmentation): "
+            "use data.augment=false."
+        )
     if d.mode == DistillMode.pretrain and d.pretrain_epochs >= cfg.train.max_epochs:
         raise ConfigError(
             f"distill.pretrain_epochs={d.pretrain_epochs} leaves no label fine-tuning within "

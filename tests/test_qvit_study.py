@@ -28,6 +28,7 @@ TINY_MED = ["debug=tiny_medmnist"]
         (["experiment=qvit", "distill=pretrain", "distill.pretrain_epochs=40"], "leaves no label"),
         (["experiment=qvit", "data.size=32"], "data.size=32 is out of range"),
         (["experiment=qvit", "distill=joint", "distill.alpha=1.5"], "distill.alpha=1.5"),
+        (["experiment=qvit", "data.augment=true"], "data.augment=true is not available"),
     ],
 )
 def test_invalid_study_combinations_are_refused(overrides, message):
