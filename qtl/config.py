@@ -395,6 +395,7 @@ class DistillConfig:
     pretrain_epochs: int = 10  # pretrain: epochs of pure KD before the label loss takes over
     teacher: str = "resnet18"  # a model preset qtl trains on the same data, or a run directory
     teacher_seed: int = 0  # seed of a preset teacher (one teacher per dataset, every student)
+    teacher_epochs: int | None = None  # a preset teacher's train.max_epochs; null = the student's
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "mode",
@@ -403,9 +404,11 @@ class DistillConfig:
         "pretrain_epochs",
         "teacher",
         "teacher_seed",
+        "teacher_epochs",
     )
     OPERATIONAL: ClassVar[tuple[str, ...]] = ()
     LEGACY: ClassVar[dict[str, Any]] = {
+        "teacher_epochs": None,
         "mode": "none",
         "temperature": 4.0,
         "alpha": 0.7,
@@ -747,6 +750,7 @@ def _validate_study(cfg: QtlConfig) -> None:
         ("distill.temperature", d.temperature, d.temperature > 0),
         ("distill.alpha", d.alpha, 0.0 <= d.alpha <= 1.0),
         ("distill.pretrain_epochs", d.pretrain_epochs, d.pretrain_epochs >= 0),
+        ("distill.teacher_epochs", d.teacher_epochs, (d.teacher_epochs or 1) > 0),
         ("model.cnn_stem", m.cnn_stem, m.cnn_stem > 0),
     ]
     for key, value, ok in checks:

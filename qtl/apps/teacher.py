@@ -29,8 +29,9 @@ PRESETS = {"resnet18": ModelName.resnet18, "vit": ModelName.vit, "qvit": ModelNa
 
 
 def teacher_config(cfg: QtlConfig) -> QtlConfig:
-    """The preset teacher's run: the student's data and training recipe, the preset model
-    (the student's ``model.cnn_*`` shape for resnet18), no distillation, its own seed."""
+    """The preset teacher's run: the student's data and training recipe (its epochs
+    ``distill.teacher_epochs`` when set), the preset model (the student's ``model.cnn_*``
+    shape for resnet18), no distillation, its own seed."""
     preset = cfg.distill.teacher
     t = copy.deepcopy(cfg)
     t.mode = Mode.train
@@ -44,6 +45,9 @@ def teacher_config(cfg: QtlConfig) -> QtlConfig:
     )
     if t.model.name == ModelName.qvit:
         t.model.quantum = ["q", "k", "v", "o", "mlp"]
+    if cfg.distill.teacher_epochs is not None:
+        t.train.max_epochs = cfg.distill.teacher_epochs
+        t.train.patience = min(t.train.patience, cfg.distill.teacher_epochs)
     t.distill = DistillConfig()
     t.logger = LoggerConfig()
     return t
