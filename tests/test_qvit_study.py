@@ -127,7 +127,8 @@ def test_tiny_run_per_task_type(tmp_path, flag, task, model, score_columns):
         assert probs.shape[1] == score_columns and len(labels) == res["split_sizes"][split]
         again = evaluate(labels, probs, task)  # recomputed from what was written
         assert res["metrics"][split]["acc"] == pytest.approx(again["acc"], abs=1e-6)
-        assert res["metrics"][split]["auc"] == pytest.approx(again["auc"], abs=1e-4)
+        # the file keeps 6 decimals: near-uniform scores of a 2-epoch model tie there
+        assert res["metrics"][split]["auc"] == pytest.approx(again["auc"], abs=5e-3)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["val_acc"] is not None for r in rows)
 
