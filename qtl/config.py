@@ -81,6 +81,25 @@ class Backend(StrEnum):
 class DataName(StrEnum):
     synthetic = "synthetic"
     nih_cxr_lt = "nih_cxr_lt"
+    medmnist = "medmnist"  # MedMNIST 2D .npz files (data.flag, data.size): the QViT study
+
+
+class ModelName(StrEnum):
+    resnet_dqc = "resnet_dqc"  # the CXR study: the backbone and head groups define the model
+    vit = "vit"  # classical ViT (model.quantum = [])
+    qvit = "qvit"  # ViT with quantum projections (model.quantum)
+    resnet18 = "resnet18"  # ResNet-18-style CNN (MedMNIST v2 baseline): the KD teacher
+
+
+class DistillMode(StrEnum):
+    none = "none"  # labels only
+    joint = "joint"  # alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * label loss
+    pretrain = "pretrain"  # pure KD for distill.pretrain_epochs, then the label loss only
+
+
+class BestBy(StrEnum):
+    val_loss = "val_loss"  # lowest validation loss (the CXR study's early stopping)
+    val_auc = "val_auc"  # highest validation AUC (MedMNIST v2 and the public QViT)
 
 
 class OnBadImage(StrEnum):
@@ -203,6 +222,13 @@ class DataConfig:
     )  # images per split
     synth_image_px: int = 256  # side of the square PNGs written (NIH's are 1024)
     synth_difficulty: float = 1.0  # >1 = fainter traces and more noise
+    # data=medmnist (ignored by the CXR data)
+    flag: str = "retinamnist"  # one of the 12 MedMNIST 2D sets (qtl.data.medmnist_info.FLAGS)
+    size: int = 28  # 28 ({flag}.npz) | 64 | 128 | 224 ({flag}_{size}.npz)
+    synthetic: bool = True  # no file under data.root: write the built-in synthetic one there
+    synth_noise: float = 0.08  # synthetic MedMNIST pixel noise (0..1 scale)
+    check_split_sizes: bool | None = None  # null: official split sizes required of real files
+    binary_logits: int = 1  # binary sets: 1 (sigmoid BCE) | 2 (softmax CE, MedMNIST v2 style)
 
     # augment_on enters the identity resolved (auto -> host or device for this machine), and
     # a resume keeps the placement recorded at the first start: host and device augmentation
@@ -225,8 +251,23 @@ class DataConfig:
         "synth_sizes",
         "synth_image_px",
         "synth_difficulty",
+        "flag",
+        "size",
+        "synthetic",
+        "synth_noise",
+        "check_split_sizes",
+        "binary_logits",
     )
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers", "cache_dir")
+    # the MedMNIST fields: what a CXR run computed before they existed (they do not apply)
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "flag": "retinamnist",
+        "size": 28,
+        "synthetic": True,
+        "synth_noise": 0.08,
+        "check_split_sizes": None,
+        "binary_logits": 1,
+    }
 
 
 @dataclass
@@ -241,6 +282,7 @@ class TrainConfig:
     patience: int = 5  # stop after this many epochs without a lower val loss
     min_delta: float = 0.0  # improvement smaller than this does not reset patience
     log_every: int = 10  # W&B train-loss logging period in steps
+    best_by: BestBy = BestBy.val_loss  # best epoch and patience: val_loss | val_auc
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "optimizer",
@@ -251,10 +293,131 @@ class TrainConfig:
         "max_epochs",
         "patience",
         "min_delta",
+        "best_by",
     )
+    LEGACY: ClassVar[dict[str, Any]] = {"best_by": "val_loss"}
     # eval batches are per-row computations (eval-mode batch norm): the batch size only
     # changes how many rows share one call
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every")
+
+
+@dataclass
+class CircuitConfig:
+    """The circuit of every quantum projection of a QViT (qtl.quantum.layer)."""
+
+    layers: int = 1  # L variational layers (rotation on every wire, then the CNOT ring)
+    encoding: str = "rx"  # rx (public design: raw features as RX angles) | ry | h_ry
+    rotation: str = "rx"  # rx (public design) | ry | rz_ry
+    entangler: str = "qvit_ring"  # qvit_ring (j -> j+1 mod d) | ring | chain | even_odd
+    init: str = "xavier_normal"  # xavier_normal (public design) | normal_2pi | uniform_2pi
+    simulator: Simulator = Simulator.fast  # fast (qtl's) | pennylane (reference)
+    max_state_mb: float | None = None  # fast: chunk bound of the state vectors; null = auto
+    native_kernel: bool = True  # fast, CPU, real circuits: C++ rotation-gradient kernel
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("layers", "encoding", "rotation", "entangler", "init")
+    # tested equal (test_vit: fast vs PennyLane, chunking, kernel): how, not what
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("simulator", "max_state_mb", "native_kernel")
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "layers": 1,
+        "encoding": "rx",
+        "rotation": "rx",
+        "entangler": "qvit_ring",
+        "init": "xavier_normal",
+    }
+
+
+@dataclass
+class ModelConfig:
+    """``model=``: resnet_dqc (the CXR study: backbone + head groups) | vit | qvit | resnet18.
+
+    The ViT fields are qtl.models.vit_config.ViTConfig's; resnet18 uses the cnn_* fields.
+    """
+
+    name: ModelName = ModelName.resnet_dqc
+    hidden_size: int = 8  # ViT token width = qubits of every attention circuit
+    num_heads: int = 2  # attention heads (hidden_size must divide by it)
+    num_blocks: int = 4  # pre-LayerNorm transformer blocks
+    mlp_size: int = 4  # MLP hidden width (= qubits of the quantum MLP layer)
+    patch_size: int = 4  # conv patch embedding, kernel = stride = patch
+    dropout: float = 0.1  # attention weights, sublayer outputs, MLP, embeddings
+    pool: str = "gap"  # gap (mean over tokens, public design) | token (a learned class token)
+    quantum: list[str] = field(default_factory=list)  # circuits among q k v o mlp; [] = classical
+    match_params_of: list[str] | None = None  # classical: resize to this quantum set's count
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    cnn_stem: int = 64  # resnet18: channels of the 3x3 stride-1 stem (MedMNIST v2 at 28 px)
+    cnn_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # per stage
+    cnn_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # basic blocks per stage
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "name",
+        "hidden_size",
+        "num_heads",
+        "num_blocks",
+        "mlp_size",
+        "patch_size",
+        "dropout",
+        "pool",
+        "quantum",
+        "match_params_of",
+        "circuit",
+        "cnn_stem",
+        "cnn_widths",
+        "cnn_depths",
+    )
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
+    # a CXR run (resnet_dqc) computed exactly this before the group existed
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "name": "resnet_dqc",
+        "hidden_size": 8,
+        "num_heads": 2,
+        "num_blocks": 4,
+        "mlp_size": 4,
+        "patch_size": 4,
+        "dropout": 0.1,
+        "pool": "gap",
+        "quantum": [],
+        "match_params_of": None,
+        "cnn_stem": 64,
+        "cnn_widths": [64, 128, 256, 512],
+        "cnn_depths": [2, 2, 2, 2],
+    }
+
+    @property
+    def is_medmnist_model(self) -> bool:
+        return self.name != ModelName.resnet_dqc
+
+
+@dataclass
+class DistillConfig:
+    """``distill=none | joint | pretrain``: knowledge distillation from a trained teacher."""
+
+    mode: DistillMode = DistillMode.none
+    temperature: float = 4.0  # T: student and teacher logits divided by T
+    alpha: float = 0.7  # joint: weight of the T^2-scaled KD term; 1 - alpha on the label loss
+    pretrain_epochs: int = 10  # pretrain: epochs of pure KD before the label loss takes over
+    teacher: str = "resnet18"  # a model preset qtl trains on the same data, or a run directory
+    teacher_seed: int = 0  # seed of a preset teacher (one teacher per dataset, every student)
+    teacher_epochs: int | None = None  # a preset teacher's train.max_epochs; null = the student's
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "mode",
+        "temperature",
+        "alpha",
+        "pretrain_epochs",
+        "teacher",
+        "teacher_seed",
+        "teacher_epochs",
+    )
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "teacher_epochs": None,
+        "mode": "none",
+        "temperature": 4.0,
+        "alpha": 0.7,
+        "pretrain_epochs": 10,
+        "teacher": "resnet18",
+        "teacher_seed": 0,
+    }
 
 
 @dataclass
@@ -420,6 +583,8 @@ class QtlConfig:
     head: HeadConfig = MISSING
     backbone: BackboneConfig = MISSING
     data: DataConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)  # resnet_dqc | vit | qvit | resnet18
+    distill: DistillConfig = field(default_factory=DistillConfig)  # knowledge distillation
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -439,6 +604,8 @@ class QtlConfig:
         "head",
         "backbone",
         "data",
+        "model",
+        "distill",
         "train",
         "backend",
         "features",
@@ -485,11 +652,21 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
 
 
 def run_subdir(root: Any) -> str:
-    """A training run's folder under its experiment: ``<task>-<head>/seed<seed>``.
+    """A training run's folder under its experiment: ``<task>-<head>/seed<seed>``, or for a
+    MedMNIST run ``<flag>-<model>[-kd_<distill>]/seed<seed>``.
 
     Deterministic, so the same command finds (and resumes) the same run.
     """
+    if str(root.data.name) == DataName.medmnist:
+        return f"{run_label(root)}/seed{root.seed}"
     return f"{root.task.name}-{root.head.name}/seed{root.seed}"
+
+
+def run_label(root: Any) -> str:
+    """``<flag>-<model>[-kd_<mode>]`` of a MedMNIST run (its folder and its W&B name)."""
+    distill = str(root.distill.mode)
+    kd = "" if distill == DistillMode.none else f"-kd_{distill}"
+    return f"{root.data.flag}-{root.model.name}{kd}"
 
 
 @functools.cache
@@ -584,6 +761,7 @@ def validate(cfg: QtlConfig) -> None:
             "miccai2023_nih-cxr-lt_labels_{train,val,test}.csv>. "
             "Use data=synthetic to try qtl without data."
         )
+    _validate_study(cfg)
 
 
 def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
@@ -600,6 +778,11 @@ def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
     if not (fc.cache or needed):
         return
     why = "features.cache=true" if fc.cache else f"mode={cfg.mode}"
+    if cfg.data.name == DataName.medmnist:
+        raise ConfigError(
+            f"{why} caches the CXR study's frozen backbone features; data=medmnist models "
+            "(ViT, QViT, ResNet-18) train end to end on images: use features.cache=false."
+        )
     if not cfg.backbone.freeze:
         raise ConfigError(
             f"{why} needs backbone.freeze=true: the features of a backbone that trains change "
@@ -617,3 +800,60 @@ def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
             "need the features of freshly flipped and rotated images). Set data.augment=false "
             "(experiment=frozen does), or features.cache=false to train on augmented images."
         )
+
+
+_MEDMNIST_MODELS = "model=vit | model=qvit | model=resnet18"
+
+
+def _validate_study(cfg: QtlConfig) -> None:
+    """Which model, data and distillation go together (the two studies share the trainer)."""
+    medmnist = cfg.data.name == DataName.medmnist
+    if medmnist and not cfg.model.is_medmnist_model:
+        raise ConfigError(
+            f"data=medmnist needs a MedMNIST model ({_MEDMNIST_MODELS}); model=resnet_dqc is "
+            "the CXR study's backbone + head. E.g. python launch.py data=medmnist model=qvit"
+        )
+    if not medmnist and cfg.model.is_medmnist_model:
+        raise ConfigError(
+            f"model={cfg.model.name} trains on data=medmnist only (data={cfg.data.name} is the "
+            "CXR study's data, trained by model=resnet_dqc with the backbone and head groups)."
+        )
+    if not medmnist and cfg.distill.mode != DistillMode.none:
+        raise ConfigError(
+            f"distill={cfg.distill.mode} is for data=medmnist runs; use distill=none with "
+            f"data={cfg.data.name}."
+        )
+    if not medmnist:
+        return
+    m, d = cfg.model, cfg.distill
+    checks: list[tuple[str, Any, bool]] = [
+        ("data.size", cfg.data.size, cfg.data.size in (28, 64, 128, 224)),
+        ("data.binary_logits", cfg.data.binary_logits, cfg.data.binary_logits in (1, 2)),
+        ("data.synth_noise", cfg.data.synth_noise, cfg.data.synth_noise >= 0),
+        ("distill.temperature", d.temperature, d.temperature > 0),
+        ("distill.alpha", d.alpha, 0.0 <= d.alpha <= 1.0),
+        ("distill.pretrain_epochs", d.pretrain_epochs, d.pretrain_epochs >= 0),
+        ("distill.teacher_epochs", d.teacher_epochs, (d.teacher_epochs or 1) > 0),
+        ("model.cnn_stem", m.cnn_stem, m.cnn_stem > 0),
+    ]
+    for key, value, ok in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} is out of range.")
+    if cfg.data.augment:
+        raise ConfigError(
+            "data.augment=true is not available with data=medmnist (the flip + rotation path is "
+            "the CXR study's; MedMNIST v2 and the public QViT train without augmentation): "
+            "use data.augment=false."
+        )
+    if d.mode == DistillMode.pretrain and d.pretrain_epochs >= cfg.train.max_epochs:
+        raise ConfigError(
+            f"distill.pretrain_epochs={d.pretrain_epochs} leaves no label fine-tuning within "
+            f"train.max_epochs={cfg.train.max_epochs}; use fewer KD epochs or more epochs."
+        )
+    if len(m.cnn_widths) != len(m.cnn_depths) or not m.cnn_widths:
+        raise ConfigError(
+            "model.cnn_widths and model.cnn_depths need one entry per stage "
+            f"(got {m.cnn_widths} and {m.cnn_depths})."
+        )
+    if d.mode != DistillMode.none and not d.teacher:
+        raise ConfigError("distill.teacher is empty: name a preset (resnet18) or a run folder.")

@@ -134,6 +134,8 @@ def test_config_refuses_what_cannot_be_cached():
         validate(compose(*TINY, "experiment=frozen", "backbone.freeze=false"))
     with pytest.raises(ConfigError, match="batch_norm=inference"):
         validate(compose(*TINY, "experiment=frozen", "backbone.batch_norm=batch"))
+    with pytest.raises(ConfigError, match="train end to end on images"):
+        validate(compose("data=medmnist", "model=qvit", "features.cache=true"))
 
 
 def test_backbone_digest_follows_the_arrays_not_the_name():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qtl.data.medmnist_info import INFO, Task
-from qtl.objectives import (
+from qtl.train.objectives import (
     DistillConfig,
     distill_loss,
     label_loss,

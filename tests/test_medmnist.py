@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,25 +254,16 @@ def _fit(x, y):
     return RidgeClassifier(alpha=100.0).fit(x, y)  # closed form: fast, unlike an iterative fit
 
 
-def test_data_yaml_draft_fits_the_schema_and_opens_a_synthetic_set(tmp_path):
-    import shutil
+def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_path):
     from dataclasses import replace
 
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from helpers import compose
 
-    from qtl.data.medmnist import MedMNISTConfig, open_medmnist
+    from qtl.data.medmnist import MedMNISTConfig, medmnist_config, open_medmnist
 
-    conf = tmp_path / "conf"
-    (conf / "data").mkdir(parents=True)
-    shutil.copy(
-        Path(__file__).resolve().parents[1] / "conf" / "data" / "medmnist.yaml", conf / "data"
-    )
-    (conf / "config.yaml").write_text("defaults:\n  - data: medmnist\n  - _self_\n")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        loaded = compose(config_name="config").data
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MedMNISTConfig), loaded))
-    assert cfg == MedMNISTConfig()
+    run = compose("data=medmnist", "model=qvit", f"paths.data_dir={tmp_path / 'data'}")
+    cfg = medmnist_config(run.data, tmp_path / "data")
+    assert cfg == MedMNISTConfig(root=str(tmp_path / "data" / "medmnist"))
     cfg = replace(cfg, root=str(tmp_path / "files"), flag="bloodmnist", synth_sizes=TINY)
     data = open_medmnist(cfg)
     assert data.path == tmp_path / "files" / "bloodmnist.npz" and len(data.splits["val"]) == 4

@@ -33,8 +33,8 @@ from qtl.models.vit_costs import (
     vit_costs,
     xla_flops,
 )
-from qtl.objectives import distill_loss, label_loss, n_outputs
 from qtl.quantum.layer import QuantumLayer, QuantumLayerConfig
+from qtl.train.objectives import distill_loss, label_loss, n_outputs
 
 ATOL = 1e-5
 

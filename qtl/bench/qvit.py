@@ -29,8 +29,8 @@ from qtl.bench.common import machine_info, time_calls, write_json
 from qtl.models.vit import ViT, num_tokens
 from qtl.models.vit_config import ViTConfig, equal_dims_vit, qvit_preset
 from qtl.models.vit_costs import parameter_count
-from qtl.objectives import label_loss
 from qtl.quantum.layer import QuantumLayerConfig, init_weights, layer_spec, make_simulator
+from qtl.train.objectives import label_loss
 
 
 def uptime() -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qtl.config import DataConfig
 from qtl.data.medmnist_info import (
     SPLITS,
     SYNTHETIC_KEY,
@@ -218,3 +219,20 @@ def _check_labels(path: Path, field: str, a: np.ndarray, info: FlagInfo) -> np.n
 def normalise(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W, C) -> float32 in [-1, 1]: MedMNIST's own transform (mean 0.5, std 0.5)."""
     return images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+
+
+def medmnist_config(data: DataConfig, data_dir: Path | str | None = None) -> MedMNISTConfig:
+    """The reader's view of a run's ``data`` group (``data=medmnist``); ``data.root`` null =
+    ``<data_dir>/medmnist`` (``paths.data_dir``)."""
+    root = data.root or str(Path(data_dir) / "medmnist" if data_dir else DEFAULT_ROOT)
+    return MedMNISTConfig(
+        flag=data.flag,
+        size=int(data.size),
+        root=root,
+        synthetic=bool(data.synthetic),
+        synth_seed=int(data.synth_seed),
+        synth_sizes={k: int(v) for k, v in data.synth_sizes.items() if k in SPLITS},
+        synth_noise=float(data.synth_noise),
+        check_split_sizes=data.check_split_sizes,
+        binary_logits=int(data.binary_logits),
+    )

@@ -6,7 +6,7 @@
   when there are two, e.g. softmax of two logits);
 - multi-class and ordinal: mean over classes of the one-vs-rest ROC-AUC of that class's
   score; ACC of the argmax.
-Scores are probabilities (:func:`qtl.objectives.probabilities`): a one-vs-rest AUC of raw
+Scores are probabilities (:func:`qtl.train.objectives.probabilities`): a one-vs-rest AUC of raw
 logits is not the same number, because softmax mixes the columns.
 
 One deliberate difference: where a label or class has only one value in ``labels`` (a tiny

@@ -20,17 +20,21 @@ def predict(
     desc: str = "eval",
     progress: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """Probabilities (N, L) and mean BCE loss over the split."""
+    """Scores (N, outputs) and the mean loss over the split (BCE for the CXR study)."""
     n = len(images)
-    probs = np.zeros(labels.shape, np.float32)
+    probs: np.ndarray | None = None  # its width is the model's output width
     total = 0.0
     done = 0
     with bar(total=num_batches(n, batch_size), desc=desc, enabled=progress, leave=False) as pbar:
         for batch in batches(images, labels, batch_size):
             p, loss_sum = eval_step(state, batch.images, batch.labels, batch.mask)
             real = int(batch.mask.sum())
+            if probs is None:
+                probs = np.zeros((n, np.shape(p)[-1]), np.float32)
             probs[done : done + real] = np.asarray(p)[:real]
             total += float(loss_sum)
             done += real
             pbar.update(1)
+    if probs is None:
+        probs = np.zeros(labels.shape, np.float32)
     return probs, total / max(n, 1)

@@ -33,6 +33,8 @@ SYNTHETIC = "synthetic"  # backbone.pretrained=synthetic: weights qtl trains (qt
 
 def _source(cfg: QtlConfig, weights: str | None) -> str | None:
     """The weights to load: ``weights`` (resolved by the application) or the configured ones."""
+    if cfg.model.is_medmnist_model:  # a MedMNIST model starts from its seed (or a teacher's KD)
+        return None
     if weights is not None:
         return weights
     if cfg.backbone.pretrained == SYNTHETIC:

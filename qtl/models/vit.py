@@ -122,7 +122,9 @@ class ViT(nnx.Module):
         self.norm = nnx.LayerNorm(d, rngs=rngs)
         self.head = nnx.Linear(d, n_outputs, rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``mask`` (B,) is accepted for the trainer's interface; a ViT has no batch statistics
+        for padding rows to disturb."""
         x = self.patch(images)
         b = x.shape[0]
         x = x.reshape(b, -1, x.shape[-1])

@@ -10,8 +10,10 @@ hand (:func:`qtl.models.vit_costs.match_parameter_count`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 
+from qtl.config import ModelConfig
 from qtl.quantum.layer import QuantumLayerConfig, validate_quantum
 
 PROJECTIONS = ("q", "k", "v", "o", "mlp")  # o: attention output; mlp: the MLP's middle layer
@@ -76,3 +78,16 @@ def vit_preset() -> ViTConfig:
 def equal_dims_vit(cfg: ViTConfig) -> ViTConfig:
     """The classical ViT with the QViT's dims (more parameters): the benchmark's pair."""
     return replace(cfg, name="vit", quantum=[], match_params_of=None)
+
+
+def vit_config(model: ModelConfig) -> ViTConfig:
+    """The ViT config of a run's ``model`` group (the schema's copy of these fields)."""
+    fields_ = {f.name for f in dataclasses.fields(ViTConfig)} - {"circuit", "name"}
+    kw = {name: getattr(model, name) for name in fields_}
+    kw["quantum"] = list(model.quantum)
+    kw["match_params_of"] = None if model.match_params_of is None else list(model.match_params_of)
+    circuit = QuantumLayerConfig(
+        **{f.name: getattr(model.circuit, f.name) for f in dataclasses.fields(QuantumLayerConfig)}
+    )
+    circuit.simulator = str(circuit.simulator)
+    return ViTConfig(name=str(model.name), circuit=circuit, **kw)

@@ -99,12 +99,15 @@ class RunFiles:
         labels: np.ndarray,
         probs: np.ndarray,
         names: Sequence[str],
+        prob_names: Sequence[str] | None = None,
     ) -> Path:
-        """One row per image: id, true label per column, predicted probability per column."""
+        """One row per image: id, true label per column, predicted probability per column
+        (``prob_names``: the score columns when they differ from the label columns, e.g. one
+        class index and a probability per class)."""
         path = self.predictions(split)
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["id", *names, *(f"prob_{n}" for n in names)])
+        writer.writerow(["id", *names, *(f"prob_{n}" for n in (prob_names or names))])
         for i, image_id in enumerate(ids):
             writer.writerow(
                 [image_id, *(int(v) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]

@@ -105,3 +105,12 @@ def make_logger(
     if cfg.logger.name == LoggerName.wandb:
         return WandbLogger(cfg, run_dir, config, run_name)
     return NullLogger()
+
+
+def _group(cfg: QtlConfig) -> str:
+    """The W&B group: ``<task>-<head>``, or a MedMNIST run's ``<flag>-<model>[-kd_<mode>]``."""
+    from qtl.config import DataName, run_label
+
+    if cfg.data.name == DataName.medmnist:
+        return run_label(cfg)
+    return f"{cfg.task.name}-{cfg.head.name.value}"

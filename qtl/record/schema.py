@@ -16,7 +16,8 @@ it, so a renamed field cannot leave one of them reading stale keys.
       wandb/                 W&B offline run files (logger=wandb)
 
 ``results.json`` carries ``schema_version``; records written before versioning (no such key)
-are version 1 and read the same, since version 2 only added fields with defaults.
+are version 1 and read the same, since versions 2 and 3 only added fields with defaults
+(3: the MedMNIST study's ``study``, ``model``, ``dataset``, ``metrics``, ``teacher``, ``costs``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 
 
 class RecordError(ValueError):
@@ -54,9 +55,10 @@ class EpochRow:
     train_loss: float
     val_loss: float
     val_mean_auroc: float | None
-    best: bool  # this epoch improved the validation loss (and was saved as `best`)
+    best: bool  # this epoch improved train.best_by (and was saved as `best`)
     seconds: float
     data_wait_seconds: float = 0.0  # time the loop waited for the loader
+    val_acc: float | None = None  # MedMNIST runs: validation ACC (val_mean_auroc is its AUC)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +124,15 @@ class Results:
     hardware: dict[str, Any] = field(default_factory=dict)
     wandb_run_id: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # what was loaded, and how
+    study: str = "cxr"  # cxr (task/head/auroc) | medmnist (dataset/model/metrics)
+    model: str | None = None  # medmnist: vit | qvit | resnet18
+    dataset: str | None = None  # medmnist: the flag (retinamnist, ...)
+    task_type: str | None = None  # medmnist: multi-class | binary | multi-label | ordinal
+    distill: str = "none"  # none | joint | pretrain
+    # medmnist: per evaluated split {"auc", "acc", "auc_undefined"} (MedMNIST's definitions)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)  # KD: the teacher run and its scores
+    costs: dict[str, Any] = field(default_factory=dict)  # medmnist: per-image params and FLOPs
     schema_version: int = RESULTS_VERSION
 
     def mean_auroc(self, split: str) -> float | None:

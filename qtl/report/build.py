@@ -40,6 +40,10 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
 
     if is_search(root):  # an Optuna search (experiment=search): its trials, not a head comparison
         return write_search_report(root, out, cfg.dpi)
+    from qtl.report.qvit import is_medmnist_sweep, write_qvit_report
+
+    if is_medmnist_sweep(root):  # the second study: models x distillation per dataset
+        return write_qvit_report(root, out, cfg.alpha, cfg.dpi)
     sweep = collect(root, skip=out)
     comps = compare(sweep)
     tables = {

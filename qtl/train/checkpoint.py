@@ -43,10 +43,20 @@ class CheckpointSaveError(SaveError):
     """A checkpoint that could not be written; the complete ones before it are kept."""
 
 
+def _is_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
 def _flatten(tree: Any) -> tuple[dict[str, Any], list[str]]:
+    """Leaves by position; typed PRNG keys (a ViT's dropout stream) as their raw key data,
+    which is what an array store can hold (restore wraps them back like the template's)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     paths = [jax.tree_util.keystr(path) for path, _ in leaves]
-    return {f"{i:05d}": leaf for i, (_, leaf) in enumerate(leaves)}, paths
+    flat = {
+        f"{i:05d}": jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        for i, (_, leaf) in enumerate(leaves)
+    }
+    return flat, paths
 
 
 def _errno(err: BaseException) -> int | None:
@@ -204,7 +214,11 @@ class Checkpoints:
             epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]
         leaves = [restored[k] for k in sorted(restored)]
-        treedef = jax.tree_util.tree_structure(template)
+        template_leaves, treedef = jax.tree_util.tree_flatten(template)
+        leaves = [
+            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if _is_key(t) else leaf
+            for leaf, t in zip(leaves, template_leaves, strict=True)
+        ]
         meta.pop("paths", None)
         return jax.tree_util.tree_unflatten(treedef, leaves), meta
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qtl.config import QtlConfig, validate
+from qtl.config import DataName, QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
@@ -37,13 +38,31 @@ def format_auroc_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def format_medmnist_table(results: Results) -> str:
+    """AUC and ACC per evaluated split of a MedMNIST run."""
+    lines = [f"{'split':<6}  {'AUC':>7}  {'ACC':>7}"]
+    for split, m in results.metrics.items():
+        auc = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
+        lines.append(f"{split:<6}  {auc:>7}  {m['acc']:7.3f}")
+    return "\n".join(lines)
+
+
+def format_scores(results: Results) -> str:
+    """The finished run's scores as printed at its end."""
+    if results.study == "medmnist":
+        return format_medmnist_table(results)
+    return format_auroc_table(results)
+
+
 def train_and_evaluate(
-    cfg: QtlConfig, run_dir: Path, *, weights: str | None = None
+    cfg: QtlConfig, run_dir: Path, *, weights: str | None = None, teacher: Any = None
 ) -> dict[str, Any]:
     """Train (or resume) a run in ``run_dir``, evaluate its best checkpoint, write records.
 
     ``weights``: the backbone's starting weights as the application resolved them (a hub id
-    or a folder; ``backbone.pretrained`` when None).
+    or a folder; ``backbone.pretrained`` when None). ``teacher``: for ``distill`` other than
+    none, the teacher's logits (:class:`qtl.train.medmnist.TeacherLogits`), resolved by the
+    application like the weights.
     """
     validate(cfg)
     from qtl.record.files import RunFiles
@@ -54,7 +73,7 @@ def train_and_evaluate(
     done = files.read_results()
     if done is not None:
         print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
-        print(format_auroc_table(done))
+        print(format_scores(done))
         return done.to_json()
     failed = files.read_failure()
     if failed is not None:  # deterministic: the same command would fail the same way
@@ -67,25 +86,32 @@ def train_and_evaluate(
             f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes from "
             "its last good checkpoint."
         )
-    return _train(cfg, run_dir, files, weights)
+    return _train(cfg, run_dir, files, weights, teacher)
 
 
-def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> dict[str, Any]:
-    import jax
+@dataclass
+class _Inputs:
+    """What one study's data and model give the common part of a run."""
 
+    model: Any
+    table: list[tuple[str, int]]
+    arrays: dict[str, tuple[Any, np.ndarray]]  # the loop's (images, targets) per split
+    labels: dict[str, np.ndarray]  # the labels alone per split (KD targets carry more)
+    ids: dict[str, Any]
+    label_names: list[str]
+    score_names: list[str] | None
+    objective: Any
+    data_seconds: float
+    record: dict[str, Any]  # the study's own Results fields
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _cxr_inputs(cfg: QtlConfig, run_dir: Path, weights: str | None, show: bool) -> _Inputs:
     from qtl.data.cache import cached_splits, write_skipped
     from qtl.data.source import load_splits
-    from qtl.evaluate.metrics import mean_auroc, per_label_auroc
-    from qtl.evaluate.predict import predict
     from qtl.models.classifier import build_model, parameter_table
-    from qtl.record.loggers import make_logger
-    from qtl.train.checkpoint import Checkpoints
-    from qtl.train.loop import Progress, fit
-    from qtl.train.step import init_state, make_steps
-    from qtl.utils import faults, paths
+    from qtl.utils import paths
 
-    show = want_progress(cfg.progress)
-    t_start = time.perf_counter()
     labels = list(cfg.task.labels)
     model = build_model(cfg, cfg.seed, weights=weights)  # a weights problem: before data work
     table = parameter_table(model, cfg)
@@ -106,7 +132,89 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         name: (cached.images[name], split.labels.astype(np.float32))
         for name, split in splits.items()
     }
-    data_seconds = time.perf_counter() - t_data
+    return _Inputs(
+        model=model,
+        table=table,
+        arrays=arrays,
+        labels={name: y for name, (_, y) in arrays.items()},
+        ids={name: split.ids for name, split in splits.items()},
+        label_names=labels,
+        score_names=None,
+        objective=None,
+        data_seconds=time.perf_counter() - t_data,
+        record={
+            "task": cfg.task.name,
+            "head": cfg.head.name.value,
+            # positives per label in train: the report sorts labels by this frequency
+            "train_label_counts": dict(
+                zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
+            ),
+        },
+        skipped=cached.skipped_ids(),
+    )
+
+
+def _medmnist_inputs(cfg: QtlConfig, teacher: Any) -> _Inputs:
+    from qtl.train.medmnist import label_names, medmnist_inputs, score_names
+    from qtl.utils import paths
+
+    t_data = time.perf_counter()
+    got = medmnist_inputs(cfg, paths.data_dir(cfg.paths), teacher)
+    names = label_names(got.info)
+    return _Inputs(
+        model=got.model,
+        table=got.table,
+        arrays=got.arrays,
+        labels=got.labels,
+        ids=got.ids,
+        label_names=names,
+        score_names=score_names(got.info, got.outputs),
+        objective=got.objective,
+        data_seconds=time.perf_counter() - t_data,
+        record={
+            "task": cfg.data.flag,
+            "head": str(cfg.model.name),
+            "study": "medmnist",
+            "model": str(cfg.model.name),
+            "dataset": cfg.data.flag,
+            "task_type": got.info.task.value,
+            "distill": str(cfg.distill.mode),
+            "teacher": dict(teacher.record) if teacher is not None else {},
+            "costs": got.costs,
+            "train_label_counts": {
+                n: int(c) for n, c in zip(names, got.labels["train"].sum(axis=0), strict=True)
+            },
+        },
+    )
+
+
+def run_name(cfg: QtlConfig) -> str:
+    """``<name>/<task>-<head>/seed<seed>`` (MedMNIST: ``<name>/<flag>-<model>[-kd_*]/...``)."""
+    from qtl.config import run_subdir
+
+    return f"{cfg.name}/{run_subdir(cfg)}"
+
+
+def _train(
+    cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None, teacher: Any
+) -> dict[str, Any]:
+    import jax
+
+    from qtl.evaluate.predict import predict
+    from qtl.record.loggers import make_logger
+    from qtl.train.checkpoint import Checkpoints
+    from qtl.train.loop import Progress, fit
+    from qtl.train.step import init_state, make_steps
+    from qtl.utils import faults
+
+    show = want_progress(cfg.progress)
+    t_start = time.perf_counter()
+    if cfg.data.name == DataName.medmnist:
+        inputs = _medmnist_inputs(cfg, teacher)
+    else:
+        inputs = _cxr_inputs(cfg, run_dir, weights, show)
+    model, table, arrays = inputs.model, inputs.table, inputs.arrays
+    data_seconds = inputs.data_seconds
 
     if cfg.features.cache:  # the head is the model: the backbone never runs again
         from qtl.train.features import init_feature_state, make_feature_steps
@@ -114,7 +222,7 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         steps = make_feature_steps(model.head, cfg)
         state = init_feature_state(model.head, steps.tx)
     else:
-        steps = make_steps(model, cfg)
+        steps = make_steps(model, cfg, inputs.objective)
         state = init_state(model, cfg, steps.tx)
     del model
     ckpts = Checkpoints(run_dir / "checkpoints")
@@ -131,8 +239,8 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
             f"(best epoch {progress.best_epoch}, val loss {progress.best_val_loss:.4f})"
         )
 
-    run_name = f"{cfg.name}/{cfg.task.name}-{cfg.head.name.value}/seed{cfg.seed}"
-    logger = make_logger(cfg, run_dir, config_dict(cfg), run_name)
+    name = run_name(cfg)
+    logger = make_logger(cfg, run_dir, config_dict(cfg), name)
     exit_code = 1
     try:
         state, progress = fit(
@@ -142,30 +250,34 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         best, _ = ckpts.restore("best", state, step=progress.best_epoch)
         faults.point("evaluate")
         auroc: dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
         losses: dict[str, float] = {}
-        for name, (images, y) in arrays.items():
-            if name == "train":
+        for split, (images, _) in arrays.items():
+            if split == "train":
                 continue
+            y = inputs.labels[split]
             probs, loss = predict(
                 steps.eval_step,
                 best,
                 images,
                 y,
                 cfg.train.eval_batch_size,
-                desc=f"eval {name}",
+                desc=f"eval {split}",
                 progress=show,
             )
-            per_label = per_label_auroc(y, probs, labels)
-            auroc[name] = SplitScores(mean=mean_auroc(per_label), per_label=per_label)
-            losses[name] = loss
-            files.write_predictions(name, splits[name].ids, y, probs, labels)
+            mean, per_label, extra = steps.objective.score(y, probs, inputs.label_names)
+            auroc[split] = SplitScores(mean=mean, per_label=per_label)
+            if extra:
+                metrics[split] = extra
+            losses[split] = loss
+            files.write_predictions(
+                split, inputs.ids[split], y, probs, inputs.label_names, inputs.score_names
+            )
             faults.point("between_predictions")
         results = Results(
-            run=run_name,
-            task=cfg.task.name,
-            head=cfg.head.name.value,
+            run=name,
             seed=cfg.seed,
-            labels=labels,
+            labels=inputs.label_names,
             fingerprint=fingerprint(cfg),
             config=config_dict(cfg),
             parameters=dict(table),
@@ -176,12 +288,9 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
             final_val_loss=progress.history[-1]["val_loss"] if progress.history else None,
             loss=losses,
             auroc=auroc,
-            split_sizes={name: len(s) for name, s in splits.items()},
-            # positives per label in train: the report sorts labels by this frequency
-            train_label_counts=dict(
-                zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
-            ),
-            skipped_images=cached.skipped_ids(),
+            metrics=metrics,
+            split_sizes={split: len(y) for split, y in inputs.labels.items()},
+            skipped_images=inputs.skipped,
             wall_seconds={
                 "data": round(data_seconds, 2),
                 "train": round(progress.train_seconds, 2),
@@ -196,10 +305,12 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
             },
             wandb_run_id=getattr(logger, "run_id", None),
             provenance=run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
+            **inputs.record,
         )
         files.write_results(results)
         logger.summary(
             {f"{s}/mean_auroc": a.mean for s, a in auroc.items()}
+            | {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()}
             | {f"{s}/auroc/{k}": v for s, a in auroc.items() for k, v in a.per_label.items()}
             | {"best_epoch": progress.best_epoch, "best_val_loss": progress.best_val_loss}
         )
@@ -208,8 +319,8 @@ def _train(cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None) -> di
         logger.finish(exit_code)
         ckpts.close()
     print(
-        f"[qtl] {run_name}: best epoch {progress.best_epoch}/{progress.epoch} "
+        f"[qtl] {name}: best epoch {progress.best_epoch}/{progress.epoch} "
         f"({progress.stopped}); results in {run_dir}"
     )
-    print(format_auroc_table(results))
+    print(format_scores(results))
     return results.to_json()

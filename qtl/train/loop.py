@@ -28,10 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from qtl.config import QtlConfig
+from qtl.config import BestBy, QtlConfig
 from qtl.data.augment import augment_host, placement
 from qtl.data.loader import WaitClock, batches, num_batches
-from qtl.evaluate.metrics import mean_auroc, per_label_auroc
 from qtl.evaluate.predict import predict
 from qtl.progress import bar
 from qtl.record.files import EpochRow, Failure, RunFiles
@@ -47,7 +46,8 @@ class Progress:
 
     epoch: int = 0  # epochs finished
     best_epoch: int = 0
-    best_val_loss: float = float("inf")
+    best_val_loss: float = float("inf")  # the best epoch's validation loss
+    best_val_auc: float | None = None  # the best epoch's validation AUC (train.best_by=val_auc)
     bad_epochs: int = 0
     stopped: str | None = None  # why training ended: early_stopping | max_epochs
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -246,13 +246,20 @@ def fit(
                     recent=losses.done,
                     last_good=last_good(),
                 )
-            val_auroc = mean_auroc(per_label_auroc(val_y, val_probs, cfg.task.labels))
+            val_auroc, _, val_extra = steps.objective.score(val_y, val_probs, cfg.task.labels)
             seconds = time.perf_counter() - t0
             p.epoch = epoch
             p.train_seconds += seconds
-            improved = val_loss < p.best_val_loss - tc.min_delta
+            if tc.best_by == BestBy.val_auc:  # an undefined AUC never improves on a defined one
+                improved = p.best_epoch == 0 or (
+                    val_auroc is not None
+                    and (p.best_val_auc is None or val_auroc > p.best_val_auc + tc.min_delta)
+                )
+            else:
+                improved = val_loss < p.best_val_loss - tc.min_delta
             if improved:
                 p.best_val_loss, p.best_epoch, p.bad_epochs = val_loss, epoch, 0
+                p.best_val_auc = val_auroc
             else:
                 p.bad_epochs += 1
             if p.bad_epochs >= tc.patience:
@@ -265,6 +272,7 @@ def fit(
                 train_loss=train_loss,
                 val_loss=val_loss,
                 val_mean_auroc=val_auroc,
+                val_acc=val_extra.get("acc"),
                 best=bool(improved),
                 seconds=round(seconds, 3),
                 data_wait_seconds=round(clock.seconds, 3),  # train loop blocked on the loader
@@ -286,7 +294,8 @@ def fit(
                     "val/loss": val_loss,
                     "val/best_loss": p.best_val_loss,
                     "val/mean_auroc": val_auroc,
-                },
+                }
+                | ({"val/acc": val_extra["acc"]} if "acc" in val_extra else {}),
                 step=int(state.step),
             )
             epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch)

@@ -20,8 +20,8 @@ from flax import nnx, struct
 
 from qtl.config import QtlConfig, TrainConfig
 from qtl.data.augment import augment, placement
-from qtl.data.preprocess import normalize
 from qtl.models.classifier import Classifier, trainable_filter
+from qtl.train.objectives import Objective, masked_bce  # noqa: F401  (re-exported)
 
 
 @struct.dataclass
@@ -67,16 +67,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.multi_transform({"backbone": backbone, "head": head}, labels)
 
 
-def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean binary cross-entropy over labels and over the real (unmasked) rows.
-
-    Padding rows are selected out (not multiplied by 0), so whatever they hold cannot turn
-    the loss or its gradient into NaN.
-    """
-    per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
-    return jnp.where(mask > 0, per_row * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
 @dataclass(frozen=True)
 class Steps:
     """The compiled functions of one run plus what they close over."""
@@ -85,6 +75,7 @@ class Steps:
     train_step: Callable[..., tuple[TrainState, jax.Array]]
     eval_step: Callable[..., tuple[jax.Array, jax.Array]]
     tx: optax.GradientTransformation
+    objective: Objective = Objective()  # the loss and the split scores (CXR by default)
 
 
 def split_model(model: Classifier, cfg: QtlConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -98,8 +89,12 @@ def init_state(model: Classifier, cfg: QtlConfig, tx: optax.GradientTransformati
     )
 
 
-def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
-    """Compile-ready train/eval steps for ``model`` (its weights are not captured)."""
+def make_steps(model: Any, cfg: QtlConfig, objective: Objective | None = None) -> Steps:
+    """Compile-ready train/eval steps for ``model`` (its weights are not captured).
+
+    ``objective``: the loss and scores (:class:`Objective`); None = the CXR study's BCE.
+    """
+    objective = objective or Objective()
     tx = make_optimizer(cfg.train)
     model.train()
     train_graph, _, _ = split_model(model, cfg)
@@ -114,19 +109,19 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
             images = augment(
                 images, key, hflip_p=data.hflip_p, max_rotation_deg=data.max_rotation_deg
             )
-        return normalize(images)
+        return objective.normalize(images)
 
-    def loss_fn(params, rest, images, labels, mask):
+    def loss_fn(params, rest, images, labels, mask, step):
         module = nnx.merge(train_graph, params, rest, copy=True)  # fresh Variables at this trace
         logits = module(images, mask)  # the mask keeps padding out of batch-norm statistics
         _, _, new_rest = split_model(module, cfg)
-        return masked_bce(logits, labels, mask), new_rest
+        return objective.train_loss(logits, labels, mask, step), new_rest
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, images_u8, labels, mask, key) -> tuple[TrainState, jax.Array]:
         images = prepare(images_u8, key if do_augment else None)
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.rest, images, labels, mask
+            state.params, state.rest, images, labels, mask, state.step
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -142,8 +137,6 @@ def make_steps(model: Classifier, cfg: QtlConfig) -> Steps:
     @jax.jit
     def eval_step(state: TrainState, images_u8, labels, mask) -> tuple[jax.Array, jax.Array]:
         module = nnx.merge(eval_graph, state.params, state.rest, copy=True)
-        logits = module(prepare(images_u8, None))
-        per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
-        return jax.nn.sigmoid(logits), per_row.sum()
+        return objective.eval_outputs(module(prepare(images_u8, None)), labels, mask)
 
-    return Steps(eval_graph, train_step, eval_step, tx)
+    return Steps(eval_graph, train_step, eval_step, tx, objective)

@@ -19,25 +19,16 @@ term's gradient scale independent of T. ``alpha = 1`` is pure distillation (the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from qtl.config import DistillConfig, DistillMode
 from qtl.data.medmnist_info import FlagInfo, Task
 
-DISTILL_MODES = ("none", "joint", "pretrain")
-
-
-@dataclass
-class DistillConfig:
-    """``distill=none | joint | pretrain``: the KD term and how it enters training."""
-
-    mode: str = "none"  # none | joint (KD + labels throughout) | pretrain (KD first, then labels)
-    temperature: float = 4.0  # T: both logits divided by T before the softmax/sigmoid
-    alpha: float = 0.7  # joint: weight of the T^2-scaled KD term; 1 - alpha on the label loss
-    pretrain_epochs: int = 10  # pretrain: epochs of pure KD (alpha = 1) before label training
-    teacher: str = "resnet18"  # a model preset trained on the same data, or a run directory
+DISTILL_MODES = tuple(m.value for m in DistillMode)
 
 
 def validate_distill(cfg: DistillConfig) -> None:
@@ -143,3 +134,90 @@ def distill_loss(
     if alpha == 1.0:
         return soft
     return alpha * soft + (1.0 - alpha) * label_loss(task, student, labels, mask)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy over labels and over the real (unmasked) rows.
+
+    Padding rows are selected out (not multiplied by 0), so whatever they hold cannot turn
+    the loss or its gradient into NaN.
+    """
+    per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    return jnp.where(mask > 0, per_row * mask, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one run's jitted steps optimise and how its evaluation scores a split.
+
+    The CXR study: one sigmoid per label, BCE, mean AUROC. MedMNIST: the task type's loss
+    (:func:`label_loss`), MedMNIST's AUC and ACC, and with distillation the teacher's logits
+    carried in the training targets after the ``n_labels`` label columns, so they follow every
+    example through shuffling, padding and resume without a second input stream.
+    """
+
+    study: str = "cxr"  # cxr | medmnist
+    task: Task | None = None  # MedMNIST task type
+    n_labels: int = 1  # label columns of the targets
+    distill: str = "none"  # none | joint | pretrain
+    temperature: float = 4.0
+    alpha: float = 0.0
+    kd_steps: int = 0  # pretrain: optimiser steps of pure KD before the label loss only
+
+    @property
+    def medmnist(self) -> bool:
+        return self.study == "medmnist"
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """uint8-valued float images -> the model's input."""
+        if self.medmnist:  # MedMNIST's transform: mean 0.5, std 0.5, channels as stored
+            return images * (2.0 / 255.0) - 1.0
+        from qtl.data.preprocess import normalize
+
+        return normalize(images)
+
+    def train_loss(
+        self, logits: jax.Array, targets: jax.Array, mask: jax.Array, step: jax.Array
+    ) -> jax.Array:
+        """The training loss of one padded batch (``step``: the optimiser step before it)."""
+        if not self.medmnist:
+            return masked_bce(logits, targets, mask)
+        labels = targets[:, : self.n_labels]
+        hard = label_loss(self.task, logits, labels, mask)
+        if self.distill == DistillMode.none:
+            return hard
+        teacher = targets[:, self.n_labels :]
+        soft = soft_term(self.task, logits, teacher, self.temperature, mask)
+        if self.distill == DistillMode.pretrain:
+            return jnp.where(step < self.kd_steps, soft, hard)
+        return self.alpha * soft + (1.0 - self.alpha) * hard
+
+    def eval_outputs(
+        self, logits: jax.Array, labels: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(scores, summed label loss over the real rows) of one padded eval batch."""
+        if not self.medmnist:
+            per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
+            return jax.nn.sigmoid(logits), per_row.sum()
+        loss = label_loss(self.task, logits, labels, mask) * jnp.maximum(mask.sum(), 1.0)
+        return probabilities(self.task, logits), loss
+
+    def score(self, labels, scores, names) -> tuple[float | None, dict, dict[str, Any]]:
+        """(the split's AUC, AUC per label, extra metrics) on host arrays: the CXR study's
+        mean and per-label AUROC; MedMNIST's AUC and ACC (its ``Evaluator``'s definitions)."""
+        import numpy as np
+
+        if not self.medmnist:
+            from qtl.evaluate.metrics import mean_auroc, per_label_auroc
+
+            per_label = per_label_auroc(labels, scores, names)
+            return mean_auroc(per_label), per_label, {}
+        from qtl.evaluate.medmnist_metrics import evaluate
+
+        m = evaluate(labels, scores, self.task)
+        auc = None if not np.isfinite(m["auc"]) else float(m["auc"])
+        extra = {"auc": auc, "acc": float(m["acc"]), "auc_undefined": int(m["auc_undefined"])}
+        return auc, {}, extra
