@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT, compose, launch
 
-from qtl.bench.step import _validate, case_config, cases, format_table, run_case
+from qtl.bench.step import _protocol, _validate, case_config, cases, format_table, run_case
 from qtl.config import ConfigError, HeadName, to_schema
 
 TINY = (
@@ -112,6 +112,31 @@ def test_table_has_ratios_failures_and_the_study_beside():
     torch_row = next(ln for ln in lines if "| PyTorch | eager |" in ln)
     assert "| out of memory |" in torch_row and "0.07 / 1.89 (27.0×)" in torch_row
     assert "- cxr19: JAX fast DQC / JAX CDL = 1.10×; PyTorch (eager) DQC: out of memory" in table
+
+
+def test_tensorflow_is_compared_with_jax_fast_and_a_cut_short_protocol_is_said():
+    results = [
+        _record("jax", "jit", "cdl", None, "cxr14", 2.0, n=14),
+        _record("jax", "jit", "dqc", "fast", "cxr14", 2.5, n=14),
+        _record("tf", "xla", "cdl", None, "cxr14", 3.0, n=14),
+        _record("tf", "xla", "dqc", "statevector", "cxr14", 5.0, n=14),
+        _record("tf", "xla", "dqc", "statevector", "cxr19", None, "out of memory: 12 GB"),
+        _record("jax", "jit", "dqc", "fast", "cxr19", 3.0),
+    ]
+    table = format_table({"results": results})
+    tf_line = "- cxr14: JAX fast DQC / JAX CDL = 1.25×; TensorFlow (xla) DQC / JAX fast DQC = 2.0×"
+    assert tf_line in table
+    assert "- cxr19: TensorFlow (xla) DQC: out of memory" in table
+    config = {"warmup": 3, "steps": 10, "max_seconds": 60}
+    for r, (warm, timed) in zip(results, [(3, 9), (3, 5), (1, 3), (2, 4)], strict=False):
+        r.update(warmup_done=warm, steps_timed=timed)
+    said = _protocol({"config": config, "results": results})
+    assert said == (
+        "up to 3 warm-up + 10 timed steps, cut short past bench_step.max_seconds=60 "
+        "(at least 3 timed): 1–3 warm-up + 3–9 timed steps per case"
+    )
+    full = [{**r, "warmup_done": 3, "steps_timed": 10} for r in results]
+    assert _protocol({"config": config, "results": full}) == "3 warm-up + 10 timed steps"
 
 
 @pytest.mark.slow

@@ -417,6 +417,15 @@ def targets(results: list[dict]) -> list[str]:
                 )
             else:
                 parts.append(f"PyTorch ({compile_mode}) DQC: {_short(t['status'])}")
+        t = _find(results, framework="tf", head="dqc", task=task)
+        if t is not None:
+            if _ok(t):
+                parts.append(
+                    f"TensorFlow ({t['compile']}) DQC / JAX fast DQC = "
+                    f"{t['median_s'] / fast['median_s']:.1f}×"
+                )
+            else:
+                parts.append(f"TensorFlow ({t['compile']}) DQC: {_short(t['status'])}")
         if parts:
             out.append(f"{task}: " + "; ".join(parts))
     return out
@@ -432,6 +441,26 @@ def _command() -> str:
     return "python launch.py " + " ".join(f"'{o}'" if "[" in o else o for o in overrides)
 
 
+def _span(values: list[int]) -> str:
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}–{values[-1]}"
+
+
+def _protocol(payload: dict[str, Any]) -> str:
+    """The steps as run: max_seconds can cut warm-up and timing short, and the table says so."""
+    c = payload["config"]
+    text = f"{c['warmup']} warm-up + {c['steps']} timed steps"
+    ok = [r for r in payload["results"] if r.get("status") == "ok"]
+    timed = sorted({r["steps_timed"] for r in ok if r.get("steps_timed")})
+    warm = sorted({r["warmup_done"] for r in ok if r.get("warmup_done") is not None})
+    if (timed and timed[0] < c["steps"]) or (warm and warm[0] < c["warmup"]):
+        text = (
+            f"up to {c['warmup']} warm-up + {c['steps']} timed steps, cut short past "
+            f"bench_step.max_seconds={c['max_seconds']:g} (at least 3 timed): "
+            f"{_span(warm or [0])} warm-up + {_span(timed or [0])} timed steps per case"
+        )
+    return text
+
+
 def _write_markdown(md: Path, payload: dict[str, Any], what: str) -> None:
     m, c = payload["machine"], payload["config"]
     load = ", ".join(f"{x:.1f}" for x in m["load_avg_at_start"])
@@ -439,7 +468,7 @@ def _write_markdown(md: Path, payload: dict[str, Any], what: str) -> None:
     md.write_text(
         f"# Table III: seconds per train step\n\n`{payload['command']}`\n\n"
         f"{m['cpu']}, {m['cores']} cores, load average {load} at start; {what}, batch "
-        f"{c['batch']}, {c['warmup']} warm-up + {c['steps']} timed steps"
+        f"{c['batch']}, {_protocol(payload)}"
         + "".join(f", {k}={v}" for k, v in payload.get("env", {}).items())
         + ".\n\n"
         + f"{format_table(payload)}\n"
