@@ -485,6 +485,7 @@ class BenchCircuitConfig:
     steps: int = 30  # timed steps per case, after warm-up
     warmup: int = 2  # untimed steps after compilation
     max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow
+    rounds: int = 2  # every case again in a fresh process per round: the table shows the spread
     out: str = "bench/circuit.json"  # JSON results (relative to the working directory)
     jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
 

@@ -61,6 +61,8 @@ def wire_gram(d, x, minor: bool):
         ((16, 4096), False),
         ((2, 40), False),
         ((1024, 16), False),
+        ((2**15, 32), True),  # big enough to be split over the thread pool
+        ((32, 2**15), False),
     ],
 )
 def test_wire_gram_matches_a_direct_sum(shape, minor):
@@ -104,6 +106,50 @@ def test_native_gradients_under_vmap():
         return jax.jit(jax.vmap(jax.grad(lambda t: jnp.sum(f(x, t) ** 2))))(thetas)
 
     np.testing.assert_allclose(grads(True), grads(False), atol=2e-6)
+
+
+DONATED_STEPS = """
+import jax, jax.numpy as jnp, numpy as np
+from qtl.quantum.circuit import CircuitSpec
+from qtl.quantum.dressed import head_loss, init_params
+from qtl.quantum.fast import fast_circuit, native_ok
+
+assert native_ok()
+spec = CircuitSpec(14, 3)
+loss = head_loss(fast_circuit(spec))
+params = init_params(np.random.default_rng(0), spec, 16)
+params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+feats, labels = jnp.zeros((32, 16)), jnp.zeros((32, 14))
+
+def step(p, x, y):
+    value, grads = jax.value_and_grad(loss)(p, x, y)
+    return jax.tree.map(lambda a, g: a - 1e-3 * g, p, grads), value
+
+step = jax.jit(step, donate_argnums=0)
+for i in range(3):
+    params, value = step(params, feats, labels)
+    print("step", i, float(value), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_donated_train_steps_do_not_hang():
+    """The trainer's donated step, called again and again, with the kernel split over XLA's
+    pool while other work holds its threads (it deadlocked on the second call when the kernel
+    waited for helper tasks that no free thread could run). A subprocess, so a hang fails."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", DONATED_STEPS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the donated step hung; it printed: {err.stdout!r}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line.split()[1] for line in done.stdout.splitlines()] == ["0", "1", "2"]
 
 
 def test_native_kernel_is_in_the_compiled_step():

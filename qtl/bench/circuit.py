@@ -2,7 +2,10 @@
 
 Each (simulator, n) case runs in its own process (``qtl.bench.circuit_worker``) so peak memory
 and compile caches do not mix; a case that crashes, runs out of memory or times out is
-recorded as failed and the others go on. Prints a table and writes JSON.
+recorded as failed and the others go on. The whole grid runs ``rounds`` times, each case in a
+fresh process every round: the table gives the median of the round medians, their range and
+the range of the speed-ups (each computed within one round), with the load average beside.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtl.bench.common import machine_info, record, run_worker, worker_env
+import numpy as np
+
+from qtl.bench.common import machine_info, record, run_worker, worker_env, write_json
 from qtl.bench.simulators import REQUIRES, available
 from qtl.config import BenchCircuitConfig, ConfigError, HeadConfig
 
@@ -34,6 +39,11 @@ def jemalloc_path() -> str | None:
     return found if found and os.path.isabs(found) else None
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages: a shared machine's numbers need them beside."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _validate(cfg: BenchCircuitConfig) -> None:
     unknown = [s for s in cfg.simulators if s not in REQUIRES]
     if unknown:
@@ -45,28 +55,78 @@ def _validate(cfg: BenchCircuitConfig) -> None:
         raise ConfigError(f"bench_circuit.qubits={list(cfg.qubits)}: need qubit counts >= 2.")
     if cfg.steps < 3 or cfg.batch < 1:
         raise ConfigError("bench_circuit.steps must be >= 3 and bench_circuit.batch >= 1.")
+    if cfg.rounds < 1:
+        raise ConfigError(f"bench_circuit.rounds={cfg.rounds}: need at least 1 round.")
 
 
-def format_table(results: list[dict]) -> str:
-    """Markdown table; speed-up is relative to pennylane at the same n when it ran."""
+def summarise(results: list[dict]) -> list[dict]:
+    """Per (n, simulator), over its rounds: the median of the round medians, their range, and
+    the speed-up vs PennyLane computed within each round (both saw that round's load)."""
     ref = {
-        r["n_qubits"]: r["median_ms"]
+        (r["n_qubits"], r.get("round", 1)): r["median_ms"]
         for r in results
         if r["simulator"] == "pennylane" and r["status"] == "ok"
     }
-    rows = [
-        "| n | simulator | median ms | min ms | compile s | peak RSS GB | steps | vs pennylane |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
-        if r["status"] != "ok":
-            rows.append(f"| {r['n_qubits']} | {r['simulator']} | {r['status']} ||||||")
+        groups.setdefault((r["n_qubits"], r["simulator"]), []).append(r)
+    out = []
+    for (n, sim), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        row: dict[str, Any] = {"n_qubits": n, "simulator": sim, "rounds": len(rs), "ok": len(ok)}
+        if not ok:
+            row["status"] = rs[-1]["status"]
+            out.append(row)
             continue
-        speed = ref.get(r["n_qubits"])
-        ratio = f"{speed / r['median_ms']:.1f}x" if speed else "-"
+        medians = [r["median_ms"] for r in ok]
+        ratios = [
+            ref[(n, r.get("round", 1))] / r["median_ms"]
+            for r in ok
+            if (n, r.get("round", 1)) in ref
+        ]
+        row.update(
+            status="ok",
+            median_ms=float(np.median(medians)),
+            round_medians_ms=medians,
+            min_ms=min(r["min_ms"] for r in ok),
+            compile_s=float(np.median([r["compile_s"] for r in ok])),
+            peak_rss_gb=max(r["peak_rss_gb"] for r in ok),
+            steps_timed=sum(r["steps_timed"] for r in ok),
+            vs_pennylane=ratios,
+        )
+        out.append(row)
+    return out
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return (
+        fmt.format(lo)
+        if len(values) == 1 or fmt.format(lo) == fmt.format(hi)
+        else (f"{fmt.format(lo)}–{fmt.format(hi)}")
+    )
+
+
+def format_table(results: list[dict]) -> str:
+    """Markdown table over rounds; speed-up is relative to pennylane at the same n, round by
+    round, shown as the range of the rounds' ratios."""
+    rows = [
+        "| n | simulator | median ms | round medians ms | min ms | compile s | peak RSS GB "
+        "| steps | vs pennylane |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summarise(results):
+        if r["status"] != "ok":
+            rows.append(f"| {r['n_qubits']} | {r['simulator']} | {r['status']} |||||||")
+            continue
+        ratio = _span(r["vs_pennylane"], "{:.1f}x") if r["vs_pennylane"] else "-"
+        rounds = _span(r["round_medians_ms"], "{:.1f}")
+        if r["ok"] < r["rounds"]:
+            rounds += f" ({r['rounds'] - r['ok']} failed)"
         rows.append(
-            f"| {r['n_qubits']} | {r['simulator']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-            f"{r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['steps_timed']} | {ratio} |"
+            f"| {r['n_qubits']} | {r['simulator']} | {r['median_ms']:.1f} | {rounds} | "
+            f"{r['min_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+            f"{r['steps_timed']} | {ratio} |"
         )
     return "\n".join(rows)
 
@@ -87,19 +147,26 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             "depth": head.depth,
             "entangler": str(head.entangler),
             "rotation": str(head.rotation),
+            "rounds": cfg.rounds,
         },
+        "load_start": load_average(),
         "results": [],
     }
-    cases = [(n, sim) for n in cfg.qubits for sim in cfg.simulators]
+    # round after round, every case in a fresh process: each round's ratio compares runs
+    # that saw about the same load, and the rounds show how far a number moves run to run
+    cases = [
+        (r, n, sim) for r in range(1, cfg.rounds + 1) for n in cfg.qubits for sim in cfg.simulators
+    ]
     print(
         f"qtl bench_circuit: {len(cases)} cases, value_and_grad of the DQC head's BCE, "
         f"batch {cfg.batch}, depth {head.depth}, {head.entangler}/{head.rotation}, "
-        f"allocator {payload['allocator']}",
+        f"allocator {payload['allocator']}, {cfg.rounds} round(s); load {payload['load_start']}",
         flush=True,
     )
     out = Path(cfg.out)
-    for i, (n, sim) in enumerate(cases, 1):
+    for i, (rnd, n, sim) in enumerate(cases, 1):
         case = {
+            "round": rnd,
             "simulator": sim,
             "n_qubits": n,
             "batch": cfg.batch,
@@ -113,14 +180,19 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             "max_state_mb": head.max_state_mb,
             "native_kernel": head.native_kernel,
         }
-        print(f"[{i}/{len(cases)}] {sim} n={n} ...", end=" ", flush=True)
+        print(f"[{i}/{len(cases)}] round {rnd}: {sim} n={n} ...", end=" ", flush=True)
         started = time.perf_counter()
         if not available(sim):
             result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
         else:
             result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)
+        result["load"] = load_average()  # the 1/5/15-minute load when the case ended
         record(result, started, payload, out)
+    payload["summary"] = summarise(payload["results"])
+    payload["load_end"] = load_average()
+    write_json(out, payload)
     table = format_table(payload["results"])
     print("\n" + table)
-    print(f"\nwritten: {out}")
+    print(f"\nload: {payload['load_start']} at the start, {payload['load_end']} at the end")
+    print(f"written: {out}")
     return payload

@@ -139,6 +139,53 @@ def bench_layer(
     return {"simulator": circuit.simulator, "compile_s": compile_s, **timing}
 
 
+# PennyLane's backprop keeps a complex state per gate: a row of n qubits costs ~2^n * 8 bytes
+# for each of ~3n + 4 gates, so its batch is capped to stay within this many bytes
+PENNYLANE_BYTES = 2e9
+
+
+def pennylane_rows(wires: int, rows: int) -> int:
+    """The batch PennyLane can take at ``wires`` qubits within :data:`PENNYLANE_BYTES`."""
+    per_row = 2**wires * 8 * (3 * wires + 4)
+    return max(1, min(rows, int(PENNYLANE_BYTES // per_row)))
+
+
+def bench_circuits(
+    wires: tuple[int, ...] = (4, 8, 16),
+    rows: int = 4096,
+    circuit: QuantumLayerConfig | None = None,
+    *,
+    steps: int = 10,
+    max_seconds: float = 60.0,
+) -> list[dict[str, Any]]:
+    """Per-circuit cost of the QViT's circuits (value_and_grad, inputs and weights) on
+    ``fast`` and PennyLane at each width, for a ``rows``-row batch (images x tokens). Where
+    PennyLane's memory would not hold that batch it runs a smaller one (``rows`` says which);
+    the per-circuit microseconds are comparable either way."""
+    circuit = circuit or qvit_preset().circuit
+    out = []
+    for n in wires:
+        row: dict[str, Any] = {"wires": n, "layers": circuit.layers, "load": uptime()}
+        for sim in ("fast", "pennylane"):
+            r = rows if sim == "fast" else pennylane_rows(n, rows)
+            res = bench_layer(
+                n, r, replace(circuit, simulator=sim), steps=steps, max_seconds=max_seconds
+            )
+            res.update(rows=r, us_per_circuit=res["median_ms"] * 1e3 / r)
+            row[sim] = res
+            print(
+                f"QViT circuit n={n}: {sim} {res['median_ms']:.2f} ms for {r} rows = "
+                f"{res['us_per_circuit']:.3f} us/circuit",
+                flush=True,
+            )
+        row["pennylane_over_fast"] = (
+            row["pennylane"]["us_per_circuit"] / row["fast"]["us_per_circuit"]
+        )
+        print(f"  PennyLane / fast per circuit = {row['pennylane_over_fast']:.0f}x", flush=True)
+        out.append(row)
+    return out
+
+
 def run_bench(
     cfg: ViTConfig | None = None,
     image_shape: tuple[int, int, int] = (28, 28, 3),
@@ -210,9 +257,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--circuit-layers", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per timed case")
+    parser.add_argument(
+        "--circuits",
+        type=str,
+        default=None,
+        help="only the per-circuit cost at these widths, e.g. 4,8,16 (fast beside PennyLane)",
+    )
+    parser.add_argument("--circuit-rows", type=int, default=4096, help="batch for --circuits")
     args = parser.parse_args(argv)
     cfg = qvit_preset()
     cfg = replace(cfg, circuit=replace(cfg.circuit, layers=args.circuit_layers))
+    if args.circuits:
+        wires = tuple(int(w) for w in args.circuits.split(","))
+        result: dict[str, Any] = {"machine": machine_info(), "uptime_start": uptime()}
+        print(f"load: {result['uptime_start']}", flush=True)
+        result["circuits"] = bench_circuits(
+            wires,
+            args.circuit_rows,
+            cfg.circuit,
+            steps=args.steps,
+            max_seconds=args.max_seconds,
+        )
+        result["uptime_end"] = uptime()
+        print(f"load: {result['uptime_end']}", flush=True)
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
     result = run_bench(
         cfg,
         (args.size, args.size, args.channels),

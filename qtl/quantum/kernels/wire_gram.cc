@@ -10,6 +10,8 @@
 // group's axis is the minor one (``minor`` = true), (W, columns)
 // when it is the major one. Internally a state is viewed as (outer, W, inner).
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -208,6 +210,55 @@ void Range(const Problem& p, int64_t begin, int64_t end, std::vector<double>& to
   }
 }
 
+// The chunks of one call, claimed by whichever thread gets there first.
+//
+// XLA:CPU runs independent thunks at once on its intra-op pool, so this kernel is often
+// called *on* a pool thread while another copy of it holds the other threads. Waiting for
+// scheduled tasks to run would then deadlock (each caller blocks a thread its helpers need).
+// So the caller never waits for a chunk nobody has started: it claims chunks itself until
+// none are left, and waits only for chunks that a running helper has claimed. A helper that
+// starts late finds nothing to claim and touches only the shared_ptr'd Claims.
+struct Shared {
+  Shared(const Problem& p, int64_t items, int64_t chunks, std::vector<std::vector<double>>& t)
+      : p(p), items(items), chunks(chunks), totals(t) {}
+  const Problem p;
+  const int64_t items, chunks;
+  std::vector<std::vector<double>>& totals;  // chunk -> its sums; owned by the caller
+};
+
+struct Claims {
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;  // guarded by mu
+  Shared* shared;    // valid while done < chunks (the caller is waiting)
+  int64_t chunks;
+};
+
+// Runs chunks until none are left to claim.
+void Drain(Claims& c) {
+  for (;;) {
+    const int64_t t = c.next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= c.chunks) return;
+    Shared& s = *c.shared;
+    s.totals[t].assign((s.p.k + 1) * s.p.width, 0.0);
+    Range(s.p, s.items * t / s.chunks, s.items * (t + 1) / s.chunks, s.totals[t]);
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (++c.done == c.chunks) c.cv.notify_all();
+  }
+}
+
+void RunChunks(ffi::ThreadPool& pool, Shared& shared) {
+  auto claims = std::make_shared<Claims>();
+  claims->shared = &shared;
+  claims->chunks = shared.chunks;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared.chunks - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([claims] { Drain(*claims); });
+  Drain(*claims);
+  std::unique_lock<std::mutex> lock(claims->mu);
+  claims->cv.wait(lock, [&] { return claims->done == claims->chunks; });
+}
+
 ffi::Error WireGram(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> out, bool minor) {
   const auto dims = d.dimensions();
@@ -224,36 +275,22 @@ ffi::Error WireGram(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<f
     return ffi::Error::InvalidArgument(
         "wire_gram: W must be 2^k, 2 <= W <= 1024, the result (k, 2, 2)");
 
-  // ~1M multiply-adds per task keep the scheduling cost negligible
+  // ~1M multiply-adds per chunk keep the scheduling cost negligible; a few chunks per thread
+  // balance the load when other work shares the pool
   const int64_t items = p.items();
   const int64_t work = p.outer * p.width * p.inner * (p.k + 1);
-  const int64_t tasks = std::clamp<int64_t>(
-      std::min<int64_t>(pool.num_threads(), work >> 20), 1, std::max<int64_t>(items, 1));
-  std::vector<std::vector<double>> totals(tasks, std::vector<double>((p.k + 1) * p.width, 0.0));
-  auto run = [&](int64_t t) { Range(p, items * t / tasks, items * (t + 1) / tasks, totals[t]); };
-  if (tasks > 1) {
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t pending = tasks - 1;
-    for (int64_t t = 1; t < tasks; ++t) {
-      pool.Schedule([&, t] {
-        run(t);
-        std::lock_guard<std::mutex> lock(mu);
-        if (--pending == 0) cv.notify_one();
-      });
-    }
-    run(0);
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return pending == 0; });
-  } else {
-    run(0);
-  }
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min<int64_t>(4 * int64_t{pool.num_threads()}, work >> 20), 1,
+      std::max<int64_t>(items, 1));
+  std::vector<std::vector<double>> totals(chunks);
+  Shared shared(p, items, chunks, totals);
+  RunChunks(pool, shared);
+  std::vector<double> total((p.k + 1) * p.width, 0.0);
+  for (int64_t t = 0; t < chunks; ++t)  // in chunk order: the same sums whoever ran them
+    for (size_t e = 0; e < total.size(); ++e) total[e] += totals[t][e];
 
   // wire j is bit k-1-j of a: C_j[q][q] sums total[0][a], C_j[q][1-q] sums total[b+1][a]
   // over the a whose bit is q
-  std::vector<double> total = totals[0];
-  for (int64_t t = 1; t < tasks; ++t)
-    for (size_t e = 0; e < total.size(); ++e) total[e] += totals[t][e];
   float* c = out->typed_data();
   for (int j = 0; j < p.k; ++j) {
     const int b = p.k - 1 - j;
