@@ -29,7 +29,8 @@ from qtl.data.cache import CachedData, Prep, _keep, cached_splits, index_key
 from qtl.data.features import FORMAT, FeatureSet, features_for, key_of, prep_tag
 from qtl.data.preprocess import normalize
 from qtl.data.records import Split
-from qtl.train.step import Steps, TrainState, make_optimizer, masked_bce
+from qtl.train.objectives import Objective
+from qtl.train.step import Steps, TrainState, make_optimizer, masked_bce, nan_unless_finite
 
 
 def backbone_digest(backbone: nnx.Module) -> str:
@@ -148,6 +149,7 @@ def make_feature_steps(head: nnx.Module, cfg: QtlConfig) -> Steps:
     cached features, see ``validate_features``), so the loop and predict run unchanged.
     """
     tx = make_optimizer(cfg.train)
+    objective = Objective()  # the CXR study's: features are cached for its backbone only
     head.train()
     train_graph, _, _ = _split_head(head)
     head.eval()
@@ -166,17 +168,11 @@ def make_feature_steps(head: nnx.Module, cfg: QtlConfig) -> Steps:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(state.step + 1, params, state.rest, opt_state)
-        finite = jnp.isfinite(loss)  # as make_steps: a NaN loss flags any non-finite update
-        for leaf in jax.tree.leaves((grads, new_state)):
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                finite &= jnp.isfinite(leaf).all()
-        return new_state, jnp.where(finite, loss, jnp.nan)
+        return new_state, nan_unless_finite(loss, grads, new_state)
 
     @jax.jit
     def eval_step(state: TrainState, features, labels, mask) -> tuple[jax.Array, jax.Array]:
         module = nnx.merge(eval_graph, state.params, state.rest, copy=True)
-        logits = module(features.astype(jnp.float32))
-        per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
-        return jax.nn.sigmoid(logits), per_row.sum()
+        return objective.eval_outputs(module(features.astype(jnp.float32)), labels, mask)
 
-    return Steps(eval_graph, train_step, eval_step, tx)
+    return Steps(eval_graph, train_step, eval_step, tx, objective)

@@ -67,6 +67,19 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.multi_transform({"backbone": backbone, "head": head}, labels)
 
 
+def nan_unless_finite(loss: jax.Array, *trees: Any) -> jax.Array:
+    """``loss``, or NaN when it or any float leaf of ``trees`` is not finite.
+
+    A step returns this, so the loop's check of the losses it fetches anyway guards every
+    save against a non-finite gradient or update (no extra device sync).
+    """
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(trees):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite &= jnp.isfinite(leaf).all()
+    return jnp.where(finite, loss, jnp.nan)
+
+
 @dataclass(frozen=True)
 class Steps:
     """The compiled functions of one run plus what they close over."""
@@ -126,13 +139,7 @@ def make_steps(model: Any, cfg: QtlConfig, objective: Objective | None = None) -
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(state.step + 1, params, rest, opt_state)
-        # The loss comes back NaN when it, a gradient or the updated state is not finite, so
-        # the loop's check of the losses it fetches anyway guards every save (no extra sync).
-        finite = jnp.isfinite(loss)
-        for leaf in jax.tree.leaves((grads, new_state)):
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                finite &= jnp.isfinite(leaf).all()
-        return new_state, jnp.where(finite, loss, jnp.nan)
+        return new_state, nan_unless_finite(loss, grads, new_state)
 
     @jax.jit
     def eval_step(state: TrainState, images_u8, labels, mask) -> tuple[jax.Array, jax.Array]:
