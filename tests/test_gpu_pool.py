@@ -252,7 +252,8 @@ def _finished_job(tmp_path: Path, idx: int = 4) -> _Running:
 
 def _result(idx: int, **fields) -> dict:
     body = {"job": idx, "status": "COMPLETED", "return_value": None, "return_repr": None}
-    return {**body, "error": None, "task_name": "app", "working_dir": "/w", **fields}
+    dirs = {"working_dir": "/w", "output_dir": "/w/run"}
+    return {**body, "error": None, "task_name": "app", **dirs, **fields}
 
 
 def test_results_come_back_as_json_and_a_planted_one_is_refused(tmp_path):
@@ -262,6 +263,7 @@ def test_results_come_back_as_json_and_a_planted_one_is_refused(tmp_path):
     ret = GpuPoolLauncher._collect(job, key)
     assert ret.status == JobStatus.COMPLETED and ret.return_value == {"auroc": 0.75}
     assert ret.overrides == ["job=4"] and ret.cfg == {"job": 4} and ret.working_dir == "/w"
+    assert ret.hydra_cfg.hydra.runtime.output_dir == "/w/run"  # the sweeper finds the run here
     assert not job.result_file.exists() and not job.job_file.exists()  # collected, tidied
 
     error = {"type": "ValueError", "module": "builtins", "message": "bad\nline 2", "traceback": "T"}

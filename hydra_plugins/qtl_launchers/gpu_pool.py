@@ -419,7 +419,9 @@ class GpuPoolLauncher(Launcher):
                 ret.status = JobStatus[res["status"]]
                 ret.task_name, ret.working_dir = res["task_name"], res["working_dir"]
                 if res["output_dir"] is not None:  # the sweeper reads the run folder from here
-                    ret.hydra_cfg.hydra.runtime.output_dir = res["output_dir"]
+                    OmegaConf.update(
+                        ret.hydra_cfg, "hydra.runtime.output_dir", res["output_dir"], force_add=True
+                    )
                 if ret.status == JobStatus.COMPLETED:
                     ret.return_value = res["return_value"]
                     if res["return_repr"] is not None:
