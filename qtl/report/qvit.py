@@ -83,6 +83,20 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.3f}" + (f" ± {sd:.3f}" if math.isfinite(sd) else "")
 
 
+def _test_row(ds: str, metric: str, label: str, a: Any, b: Any, alpha: float) -> list[str]:
+    """One paired t-test row: ``a`` vs ``b`` matched by seed."""
+    c = paired(_per_seed(a, metric), _per_seed(b, metric))
+    return [
+        ds,
+        metric.upper(),
+        label,
+        str(c.n),
+        f"{c.diff:+.3f}" if c.n else "n/a",
+        f"{c.p:.3g}" if math.isfinite(c.p) else "n/a",
+        stars(c.p, alpha),
+    ]
+
+
 def _per_seed(runs: list[QRun], metric: str) -> dict[int, float | None]:
     return {r.seed: r.score(metric) for r in runs}
 
@@ -183,34 +197,13 @@ def write_qvit_report(root: Path, out: Path, alpha: float = 0.05, dpi: int = 100
             for kd in kds:  # QViT vs ViT at the same distillation
                 a, b = groups.get((ds, "qvit", kd)), groups.get((ds, "vit", kd))
                 if a and b:
-                    c = paired(_per_seed(a, metric), _per_seed(b, metric))
-                    test_rows.append(
-                        [
-                            ds,
-                            metric.upper(),
-                            f"qvit vs vit ({kd})",
-                            str(c.n),
-                            f"{c.diff:+.3f}" if c.n else "n/a",
-                            f"{c.p:.3g}" if math.isfinite(c.p) else "n/a",
-                            stars(c.p, alpha),
-                        ]
-                    )
+                    test_rows.append(_test_row(ds, metric, f"qvit vs vit ({kd})", a, b, alpha))
             for model in models:  # KD vs scratch for one model
                 for kd in (k for k in kds if k != "none"):
                     a, b = groups.get((ds, model, kd)), groups.get((ds, model, "none"))
                     if a and b:
-                        c = paired(_per_seed(a, metric), _per_seed(b, metric))
-                        test_rows.append(
-                            [
-                                ds,
-                                metric.upper(),
-                                f"{model}: {kd} vs none",
-                                str(c.n),
-                                f"{c.diff:+.3f}" if c.n else "n/a",
-                                f"{c.p:.3g}" if math.isfinite(c.p) else "n/a",
-                                stars(c.p, alpha),
-                            ]
-                        )
+                        label = f"{model}: {kd} vs none"
+                        test_rows.append(_test_row(ds, metric, label, a, b, alpha))
     tests = _md_table(["dataset", "metric", "comparison", "pairs", "mean diff", "p", ""], test_rows)
     lines += ["## Paired t-tests", "", tests if test_rows else "(no complete pairs)", ""]
 
