@@ -152,8 +152,9 @@ def test_donated_train_steps_do_not_hang():
     assert [line.split()[1] for line in done.stdout.splitlines()] == ["0", "1", "2"]
 
 
-def test_native_kernel_is_in_the_compiled_step():
-    """The real-circuit float32 step on CPU calls the kernel; native=False does not."""
+def test_native_kernels_are_in_the_compiled_step():
+    """The real-circuit float32 step on CPU runs the whole-circuit kernels; native="gram" only
+    the Gram kernel; native=False neither."""
     assert native_ok()
     spec = CircuitSpec(8, 2)
     rng = np.random.default_rng(0)
@@ -164,8 +165,11 @@ def test_native_kernel_is_in_the_compiled_step():
         step = jax.value_and_grad(head_loss(fast_circuit(spec, native=native)))
         return jax.jit(step).lower(*args).as_text()
 
-    assert kernels.TARGET in hlo(True)
-    assert kernels.TARGET not in hlo(False)
+    whole, gram, xla = hlo(True), hlo("gram"), hlo(False)
+    assert kernels.FORWARD in whole and kernels.BACKWARD in whole
+    assert kernels.TARGET not in whole
+    assert kernels.TARGET in gram and kernels.FORWARD not in gram
+    assert not any(t in xla for t in (kernels.TARGET, kernels.FORWARD, kernels.BACKWARD))
 
 
 def test_build_is_cached_atomic_and_recorded(tmp_path):

@@ -33,9 +33,9 @@ def run_case(case: dict) -> dict:
     rss_before = rss_gb()
 
     if case["simulator"] == "fast" and case.get("native_kernel", True):
-        from qtl.quantum.kernels import wire_gram_target
+        from qtl.quantum.kernels import statevector_targets
 
-        wire_gram_target()  # a first-ever build of the native kernel is not compile time
+        statevector_targets()  # a first-ever build of the native kernels is not compile time
     circuit = make(
         case["simulator"], spec, case.get("max_state_mb"), case.get("native_kernel", True)
     )
@@ -62,10 +62,13 @@ def run_case(case: dict) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
     }
-    if case["simulator"] == "fast":  # did the step run the native gradient kernel?
-        from qtl.quantum.kernels import TARGET
+    if case["simulator"] == "fast":  # which native kernel did the step run, if any?
+        from qtl.quantum.kernels import FORWARD, TARGET
 
-        result["native_kernel_used"] = TARGET in compiled.as_text()
+        text = compiled.as_text()
+        result["native_kernel_used"] = (
+            "statevector" if FORWARD in text else "wire_gram" if TARGET in text else None
+        )
     device_peak(result)
     if case["simulator"] != "fast":  # same circuit? compare <Z> with qtl's fast simulator
         x = jax.numpy.tanh(features[:2] @ params["pre_w"]) * (np.pi / 2)

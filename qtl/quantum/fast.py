@@ -561,6 +561,68 @@ def _measure(probs: jax.Array, batch: int, n: int, tables, batch_first: bool) ->
     )
 
 
+# ----------------------------------------------------------------------------- whole circuit
+
+STATE_LOW_BITS = 11  # the state kernel's rows: 2^11 floats (8 KiB), which stay in L1
+
+
+def _state_kernel_fits(plan: _Plan) -> bool:
+    """Whether the whole-circuit kernel runs this plan: real amplitudes, at least 4 wires (a
+    16-float vector), and after the prefix alternating CNOT networks and rotation layers."""
+    kinds = [kind for kind, _ in plan.steps]
+    return (
+        plan.real
+        and plan.n_qubits >= 4
+        and len(kinds) >= 2
+        and kinds == ["cnot", "local"] * (len(kinds) // 2)
+    )
+
+
+def _network_columns(n: int, matrix: np.ndarray) -> np.ndarray:
+    """A GF(2) index map as the images of the single-wire indices (wire w: column w)."""
+    return _bits_to_index(matrix.T.astype(np.int64)).astype(np.int32)
+
+
+def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``f(a, c, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
+
+    ``a`` (B, 2^h) and ``c`` (B, 2^l) are the product states of the first h and last l wires
+    (l = min(n, STATE_LOW_BITS)), ``mats`` (m, n, 2, 2) the rotation layers. The kernel takes
+    each example's state through every layer in cache and returns, in the backward pass, the
+    cotangents of a and c and each gate's 2x2 Gram D; dU = D U^-T, as in ``_rotate_native``.
+    """
+    n = plan.n_qubits
+    cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
+    maps = [network_indices(n, pairs) for pairs in cnots]
+    nets = np.stack([_network_columns(n, g) for g, _ in maps])
+    inv = np.stack([_network_columns(n, i) for _, i in maps])
+    forward, backward = kernels.statevector_targets()
+
+    @jax.custom_vjp
+    def run(a, c, mats):
+        out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call(forward, out, vmap_method="sequential")(a, c, mats, nets)
+
+    def run_fwd(a, c, mats):
+        return run(a, c, mats), (a, c, mats)
+
+    def run_bwd(res, g):
+        a, c, mats = res
+        shapes = (
+            jax.ShapeDtypeStruct(a.shape, jnp.float32),
+            jax.ShapeDtypeStruct(c.shape, jnp.float32),
+            jax.ShapeDtypeStruct((a.shape[0], *mats.shape), jnp.float32),
+        )
+        call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
+        da, dc, gram = call(a, c, mats, nets, inv, g.astype(jnp.float32))
+        flat = mats.reshape(-1, 2, 2)
+        dmats = jnp.matmul(gram.sum(0).reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
+        return da, dc, dmats.reshape(mats.shape)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
 # ----------------------------------------------------------------------------- the simulator
 
 
@@ -570,7 +632,7 @@ def fast_circuit(
     group: int | None = None,
     max_state_mb: float | None = None,
     layout: str | None = None,
-    native: bool = True,
+    native: bool | str = True,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
@@ -581,9 +643,14 @@ def fast_circuit(
     faster than one 64 MB batch, whose buffers are page-faulted in every step); on a GPU, a
     bound that only splits when memory would run out. ``layout``: "first" | "last" forces
     where the batch axis starts (a tuning knob; by default it ends batch-first). ``native``:
-    rotation gradients by the C++ kernel of :mod:`qtl.quantum.kernels` where it applies (real
-    float32 circuits on the CPU, where it builds); ``False``: XLA GEMMs only.
+    the C++ kernels of :mod:`qtl.quantum.kernels` where they apply (real float32 circuits on
+    the CPU, where they build): ``True`` runs the whole circuit in one kernel (one example's
+    state at a time, in cache; ``max_state_mb`` and ``layout`` then do not apply) and falls
+    back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
+    keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
     """
+    if native not in (True, False, "gram"):
+        raise ValueError(f"fast simulator: native={native!r} is not one of True, False, 'gram'")
     if spec.n_qubits > MAX_QUBITS:
         raise ValueError(
             f"fast simulator: {spec.n_qubits} qubits is more than it supports ({MAX_QUBITS}): "
@@ -610,7 +677,7 @@ def fast_circuit(
     def core(x: jax.Array, theta: jax.Array, index: dict) -> jax.Array:
         real = x.dtype
         dtype = real if plan.real else (jnp.complex128 if real == jnp.float64 else jnp.complex64)
-        use_native = native and dtype == jnp.float32 and native_ok()
+        use_native = bool(native) and dtype == jnp.float32 and native_ok()
         batch = x.shape[0]
         vectors = _zero_vectors(plan.prefix, n, x, theta, dtype)  # U|0> per wire
         batch_first = start_batch_first
@@ -638,12 +705,29 @@ def fast_circuit(
 
     state_bytes = 2**n * (4 if plan.real else 8)
 
+    state_fits = native is True and _state_kernel_fits(plan)
+    state_kernel: list = []  # built at the first float32 CPU call (after the kernels load)
+    layers = [gates for kind, gates in plan.steps if kind == "local"]
+
+    def whole_circuit(x: jax.Array, theta: jax.Array) -> jax.Array:
+        if not state_kernel:
+            state_kernel.append(_state_kernel(plan))
+        vectors = _zero_vectors(plan.prefix, n, x, theta, jnp.float32)  # U|0> per wire
+        high = n - min(n, STATE_LOW_BITS)
+        a = _product_table(vectors[:, :high]) if high else jnp.ones((x.shape[0], 1), x.dtype)
+        c = _product_table(vectors[:, high:])
+        mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.float32) for g in layers])
+        return state_kernel[0](a, c, mats)
+
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
         batch = x2.shape[0]
         if not plan.steps:  # no state vector: nothing to chunk
             z = product_parity(x2, theta).astype(x.dtype)
+            return z[0] if squeeze else z
+        if state_fits and x2.dtype == jnp.float32 and native_ok():
+            z = whole_circuit(x2, theta.astype(jnp.float32))
             return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
         index = {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}

@@ -10,52 +10,24 @@
 // group's axis is the minor one (``minor`` = true), (W, columns)
 // when it is the major one. Internally a state is viewed as (outer, W, inner).
 #include <algorithm>
-#include <atomic>
-#include <memory>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+using qtl::AddTo;
+using qtl::Flip;
+using qtl::kLanes;
+using qtl::Load;
+using qtl::V;
+
 constexpr int64_t kBlock = 512;  // inner-axis block of the major-axis kernel
 constexpr int kMaxBits = 10;     // W <= 1024 (QTL_DISPATCH below)
-
-typedef float V __attribute__((vector_size(64)));
-typedef int I __attribute__((vector_size(64)));
-
-#if defined(__clang__)
-#define QTL_SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define QTL_SHUFFLE(v, ...) __builtin_shuffle(v, I{__VA_ARGS__})
-#endif
-
-// The vector with lane l replaced by lane l ^ (1 << B), B < 4.
-template <int B>
-inline V Flip(V v) {
-  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  if constexpr (B == 3) return QTL_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-}
-
-inline V Load(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-// No buffer here is assumed 64-byte aligned: every access goes through memcpy.
-inline void AddTo(float* p, V v) {
-  const V sum = Load(p) + v;
-  __builtin_memcpy(p, &sum, sizeof(V));
-}
 
 template <int K, int B, int P>
 inline void FlipTerms(const V (&dd)[P], const V (&xx)[P], V (&acc)[K + 1][P]) {
@@ -111,13 +83,6 @@ inline __attribute__((always_inline)) void MajorAxisK(const float* d, const floa
     for (int t = 0; t <= K; ++t) AddTo(acc_out + (t * W + a) * kLanes, s[t]);
   }
 }
-
-// One compiled copy per x86 instruction set, picked at load time; elsewhere, one copy.
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
-#define QTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QTL_CLONES
-#endif
 
 #define QTL_DISPATCH(F, k, ...)                                            \
   switch (k) {                                                             \
@@ -210,55 +175,6 @@ void Range(const Problem& p, int64_t begin, int64_t end, std::vector<double>& to
   }
 }
 
-// The chunks of one call, claimed by whichever thread gets there first.
-//
-// XLA:CPU runs independent thunks at once on its intra-op pool, so this kernel is often
-// called *on* a pool thread while another copy of it holds the other threads. Waiting for
-// scheduled tasks to run would then deadlock (each caller blocks a thread its helpers need).
-// So the caller never waits for a chunk nobody has started: it claims chunks itself until
-// none are left, and waits only for chunks that a running helper has claimed. A helper that
-// starts late finds nothing to claim and touches only the shared_ptr'd Claims.
-struct Shared {
-  Shared(const Problem& p, int64_t items, int64_t chunks, std::vector<std::vector<double>>& t)
-      : p(p), items(items), chunks(chunks), totals(t) {}
-  const Problem p;
-  const int64_t items, chunks;
-  std::vector<std::vector<double>>& totals;  // chunk -> its sums; owned by the caller
-};
-
-struct Claims {
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;  // guarded by mu
-  Shared* shared;    // valid while done < chunks (the caller is waiting)
-  int64_t chunks;
-};
-
-// Runs chunks until none are left to claim.
-void Drain(Claims& c) {
-  for (;;) {
-    const int64_t t = c.next.fetch_add(1, std::memory_order_relaxed);
-    if (t >= c.chunks) return;
-    Shared& s = *c.shared;
-    s.totals[t].assign((s.p.k + 1) * s.p.width, 0.0);
-    Range(s.p, s.items * t / s.chunks, s.items * (t + 1) / s.chunks, s.totals[t]);
-    std::lock_guard<std::mutex> lock(c.mu);
-    if (++c.done == c.chunks) c.cv.notify_all();
-  }
-}
-
-void RunChunks(ffi::ThreadPool& pool, Shared& shared) {
-  auto claims = std::make_shared<Claims>();
-  claims->shared = &shared;
-  claims->chunks = shared.chunks;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared.chunks - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([claims] { Drain(*claims); });
-  Drain(*claims);
-  std::unique_lock<std::mutex> lock(claims->mu);
-  claims->cv.wait(lock, [&] { return claims->done == claims->chunks; });
-}
-
 ffi::Error WireGram(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> x,
                     ffi::ResultBuffer<ffi::F32> out, bool minor) {
   const auto dims = d.dimensions();
@@ -283,8 +199,10 @@ ffi::Error WireGram(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<f
       std::min<int64_t>(4 * int64_t{pool.num_threads()}, work >> 20), 1,
       std::max<int64_t>(items, 1));
   std::vector<std::vector<double>> totals(chunks);
-  Shared shared(p, items, chunks, totals);
-  RunChunks(pool, shared);
+  qtl::ParallelFor(pool, chunks, pool.num_threads(), [&](int64_t t) {
+    totals[t].assign((p.k + 1) * p.width, 0.0);
+    Range(p, items * t / chunks, items * (t + 1) / chunks, totals[t]);
+  });
   std::vector<double> total((p.k + 1) * p.width, 0.0);
   for (int64_t t = 0; t < chunks; ++t)  // in chunk order: the same sums whoever ran them
     for (size_t e = 0; e < total.size(); ++e) total[e] += totals[t][e];

@@ -1,0 +1,610 @@
+// The whole real-amplitude circuit on the CPU, one example's state at a time: <Z_i> and the
+// gradient of a loss of them (the adjoint method).
+//
+// Why: XLA runs the fast simulator's circuit as a chain of whole-batch ops (a gather per CNOT
+// network, one GEMM per group of ~5 wires), so each op streams the batch's states (64 MiB at
+// n = 19, batch 32) through DRAM, and the backward pass rematerialises the forward. Here one
+// thread carries one example's state (2 MiB at n = 19) through every layer while it stays in
+// that core's L2, and every layer is two passes: a row pass over the low `lb` bits (rows of
+// 2^lb floats, in L1) and a tile pass over the high bits (16-float columns gathered into a
+// small buffer, in L1). A CNOT network is a GF(2)-linear permutation of basis indices, read
+// as j -> hi[j >> lb] ^ lo[j & mask] from two small tables, and fused into the row pass of
+// the layer that follows it. The gradient recomputes the example's forward, keeping each
+// layer's output, then runs the cotangent back: per layer a row pass (the gather by the
+// inverse network, and the low wires' Grams), a tile pass (the high wires' Grams, then U^T)
+// and a row pass (U^T on the low wires). No cotangent of the states leaves the kernel.
+//
+// The circuit (see qtl/quantum/fast.py): |s_1> = P_0 (A (x) C), with A, C the product states
+// of the high and low wires; then for l = 1..m: |y_l> = U_l |x_l>, |x_{l+1}> = P_l |y_l>,
+// where U_l applies a 2x2 to every wire; <Z_i> is measured after the last network P_m. The
+// networks come as gather maps: (P |s>)[j] = s[G(j)], each map given by the images of the
+// single-bit indices (G is linear over GF(2)). Wire w is bit n - 1 - w of the index.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using qtl::Flip;
+using qtl::kLanes;
+using qtl::Load;
+using qtl::V;
+
+constexpr int kTileBits = 8;  // a tile pass holds 2^8 vectors (16 KiB) of a state in L1
+constexpr int kMaxLowBits = 12;  // rows of at most 2^12 floats (16 KiB)
+constexpr int64_t kMaxRow = int64_t{1} << kMaxLowBits;
+
+// The helpers below are inlined into ForwardOne and BackwardOne, the functions compiled once
+// per instruction set (QTL_CLONES): a helper compiled on its own would get only the baseline
+// instructions, since a target clone does not extend to its callees (nor to lambdas).
+#define QTL_INLINE QTL_ALWAYS_INLINE
+
+// A GF(2)-linear map of basis indices: j -> hi[j >> lb] ^ lo[j & (2^lb - 1)].
+struct Map {
+  std::vector<int32_t> hi, lo;
+};
+
+// cols[w]: the image of the index whose only set bit is wire w's.
+Map MakeMap(const int32_t* cols, int n, int lb) {
+  Map m;
+  m.lo.assign(int64_t{1} << lb, 0);
+  m.hi.assign(int64_t{1} << (n - lb), 0);
+  for (int64_t j = 1; j < static_cast<int64_t>(m.lo.size()); ++j)
+    m.lo[j] = m.lo[j & (j - 1)] ^ cols[n - 1 - __builtin_ctzll(j)];
+  for (int64_t r = 1; r < static_cast<int64_t>(m.hi.size()); ++r)
+    m.hi[r] = m.hi[r & (r - 1)] ^ cols[n - 1 - lb - __builtin_ctzll(r)];
+  return m;
+}
+
+// One wire's 2x2 (y_p = sum_q u_pq x_q) on one index bit. For a bit below 4 (inside a
+// vector) it is y = a * x + b * Flip(x), with per-lane coefficients a and b (plain floats:
+// a std::vector does not keep a 64-byte vector type aligned).
+struct Gate {
+  float u00, u01, u10, u11;
+  float a[kLanes], b[kLanes];
+};
+
+Gate MakeGate(const float* u, int bit, bool transpose) {
+  float m[2][2] = {{u[0], u[1]}, {u[2], u[3]}};
+  if (transpose) std::swap(m[0][1], m[1][0]);
+  Gate g{m[0][0], m[0][1], m[1][0], m[1][1], {}, {}};
+  if (bit < 4)
+    for (int l = 0; l < kLanes; ++l) {
+      const int p = (l >> bit) & 1;
+      g.a[l] = m[p][p];
+      g.b[l] = m[p][1 - p];
+    }
+  return g;
+}
+
+// The gate on vector-index bit log2(s) of x[0 .. count): pairs x[i], x[i + s].
+QTL_INLINE void Pairs(V* x, int64_t count, int64_t s, const Gate& g) {
+  for (int64_t base = 0; base < count; base += 2 * s)
+    for (int64_t i = base; i < base + s; ++i) {
+      const V x0 = x[i], x1 = x[i + s];
+      x[i] = g.u00 * x0 + g.u01 * x1;
+      x[i + s] = g.u10 * x0 + g.u11 * x1;
+    }
+}
+
+QTL_INLINE double Sum(V v) {
+  float s = 0;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// c[p * 2 + q] += sum over the pairs on bit log2(s) of lam[..p..] * y[..q..].
+QTL_INLINE void PairGram(const V* lam, const V* y, int64_t count, int64_t s, double* c) {
+  V c00{}, c01{}, c10{}, c11{};
+  for (int64_t base = 0; base < count; base += 2 * s)
+    for (int64_t i = base; i < base + s; ++i) {
+      const V l0 = lam[i], l1 = lam[i + s], y0 = y[i], y1 = y[i + s];
+      c00 += l0 * y0;
+      c01 += l0 * y1;
+      c10 += l1 * y0;
+      c11 += l1 * y1;
+    }
+  c[0] += Sum(c00);
+  c[1] += Sum(c01);
+  c[2] += Sum(c10);
+  c[3] += Sum(c11);
+}
+
+// Every low bit's gate on one row of p vectors (lb >= 4 bits: 4 inside each vector).
+QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
+  const V a0 = Load(g[0].a), b0 = Load(g[0].b), a1 = Load(g[1].a), b1 = Load(g[1].b);
+  const V a2 = Load(g[2].a), b2 = Load(g[2].b), a3 = Load(g[3].a), b3 = Load(g[3].b);
+  for (int64_t v = 0; v < p; ++v) {
+    V x = row[v];
+    x = a0 * x + b0 * Flip<0>(x);
+    x = a1 * x + b1 * Flip<1>(x);
+    x = a2 * x + b2 * Flip<2>(x);
+    x = a3 * x + b3 * Flip<3>(x);
+    row[v] = x;
+  }
+  for (int b = 4; b < lb; ++b) Pairs(row, p, int64_t{1} << (b - 4), g[b]);
+}
+
+// c[b] += the row's part of the Gram of the low bit b, for every b < lb.
+QTL_INLINE void GramRow(const V* lam, const V* y, int64_t p, int lb, double (*c)[4]) {
+  V d0{}, d1{}, d2{}, d3{}, dd{};
+  for (int64_t v = 0; v < p; ++v) {
+    const V l = lam[v], x = y[v];
+    dd += l * x;
+    d0 += l * Flip<0>(x);
+    d1 += l * Flip<1>(x);
+    d2 += l * Flip<2>(x);
+    d3 += l * Flip<3>(x);
+  }
+  const V flips[4] = {d0, d1, d2, d3};
+  for (int b = 0; b < 4; ++b)
+    for (int l = 0; l < kLanes; ++l) {
+      const int q = (l >> b) & 1;
+      c[b][q * 3] += dd[l];  // [q][q]
+      c[b][q * 2 + 1 - q] += flips[b][l];
+    }
+  for (int b = 4; b < lb; ++b) PairGram(lam, y, p, int64_t{1} << (b - 4), c[b]);
+}
+
+struct Problem {
+  int n = 0, m = 0, lb = 0;
+  int64_t rows = 0, width = 0;  // the state as (rows, width = 2^lb)
+  std::vector<Map> nets, inv;   // m + 1 networks: P_0 .. P_m (inv: their inverses)
+  std::vector<std::vector<Gate>> gates, gates_t;  // layer -> bit -> U_l (and U_l^T)
+  std::vector<std::pair<int, int>> tiles;         // the high bits' tile passes [lo, hi)
+  int64_t size() const { return rows * width; }
+  int64_t vectors() const { return width / kLanes; }
+};
+
+QTL_INLINE void LoadTile(V* buf, const float* x, int64_t first, int64_t stride, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    buf[i] = *reinterpret_cast<const V*>(x + first + i * stride);
+}
+
+QTL_INLINE void StoreTile(const V* buf, float* x, int64_t first, int64_t stride, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) *reinterpret_cast<V*>(x + first + i * stride) = buf[i];
+}
+
+// Every high bit's gate of layer `gates`, in place.
+QTL_INLINE void HighGates(const Problem& p, float* x, const std::vector<Gate>& gates) {
+  alignas(64) V buf[1 << kTileBits];
+  for (auto [lo, hi] : p.tiles) {
+    // tile (o, t): vectors at o * 2^hi + i * 2^lo + 16 t, i < 2^(hi - lo)
+    const int64_t count = int64_t{1} << (hi - lo), stride = int64_t{1} << lo;
+    for (int64_t o = 0; o < (int64_t{1} << (p.n - hi)); ++o)
+      for (int64_t t = 0; t < stride / kLanes; ++t) {
+        const int64_t first = (o << hi) + t * kLanes;
+        LoadTile(buf, x, first, stride, count);
+        for (int b = lo; b < hi; ++b) Pairs(buf, count, int64_t{1} << (b - lo), gates[b]);
+        StoreTile(buf, x, first, stride, count);
+      }
+  }
+}
+
+// The row gathers below have AVX-512 versions (vpgatherdd, ~5x the scalar loop's rate): the
+// compiler does not vectorise an indexed load on its own, and a target clone cannot hold
+// intrinsics, so they are separate functions, picked per row at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define QTL_X86 1
+#define QTL_AVX512 __attribute__((target("avx512f"), noinline))
+
+bool HasAvx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+QTL_AVX512 void GatherRow512(const float* src, int32_t h, const int32_t* lo, int64_t width,
+                             float* row) {
+  const __m512i hv = _mm512_set1_epi32(h);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
+    _mm512_storeu_ps(row + i, _mm512_i32gather_ps(idx, src, 4));
+  }
+}
+
+QTL_AVX512 void ProductRow512(const float* a, const float* c, int32_t h, const int32_t* lo,
+                              int64_t width, int lb, float* row) {
+  const __m512i hv = _mm512_set1_epi32(h);
+  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(width - 1));
+  for (int64_t i = 0; i < width; i += kLanes) {
+    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
+    const __m512 av = _mm512_i32gather_ps(_mm512_srli_epi32(idx, lb), a, 4);
+    const __m512 cv = _mm512_i32gather_ps(_mm512_and_si512(idx, mask), c, 4);
+    _mm512_storeu_ps(row + i, _mm512_mul_ps(av, cv));
+  }
+}
+
+QTL_AVX512 void CotangentRow512(const float* y, int32_t h, const int32_t* lo,
+                                const float* orow, const float* ocol, int64_t width, int lb,
+                                float* row) {
+  const __m512i hv = _mm512_set1_epi32(h);
+  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(width - 1));
+  const __m512 two = _mm512_set1_ps(2.0f);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
+    const __m512 o = _mm512_add_ps(_mm512_i32gather_ps(_mm512_srli_epi32(idx, lb), orow, 4),
+                                   _mm512_i32gather_ps(_mm512_and_si512(idx, mask), ocol, 4));
+    _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_mul_ps(two, _mm512_loadu_ps(y + i)), o));
+  }
+}
+#else
+#define QTL_X86 0
+#endif
+
+// row[i] = src[h ^ lo[i]]: one row of a network's gather.
+QTL_INLINE void GatherRow(const float* __restrict src, int32_t h, const int32_t* __restrict lo,
+                          int64_t width, float* __restrict row) {
+#if QTL_X86
+  if (HasAvx512()) return GatherRow512(src, h, lo, width, row);
+#endif
+  for (int64_t i = 0; i < width; ++i) row[i] = src[h ^ lo[i]];
+}
+
+// row[i] = a[s >> lb] * c[s & mask], s = h ^ lo[i]: one row of the permuted product state.
+QTL_INLINE void ProductRow(const float* __restrict a, const float* __restrict c, int32_t h,
+                           const int32_t* __restrict lo, int64_t width, int lb,
+                           float* __restrict row) {
+#if QTL_X86
+  if (HasAvx512()) return ProductRow512(a, c, h, lo, width, lb, row);
+#endif
+  const int32_t mask = static_cast<int32_t>(width - 1);
+  for (int64_t i = 0; i < width; ++i) {
+    const int32_t s = h ^ lo[i];
+    row[i] = a[s >> lb] * c[s & mask];
+  }
+}
+
+// row[i] = 2 y[i] O(j'), j' = h ^ lo[i]: the loss's cotangent at the last layer's output.
+QTL_INLINE void CotangentRow(const float* __restrict y, int32_t h, const int32_t* __restrict lo,
+                             const float* __restrict orow, const float* __restrict ocol,
+                             int64_t width, int lb, float* __restrict row) {
+#if QTL_X86
+  if (HasAvx512()) return CotangentRow512(y, h, lo, orow, ocol, width, lb, row);
+#endif
+  const int32_t mask = static_cast<int32_t>(width - 1);
+  for (int64_t i = 0; i < width; ++i) {
+    const int32_t j = h ^ lo[i];
+    row[i] = 2 * y[i] * (orow[j >> lb] + ocol[j & mask]);
+  }
+}
+
+// x = U_0 P_0 (a (x) c): the product state through the first network and the first layer.
+QTL_INLINE void ProductLayer(const Problem& p, const float* __restrict a,
+                             const float* __restrict c, float* __restrict x) {
+  const Map& g = p.nets[0];
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float* row = x + r * p.width;
+    ProductRow(a, c, g.hi[r], g.lo.data(), p.width, p.lb, row);
+    RotateRow(reinterpret_cast<V*>(row), p.vectors(), p.gates[0].data(), p.lb);
+  }
+  HighGates(p, x, p.gates[0]);
+}
+
+// x = U_l P_l (prev), for a later layer l.
+QTL_INLINE void GatherLayer(const Problem& p, int l, const float* prev, float* x) {
+  const Map& g = p.nets[l];
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float* row = x + r * p.width;
+    GatherRow(prev, g.hi[r], g.lo.data(), p.width, row);
+    RotateRow(reinterpret_cast<V*>(row), p.vectors(), p.gates[l].data(), p.lb);
+  }
+  HighGates(p, x, p.gates[l]);
+}
+
+// z[w] = <Z_w> of the state y after the last network P_m: from the probabilities' column
+// sums (low wires) and row sums (high wires) in the measured basis.
+QTL_INLINE void Measure(const Problem& p, const float* y, std::vector<double>& colsum,
+                        std::vector<double>& rowsum, float* z) {
+  const Map& f = p.nets[p.m];
+  const int64_t nv = p.vectors();
+  alignas(64) V tmp[kMaxRow / kLanes];
+  alignas(64) V col[kMaxRow / kLanes];
+  colsum.assign(p.width, 0.0);
+  rowsum.assign(p.rows, 0.0);
+  for (int64_t v = 0; v < nv; ++v) col[v] = V{};
+  for (int64_t r = 0; r < p.rows; ++r) {
+    GatherRow(y, f.hi[r], f.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    V acc{};
+    for (int64_t v = 0; v < nv; ++v) {
+      const V sq = tmp[v] * tmp[v];
+      col[v] += sq;
+      acc += sq;
+    }
+    rowsum[r] = Sum(acc);
+    if ((r & 255) == 255 || r + 1 == p.rows) {  // no float sum runs over more than 256 rows
+      for (int64_t v = 0; v < nv; ++v) {
+        for (int l = 0; l < kLanes; ++l) colsum[v * kLanes + l] += col[v][l];
+        col[v] = V{};
+      }
+    }
+  }
+  double total = 0;
+  for (int64_t r = 0; r < p.rows; ++r) total += rowsum[r];
+  for (int w = 0; w < p.n; ++w) {
+    const int b = p.n - 1 - w;
+    double set = 0;
+    if (b < p.lb) {
+      for (int64_t i = 0; i < p.width; ++i)
+        if ((i >> b) & 1) set += colsum[i];
+    } else {
+      for (int64_t r = 0; r < p.rows; ++r)
+        if ((r >> (b - p.lb)) & 1) set += rowsum[r];
+    }
+    z[w] = static_cast<float>(total - 2 * set);
+  }
+}
+
+// Scratch that lives with its thread (XLA's pool threads live as long as the process), so a
+// step does not page-fault fresh megabytes in for every example.
+struct Scratch {
+  struct Free {
+    void operator()(float* f) const { std::free(f); }
+  };
+  std::vector<std::unique_ptr<float, Free>> states;
+  int64_t floats = 0;
+  std::vector<double> colsum, rowsum, dc;
+  std::vector<float> orow, ocol;
+
+  float* State(int i, int64_t size) {
+    if (size > floats) {
+      states.clear();
+      floats = size;
+    }
+    while (static_cast<int>(states.size()) <= i) {
+      void* mem = std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+      states.emplace_back(static_cast<float*>(mem));
+    }
+    return states[i].get();
+  }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+QTL_CLONES void ForwardOne(const Problem& p, const float* a, const float* c, float* z) {
+  Scratch& s = ThreadScratch();
+  float* x = s.State(0, p.size());
+  float* y = s.State(1, p.size());
+  ProductLayer(p, a, c, x);
+  for (int l = 1; l < p.m; ++l) {
+    GatherLayer(p, l, x, y);
+    std::swap(x, y);
+  }
+  Measure(p, x, s.colsum, s.rowsum, z);
+}
+
+// The tile passes of the backward step of layer l: the high bits' Grams of (lam, y), then
+// U_l^T on lam's high bits. With several tile passes, every Gram is taken before lam changes.
+QTL_INLINE void HighBackward(const Problem& p, int l, float* lam, const float* y,
+                             double (*c)[4]) {
+  alignas(64) V lbuf[1 << kTileBits];
+  alignas(64) V ybuf[1 << kTileBits];
+  const bool fused = p.tiles.size() == 1;
+  for (auto [lo, hi] : p.tiles) {
+    const int64_t count = int64_t{1} << (hi - lo), stride = int64_t{1} << lo;
+    for (int64_t o = 0; o < (int64_t{1} << (p.n - hi)); ++o)
+      for (int64_t t = 0; t < stride / kLanes; ++t) {
+        const int64_t first = (o << hi) + t * kLanes;
+        LoadTile(lbuf, lam, first, stride, count);
+        LoadTile(ybuf, y, first, stride, count);
+        for (int b = lo; b < hi; ++b)
+          PairGram(lbuf, ybuf, count, int64_t{1} << (b - lo), c[b]);
+        if (!fused) continue;
+        for (int b = lo; b < hi; ++b)
+          Pairs(lbuf, count, int64_t{1} << (b - lo), p.gates_t[l][b]);
+        StoreTile(lbuf, lam, first, stride, count);
+      }
+  }
+  if (fused) return;
+  HighGates(p, lam, p.gates_t[l]);
+}
+
+QTL_CLONES void BackwardOne(const Problem& p, const float* a, const float* c, const float* g,
+                            float* da, float* dc, float* gram) {
+  Scratch& s = ThreadScratch();
+  const int64_t size = p.size(), nv = p.vectors();
+  std::vector<float*> ys(p.m);
+  for (int l = 0; l < p.m; ++l) ys[l] = s.State(l, size);
+  float* lam = s.State(p.m, size);
+  float* mu = s.State(p.m + 1, size);
+  ProductLayer(p, a, c, ys[0]);
+  for (int l = 1; l < p.m; ++l) GatherLayer(p, l, ys[l - 1], ys[l]);
+
+  // d loss / d y_m[j] = 2 y_m[j] O(j'), j' = P_m^-1 j the index after the last network, where
+  // O(j') = sum_w g_w (1 - 2 bit_w(j')) = orow[j' >> lb] + ocol[j' & mask]
+  s.orow.assign(p.rows, 0.0f);
+  s.ocol.assign(p.width, 0.0f);
+  double total = 0;
+  for (int w = 0; w < p.n; ++w) total += g[w];
+  s.orow[0] = static_cast<float>(total);
+  for (int64_t i = 1; i < p.width; ++i)
+    s.ocol[i] = s.ocol[i & (i - 1)] - 2 * g[p.n - 1 - __builtin_ctzll(i)];
+  for (int64_t r = 1; r < p.rows; ++r)
+    s.orow[r] = s.orow[r & (r - 1)] - 2 * g[p.n - 1 - p.lb - __builtin_ctzll(r)];
+
+  std::vector<double> grams(static_cast<size_t>(p.m) * p.n * 4, 0.0);
+  for (int l = p.m - 1; l >= 0; --l) {
+    const float* y = ys[l];
+    auto* cl = reinterpret_cast<double(*)[4]>(grams.data() + l * p.n * 4);
+    const Map& back = p.inv[l + 1];  // the cotangent's way back through P_{l+1}
+    for (int64_t r = 0; r < p.rows; ++r) {
+      float* row = lam + r * p.width;
+      const float* yrow = y + r * p.width;
+      if (l == p.m - 1)
+        CotangentRow(yrow, back.hi[r], back.lo.data(), s.orow.data(), s.ocol.data(), p.width,
+                     p.lb, row);
+      else
+        GatherRow(mu, back.hi[r], back.lo.data(), p.width, row);
+      GramRow(reinterpret_cast<const V*>(row), reinterpret_cast<const V*>(yrow), nv, p.lb, cl);
+    }
+    HighBackward(p, l, lam, y, cl);
+    for (int64_t r = 0; r < p.rows; ++r)
+      RotateRow(reinterpret_cast<V*>(lam + r * p.width), nv, p.gates_t[l].data(), p.lb);
+    std::swap(lam, mu);  // mu: d loss / d x_l
+  }
+
+  // x_0 = P_0 (a (x) c): d(a (x) c)[i] = mu[P_0^-1 i]; da and dc contract it with c and a
+  const Map& back = p.inv[0];
+  alignas(64) V tmp[kMaxRow / kLanes];
+  alignas(64) V col[kMaxRow / kLanes];
+  s.dc.assign(p.width, 0.0);
+  for (int64_t v = 0; v < nv; ++v) col[v] = V{};
+  for (int64_t r = 0; r < p.rows; ++r) {
+    GatherRow(mu, back.hi[r], back.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    V dot{};
+    const float ar = a[r];
+    for (int64_t v = 0; v < nv; ++v) {
+      dot += tmp[v] * Load(c + v * kLanes);
+      col[v] += tmp[v] * ar;
+    }
+    da[r] = static_cast<float>(Sum(dot));
+    if ((r & 255) == 255 || r + 1 == p.rows) {
+      for (int64_t v = 0; v < nv; ++v) {
+        for (int l = 0; l < kLanes; ++l) s.dc[v * kLanes + l] += col[v][l];
+        col[v] = V{};
+      }
+    }
+  }
+  for (int64_t i = 0; i < p.width; ++i) dc[i] = static_cast<float>(s.dc[i]);
+  for (int l = 0; l < p.m; ++l)
+    for (int w = 0; w < p.n; ++w)
+      for (int k = 0; k < 4; ++k)
+        gram[(l * p.n + w) * 4 + k] = static_cast<float>(grams[(l * p.n + p.n - 1 - w) * 4 + k]);
+}
+
+// Checks the shapes and builds the circuit: a (B, 2^(n - lb)), c (B, 2^lb), mats (m, n, 2, 2),
+// nets (m + 1, n); inv like nets, when given.
+ffi::Error Setup(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& c, ffi::Buffer<ffi::F32>& mats,
+                 ffi::Buffer<ffi::S32>& nets, ffi::Buffer<ffi::S32>* inv, Problem& p,
+                 int64_t& batch) {
+  const auto ad = a.dimensions(), cd = c.dimensions(), md = mats.dimensions();
+  const auto nd = nets.dimensions();
+  if (ad.size() != 2 || cd.size() != 2 || md.size() != 4 || nd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "statevector: expected a (B, 2^h), c (B, 2^lb), mats (m, n, 2, 2), nets (m + 1, n)");
+  batch = ad[0];
+  p.m = static_cast<int>(md[0]);
+  p.n = static_cast<int>(md[1]);
+  p.rows = ad[1];
+  p.width = cd[1];
+  while ((int64_t{1} << p.lb) < p.width) ++p.lb;
+  const bool pow2 = (int64_t{1} << p.lb) == p.width && (p.rows & (p.rows - 1)) == 0;
+  if (cd[0] != batch || md[2] != 2 || md[3] != 2 || nd[0] != p.m + 1 || nd[1] != p.n ||
+      !pow2 || p.lb < 4 || p.lb > kMaxLowBits || p.m < 1 || p.n > 30 ||
+      (int64_t{1} << p.n) != p.rows * p.width)
+    return ffi::Error::InvalidArgument(
+        "statevector: shapes must be a (B, 2^(n - lb)), c (B, 2^lb) with 4 <= lb <= 12, "
+        "mats (m >= 1, n <= 30, 2, 2), nets (m + 1, n)");
+  if (inv && (inv->dimensions().size() != 2 || inv->dimensions()[0] != p.m + 1 ||
+              inv->dimensions()[1] != p.n))
+    return ffi::Error::InvalidArgument("statevector: inv must be shaped like nets (m + 1, n)");
+  for (int l = 0; l <= p.m; ++l) {
+    p.nets.push_back(MakeMap(nets.typed_data() + l * p.n, p.n, p.lb));
+    if (inv) p.inv.push_back(MakeMap(inv->typed_data() + l * p.n, p.n, p.lb));
+  }
+  p.gates.assign(p.m, std::vector<Gate>(p.n));
+  p.gates_t.assign(p.m, std::vector<Gate>(p.n));
+  for (int l = 0; l < p.m; ++l)
+    for (int b = 0; b < p.n; ++b) {
+      const float* u = mats.typed_data() + (l * p.n + (p.n - 1 - b)) * 4;
+      p.gates[l][b] = MakeGate(u, b, false);
+      p.gates_t[l][b] = MakeGate(u, b, true);
+    }
+  for (int lo = p.lb; lo < p.n; lo += kTileBits)
+    p.tiles.emplace_back(lo, std::min(p.n, lo + kTileBits));
+  return ffi::Error::Success();
+}
+
+// Examples in contiguous chunks, a few per thread; each example is one thread's from start
+// to end, so results do not depend on the schedule.
+void OverExamples(ffi::ThreadPool& pool, int64_t batch, const std::function<void(int64_t)>& f) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(batch, 4 * threads);
+  qtl::ParallelFor(pool, chunks, threads - 1, [&](int64_t t) {
+    for (int64_t b = batch * t / chunks; b < batch * (t + 1) / chunks; ++b) f(b);
+  });
+}
+
+void ForwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch,
+                           const float* a, const float* c, float* z) {
+  OverExamples(pool, batch, [&](int64_t b) {
+    ForwardOne(p, a + b * p.rows, c + b * p.width, z + b * p.n);
+  });
+}
+
+void BackwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch,
+                            const float* a, const float* c, const float* g, float* da,
+                            float* dc, float* gram) {
+  OverExamples(pool, batch, [&](int64_t b) {
+    BackwardOne(p, a + b * p.rows, c + b * p.width, g + b * p.n, da + b * p.rows,
+                dc + b * p.width, gram + b * p.m * p.n * 4);
+  });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
+                   ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
+                   ffi::ResultBuffer<ffi::F32> z) {
+  Problem p;
+  int64_t batch = 0;
+  if (auto err = Setup(a, c, mats, nets, nullptr, p, batch); err.failure()) return err;
+  if (z->element_count() != static_cast<size_t>(batch * p.n))
+    return ffi::Error::InvalidArgument("statevector: z must be (B, n)");
+  ForwardAll(pool, p, batch, a.typed_data(), c.typed_data(), z->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
+                    ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
+                    ffi::Buffer<ffi::S32> inv, ffi::Buffer<ffi::F32> g,
+                    ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dc,
+                    ffi::ResultBuffer<ffi::F32> gram) {
+  Problem p;
+  int64_t batch = 0;
+  if (auto err = Setup(a, c, mats, nets, &inv, p, batch); err.failure()) return err;
+  if (g.element_count() != static_cast<size_t>(batch * p.n) ||
+      da->element_count() != a.element_count() || dc->element_count() != c.element_count() ||
+      gram->element_count() != static_cast<size_t>(batch * p.m * p.n * 4))
+    return ffi::Error::InvalidArgument(
+        "statevector: g (B, n) -> da like a, dc like c, gram (B, m, n, 2, 2)");
+  BackwardAll(pool, p, batch, a.typed_data(), c.typed_data(), g.typed_data(), da->typed_data(),
+              dc->typed_data(), gram->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlStatevectorForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlStatevectorBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
