@@ -110,13 +110,14 @@ def test_which_plans_the_kernel_takes(spec, fits):
 
 def test_bad_shapes_are_a_clear_error():
     forward, _ = kernels.statevector_targets()
-    call = jax.ffi.ffi_call(forward, jax.ShapeDtypeStruct((2, 6), jnp.float32))
-    a = jnp.ones((2, 4), jnp.float32)
-    c = jnp.ones((2, 8), jnp.float32)  # 2^3 columns: rows must be at least 16 floats
-    mats = jnp.ones((1, 6, 2, 2), jnp.float32)
-    nets = jnp.zeros((2, 6), jnp.int32)
-    with pytest.raises(Exception, match="4 <= lb <= 12"):
-        jax.block_until_ready(call(a, c, mats, nets))
+    call = jax.ffi.ffi_call(forward, jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    vec = jnp.ones((2, 3, 2), jnp.float32)  # 3 wires: fewer than a 16-float vector holds
+    mats = jnp.ones((1, 3, 2, 2), jnp.float32)
+    nets = jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(Exception, match="4 <= n <= 30"):
+        jax.block_until_ready(call(vec, mats, nets))
+    with pytest.raises(Exception, match="nets \\(m \\+ 1, n\\)"):
+        jax.block_until_ready(call(jnp.ones((2, 5, 2)), jnp.ones((1, 5, 2, 2)), nets))
 
 
 def test_unknown_native_mode_is_refused():

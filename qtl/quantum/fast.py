@@ -563,9 +563,6 @@ def _measure(probs: jax.Array, batch: int, n: int, tables, batch_first: bool) ->
 
 # ----------------------------------------------------------------------------- whole circuit
 
-STATE_LOW_BITS = 11  # the state kernel's rows: 2^11 floats (8 KiB), which stay in L1
-
-
 def _state_kernel_fits(plan: _Plan) -> bool:
     """Whether the whole-circuit kernel runs this plan: real amplitudes, at least 4 wires (a
     16-float vector), and after the prefix alternating CNOT networks and rotation layers."""
@@ -583,13 +580,13 @@ def _network_columns(n: int, matrix: np.ndarray) -> np.ndarray:
     return _bits_to_index(matrix.T.astype(np.int64)).astype(np.int32)
 
 
-def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``f(a, c, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
+def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``f(vectors, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
 
-    ``a`` (B, 2^h) and ``c`` (B, 2^l) are the product states of the first h and last l wires
-    (l = min(n, STATE_LOW_BITS)), ``mats`` (m, n, 2, 2) the rotation layers. The kernel takes
-    each example's state through every layer in cache and returns, in the backward pass, the
-    cotangents of a and c and each gate's 2x2 Gram D; dU = D U^-T, as in ``_rotate_native``.
+    ``vectors`` (B, n, 2) is every wire's state after the prefix, ``mats`` (m, n, 2, 2) the
+    rotation layers. The kernel takes each example's state through every layer in cache and
+    returns, in the backward pass, the cotangent of ``vectors`` and each gate's 2x2 Gram D;
+    dU = D U^-T, as in ``_rotate_native``.
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
@@ -599,25 +596,24 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array, jax.Array], ja
     forward, backward = kernels.statevector_targets()
 
     @jax.custom_vjp
-    def run(a, c, mats):
-        out = jax.ShapeDtypeStruct((a.shape[0], n), jnp.float32)
-        return jax.ffi.ffi_call(forward, out, vmap_method="sequential")(a, c, mats, nets)
+    def run(vectors, mats):
+        out = jax.ShapeDtypeStruct((vectors.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call(forward, out, vmap_method="sequential")(vectors, mats, nets)
 
-    def run_fwd(a, c, mats):
-        return run(a, c, mats), (a, c, mats)
+    def run_fwd(vectors, mats):
+        return run(vectors, mats), (vectors, mats)
 
     def run_bwd(res, g):
-        a, c, mats = res
+        vectors, mats = res
         shapes = (
-            jax.ShapeDtypeStruct(a.shape, jnp.float32),
-            jax.ShapeDtypeStruct(c.shape, jnp.float32),
-            jax.ShapeDtypeStruct((a.shape[0], *mats.shape), jnp.float32),
+            jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
+            jax.ShapeDtypeStruct((vectors.shape[0], *mats.shape), jnp.float32),
         )
         call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
-        da, dc, gram = call(a, c, mats, nets, inv, g.astype(jnp.float32))
+        dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
         flat = mats.reshape(-1, 2, 2)
         dmats = jnp.matmul(gram.sum(0).reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
-        return da, dc, dmats.reshape(mats.shape)
+        return dvectors, dmats.reshape(mats.shape)
 
     run.defvjp(run_fwd, run_bwd)
     return run
@@ -713,11 +709,8 @@ def fast_circuit(
         if not state_kernel:
             state_kernel.append(_state_kernel(plan))
         vectors = _zero_vectors(plan.prefix, n, x, theta, jnp.float32)  # U|0> per wire
-        high = n - min(n, STATE_LOW_BITS)
-        a = _product_table(vectors[:, :high]) if high else jnp.ones((x.shape[0], 1), x.dtype)
-        c = _product_table(vectors[:, high:])
         mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.float32) for g in layers])
-        return state_kernel[0](a, c, mats)
+        return state_kernel[0](vectors, mats)
 
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1

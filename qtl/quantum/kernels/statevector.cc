@@ -22,8 +22,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
 #include <functional>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -43,8 +45,12 @@ using qtl::Load;
 using qtl::V;
 
 constexpr int kTileBits = 8;  // a tile pass holds 2^8 vectors (16 KiB) of a state in L1
-constexpr int kMaxLowBits = 12;  // rows of at most 2^12 floats (16 KiB)
-constexpr int64_t kMaxRow = int64_t{1} << kMaxLowBits;
+#ifndef QTL_TILE_WIDTH
+#define QTL_TILE_WIDTH 2
+#endif
+constexpr int kTileWidth = QTL_TILE_WIDTH;  // vectors per row of a tile
+constexpr int kLowBits = 11;  // rows of 2^11 floats (8 KiB) stay in L1
+constexpr int64_t kMaxRow = int64_t{1} << kLowBits;
 
 // The helpers below are inlined into ForwardOne and BackwardOne, the functions compiled once
 // per instruction set (QTL_CLONES): a helper compiled on its own would get only the baseline
@@ -89,37 +95,81 @@ Gate MakeGate(const float* u, int bit, bool transpose) {
   return g;
 }
 
-// The gate on vector-index bit log2(s) of x[0 .. count): pairs x[i], x[i + s].
-QTL_INLINE void Pairs(V* x, int64_t count, int64_t s, const Gate& g) {
-  for (int64_t base = 0; base < count; base += 2 * s)
-    for (int64_t i = base; i < base + s; ++i) {
-      const V x0 = x[i], x1 = x[i + s];
-      x[i] = g.u00 * x0 + g.u01 * x1;
-      x[i + s] = g.u10 * x0 + g.u11 * x1;
-    }
-}
-
 QTL_INLINE double Sum(V v) {
   float s = 0;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
 }
 
-// c[p * 2 + q] += sum over the pairs on bit log2(s) of lam[..p..] * y[..q..].
-QTL_INLINE void PairGram(const V* lam, const V* y, int64_t count, int64_t s, double* c) {
-  V c00{}, c01{}, c10{}, c11{};
-  for (int64_t base = 0; base < count; base += 2 * s)
+// Gates g[0 .. K) on the vector-index bits log2(s) .. log2(s) + K - 1 of x[0 .. count), in one
+// read and write of each vector: a group of 2^K vectors stays in registers through all K.
+template <int K>
+QTL_INLINE void GatesK(V* x, int64_t count, int64_t s, const Gate* g) {
+  constexpr int M = 1 << K;
+  for (int64_t base = 0; base < count; base += M * s)
     for (int64_t i = base; i < base + s; ++i) {
-      const V l0 = lam[i], l1 = lam[i + s], y0 = y[i], y1 = y[i + s];
-      c00 += l0 * y0;
-      c01 += l0 * y1;
-      c10 += l1 * y0;
-      c11 += l1 * y1;
+      V v[M];
+#pragma GCC unroll 8
+      for (int k = 0; k < M; ++k) v[k] = x[i + k * s];
+#pragma GCC unroll 3
+      for (int j = 0; j < K; ++j) {
+        const float u00 = g[j].u00, u01 = g[j].u01, u10 = g[j].u10, u11 = g[j].u11;
+#pragma GCC unroll 8
+        for (int k = 0; k < M; ++k)
+          if (!((k >> j) & 1)) {
+            const V x0 = v[k], x1 = v[k | (1 << j)];
+            v[k] = u00 * x0 + u01 * x1;
+            v[k | (1 << j)] = u10 * x0 + u11 * x1;
+          }
+      }
+#pragma GCC unroll 8
+      for (int k = 0; k < M; ++k) x[i + k * s] = v[k];
     }
-  c[0] += Sum(c00);
-  c[1] += Sum(c01);
-  c[2] += Sum(c10);
-  c[3] += Sum(c11);
+}
+
+// Gates g[0 .. bits) on consecutive vector-index bits from log2(s) up, three at a time.
+QTL_INLINE void Gates(V* x, int64_t count, int64_t s, const Gate* g, int bits) {
+  for (; bits >= 3; bits -= 3, s <<= 3, g += 3) GatesK<3>(x, count, s, g);
+  if (bits == 2) GatesK<2>(x, count, s, g);
+  if (bits == 1) GatesK<1>(x, count, s, g);
+}
+
+// c[j][p * 2 + q] += sum over the pairs on bit log2(s) + j of lam[..p..] * y[..q..], for
+// j < K, reading each vector once.
+template <int K>
+QTL_INLINE void GramsK(const V* lam, const V* y, int64_t count, int64_t s, double (*c)[4]) {
+  constexpr int M = 1 << K;
+  V acc[K][4] = {};
+  for (int64_t base = 0; base < count; base += M * s)
+    for (int64_t i = base; i < base + s; ++i) {
+      V l[M], x[M];
+#pragma GCC unroll 8
+      for (int k = 0; k < M; ++k) {
+        l[k] = lam[i + k * s];
+        x[k] = y[i + k * s];
+      }
+#pragma GCC unroll 3
+      for (int j = 0; j < K; ++j)
+#pragma GCC unroll 8
+        for (int k = 0; k < M; ++k)
+          if (!((k >> j) & 1)) {
+            const int k1 = k | (1 << j);
+            acc[j][0] += l[k] * x[k];
+            acc[j][1] += l[k] * x[k1];
+            acc[j][2] += l[k1] * x[k];
+            acc[j][3] += l[k1] * x[k1];
+          }
+    }
+  for (int j = 0; j < K; ++j)
+    for (int q = 0; q < 4; ++q) c[j][q] += Sum(acc[j][q]);
+}
+
+// The Grams of consecutive vector-index bits from log2(s) up, three at a time.
+QTL_INLINE void Grams(const V* lam, const V* y, int64_t count, int64_t s, double (*c)[4],
+                      int bits) {
+  for (; bits >= 3; bits -= 3, s <<= 3, c += 3) GramsK<3>(lam, y, count, s, c);
+  if (bits == 2) GramsK<2>(lam, y, count, s, c);
+  if (bits == 1) GramsK<1>(lam, y, count, s, c);
 }
 
 // Every low bit's gate on one row of p vectors (lb >= 4 bits: 4 inside each vector).
@@ -134,7 +184,7 @@ QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
     x = a3 * x + b3 * Flip<3>(x);
     row[v] = x;
   }
-  for (int b = 4; b < lb; ++b) Pairs(row, p, int64_t{1} << (b - 4), g[b]);
+  Gates(row, p, 1, g + 4, lb - 4);
 }
 
 // c[b] += the row's part of the Gram of the low bit b, for every b < lb.
@@ -155,7 +205,7 @@ QTL_INLINE void GramRow(const V* lam, const V* y, int64_t p, int lb, double (*c)
       c[b][q * 3] += dd[l];  // [q][q]
       c[b][q * 2 + 1 - q] += flips[b][l];
     }
-  for (int b = 4; b < lb; ++b) PairGram(lam, y, p, int64_t{1} << (b - 4), c[b]);
+  Grams(lam, y, p, 1, c + 4, lb - 4);
 }
 
 struct Problem {
@@ -168,26 +218,30 @@ struct Problem {
   int64_t vectors() const { return width / kLanes; }
 };
 
+// A tile: `count` rows `stride` floats apart, kTileWidth vectors of each (buf[i * width + t]).
 QTL_INLINE void LoadTile(V* buf, const float* x, int64_t first, int64_t stride, int64_t count) {
   for (int64_t i = 0; i < count; ++i)
-    buf[i] = *reinterpret_cast<const V*>(x + first + i * stride);
+    for (int t = 0; t < kTileWidth; ++t)
+      buf[i * kTileWidth + t] = *reinterpret_cast<const V*>(x + first + i * stride + t * kLanes);
 }
 
 QTL_INLINE void StoreTile(const V* buf, float* x, int64_t first, int64_t stride, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) *reinterpret_cast<V*>(x + first + i * stride) = buf[i];
+  for (int64_t i = 0; i < count; ++i)
+    for (int t = 0; t < kTileWidth; ++t)
+      *reinterpret_cast<V*>(x + first + i * stride + t * kLanes) = buf[i * kTileWidth + t];
 }
 
 // Every high bit's gate of layer `gates`, in place.
 QTL_INLINE void HighGates(const Problem& p, float* x, const std::vector<Gate>& gates) {
-  alignas(64) V buf[1 << kTileBits];
+  alignas(64) V buf[kTileWidth << kTileBits];
   for (auto [lo, hi] : p.tiles) {
     // tile (o, t): vectors at o * 2^hi + i * 2^lo + 16 t, i < 2^(hi - lo)
     const int64_t count = int64_t{1} << (hi - lo), stride = int64_t{1} << lo;
     for (int64_t o = 0; o < (int64_t{1} << (p.n - hi)); ++o)
-      for (int64_t t = 0; t < stride / kLanes; ++t) {
-        const int64_t first = (o << hi) + t * kLanes;
+      for (int64_t t = 0; t < stride / (kLanes * kTileWidth); ++t) {
+        const int64_t first = (o << hi) + t * kLanes * kTileWidth;
         LoadTile(buf, x, first, stride, count);
-        for (int b = lo; b < hi; ++b) Pairs(buf, count, int64_t{1} << (b - lo), gates[b]);
+        Gates(buf, count * kTileWidth, kTileWidth, &gates[lo], hi - lo);
         StoreTile(buf, x, first, stride, count);
       }
   }
@@ -330,19 +384,22 @@ QTL_INLINE void Measure(const Problem& p, const float* y, std::vector<double>& c
       }
     }
   }
+  // <Z> of bit b is the sum with bit b clear minus the sum with it set; folding the upper half
+  // of the sums onto the lower gives every bit's in one pass over them
   double total = 0;
   for (int64_t r = 0; r < p.rows; ++r) total += rowsum[r];
-  for (int w = 0; w < p.n; ++w) {
-    const int b = p.n - 1 - w;
-    double set = 0;
-    if (b < p.lb) {
-      for (int64_t i = 0; i < p.width; ++i)
-        if ((i >> b) & 1) set += colsum[i];
-    } else {
-      for (int64_t r = 0; r < p.rows; ++r)
-        if ((r >> (b - p.lb)) & 1) set += rowsum[r];
+  for (auto [sums, bits, offset] :
+       {std::tuple{&colsum, p.lb, 0}, std::tuple{&rowsum, p.n - p.lb, p.lb}}) {
+    std::vector<double>& a = *sums;
+    for (int b = bits - 1; b >= 0; --b) {
+      const int64_t half = int64_t{1} << b;
+      double set = 0;
+      for (int64_t i = 0; i < half; ++i) {
+        set += a[half + i];
+        a[i] += a[half + i];
+      }
+      z[p.n - 1 - (offset + b)] = static_cast<float>(total - 2 * set);
     }
-    z[w] = static_cast<float>(total - 2 * set);
   }
 }
 
@@ -355,7 +412,7 @@ struct Scratch {
   std::vector<std::unique_ptr<float, Free>> states;
   int64_t floats = 0;
   std::vector<double> colsum, rowsum, dc;
-  std::vector<float> orow, ocol;
+  std::vector<float> orow, ocol, hi, lo, da, dlo, back1, back2;
 
   float* State(int i, int64_t size) {
     if (size > floats) {
@@ -363,7 +420,14 @@ struct Scratch {
       floats = size;
     }
     while (static_cast<int>(states.size()) <= i) {
-      void* mem = std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+      // 2 MiB pages where the kernel grants them: a tile pass touches a state at 256 strided
+      // rows, 256 different 4 KiB pages (measured ~15% of the n = 19 step in TLB walks)
+      const size_t huge = size_t{1} << 21, bytes = floats * sizeof(float);
+      const size_t align = bytes >= huge ? huge : 64;
+      void* mem = std::aligned_alloc(align, (bytes + align - 1) / align * align);
+#if defined(MADV_HUGEPAGE)
+      if (align == huge) madvise(mem, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
       states.emplace_back(static_cast<float*>(mem));
     }
     return states[i].get();
@@ -375,10 +439,47 @@ Scratch& ThreadScratch() {
   return scratch;
 }
 
-QTL_CLONES void ForwardOne(const Problem& p, const float* a, const float* c, float* z) {
+// The product state of k wires' vectors v (k, 2), first wire most significant, with every
+// partial product: level j (2^j floats, the first j wires) at t[2^j - 1]. Returns level k.
+float* ProductTable(const float* v, int k, std::vector<float>& t) {
+  t.assign((size_t{2} << k) - 1, 0.0f);
+  t[0] = 1.0f;
+  for (int j = 0; j < k; ++j) {
+    const float* prev = t.data() + (int64_t{1} << j) - 1;
+    float* next = t.data() + (int64_t{2} << j) - 1;
+    for (int64_t i = 0; i < (int64_t{1} << j); ++i) {
+      next[2 * i] = prev[i] * v[2 * j];
+      next[2 * i + 1] = prev[i] * v[2 * j + 1];
+    }
+  }
+  return t.data() + (int64_t{1} << k) - 1;
+}
+
+// dv (k, 2) from d (the cotangent of the table's level k), back through the levels.
+void ProductTableGrad(const float* v, int k, const std::vector<float>& t, const float* d,
+                      std::vector<float>& b1, std::vector<float>& b2, float* dv) {
+  b1.assign(d, d + (int64_t{1} << k));
+  for (int j = k - 1; j >= 0; --j) {
+    const float* prev = t.data() + (int64_t{1} << j) - 1;
+    b2.assign(int64_t{1} << j, 0.0f);
+    double d0 = 0, d1 = 0;
+    for (int64_t i = 0; i < (int64_t{1} << j); ++i) {
+      d0 += double{b1[2 * i]} * prev[i];
+      d1 += double{b1[2 * i + 1]} * prev[i];
+      b2[i] = b1[2 * i] * v[2 * j] + b1[2 * i + 1] * v[2 * j + 1];
+    }
+    dv[2 * j] = static_cast<float>(d0);
+    dv[2 * j + 1] = static_cast<float>(d1);
+    std::swap(b1, b2);
+  }
+}
+
+QTL_CLONES void ForwardOne(const Problem& p, const float* v, float* z) {
   Scratch& s = ThreadScratch();
   float* x = s.State(0, p.size());
   float* y = s.State(1, p.size());
+  const float* a = ProductTable(v, p.n - p.lb, s.hi);
+  const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
   ProductLayer(p, a, c, x);
   for (int l = 1; l < p.m; ++l) {
     GatherLayer(p, l, x, y);
@@ -391,21 +492,19 @@ QTL_CLONES void ForwardOne(const Problem& p, const float* a, const float* c, flo
 // U_l^T on lam's high bits. With several tile passes, every Gram is taken before lam changes.
 QTL_INLINE void HighBackward(const Problem& p, int l, float* lam, const float* y,
                              double (*c)[4]) {
-  alignas(64) V lbuf[1 << kTileBits];
-  alignas(64) V ybuf[1 << kTileBits];
+  alignas(64) V lbuf[kTileWidth << kTileBits];
+  alignas(64) V ybuf[kTileWidth << kTileBits];
   const bool fused = p.tiles.size() == 1;
   for (auto [lo, hi] : p.tiles) {
     const int64_t count = int64_t{1} << (hi - lo), stride = int64_t{1} << lo;
     for (int64_t o = 0; o < (int64_t{1} << (p.n - hi)); ++o)
-      for (int64_t t = 0; t < stride / kLanes; ++t) {
-        const int64_t first = (o << hi) + t * kLanes;
+      for (int64_t t = 0; t < stride / (kLanes * kTileWidth); ++t) {
+        const int64_t first = (o << hi) + t * kLanes * kTileWidth;
         LoadTile(lbuf, lam, first, stride, count);
         LoadTile(ybuf, y, first, stride, count);
-        for (int b = lo; b < hi; ++b)
-          PairGram(lbuf, ybuf, count, int64_t{1} << (b - lo), c[b]);
+        Grams(lbuf, ybuf, count * kTileWidth, kTileWidth, c + lo, hi - lo);
         if (!fused) continue;
-        for (int b = lo; b < hi; ++b)
-          Pairs(lbuf, count, int64_t{1} << (b - lo), p.gates_t[l][b]);
+        Gates(lbuf, count * kTileWidth, kTileWidth, &p.gates_t[l][lo], hi - lo);
         StoreTile(lbuf, lam, first, stride, count);
       }
   }
@@ -413,9 +512,15 @@ QTL_INLINE void HighBackward(const Problem& p, int l, float* lam, const float* y
   HighGates(p, lam, p.gates_t[l]);
 }
 
-QTL_CLONES void BackwardOne(const Problem& p, const float* a, const float* c, const float* g,
-                            float* da, float* dc, float* gram) {
+QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, float* dv,
+                            float* gram) {
   Scratch& s = ThreadScratch();
+  const float* a = ProductTable(v, p.n - p.lb, s.hi);
+  const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
+  s.da.assign(p.rows, 0.0f);
+  s.dlo.assign(p.width, 0.0f);
+  float* da = s.da.data();
+  float* dc = s.dlo.data();
   const int64_t size = p.size(), nv = p.vectors();
   std::vector<float*> ys(p.m);
   for (int l = 0; l < p.m; ++l) ys[l] = s.State(l, size);
@@ -457,7 +562,8 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* a, const float* c, co
     std::swap(lam, mu);  // mu: d loss / d x_l
   }
 
-  // x_0 = P_0 (a (x) c): d(a (x) c)[i] = mu[P_0^-1 i]; da and dc contract it with c and a
+  // x_0 = P_0 (a (x) c): d(a (x) c)[i] = mu[P_0^-1 i]; da and dc contract it with c and a,
+  // then go back through the tables to each wire's vector
   const Map& back = p.inv[0];
   alignas(64) V tmp[kMaxRow / kLanes];
   alignas(64) V col[kMaxRow / kLanes];
@@ -480,38 +586,37 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* a, const float* c, co
     }
   }
   for (int64_t i = 0; i < p.width; ++i) dc[i] = static_cast<float>(s.dc[i]);
+  ProductTableGrad(v, p.n - p.lb, s.hi, da, s.back1, s.back2, dv);
+  ProductTableGrad(v + 2 * (p.n - p.lb), p.lb, s.lo, dc, s.back1, s.back2, dv + 2 * (p.n - p.lb));
   for (int l = 0; l < p.m; ++l)
     for (int w = 0; w < p.n; ++w)
       for (int k = 0; k < 4; ++k)
         gram[(l * p.n + w) * 4 + k] = static_cast<float>(grams[(l * p.n + p.n - 1 - w) * 4 + k]);
 }
 
-// Checks the shapes and builds the circuit: a (B, 2^(n - lb)), c (B, 2^lb), mats (m, n, 2, 2),
-// nets (m + 1, n); inv like nets, when given.
-ffi::Error Setup(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& c, ffi::Buffer<ffi::F32>& mats,
+// Checks the shapes and builds the circuit: vec (B, n, 2) every wire's state after the
+// prefix, mats (m, n, 2, 2), nets (m + 1, n); inv like nets, when given.
+ffi::Error Setup(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
                  ffi::Buffer<ffi::S32>& nets, ffi::Buffer<ffi::S32>* inv, Problem& p,
                  int64_t& batch) {
-  const auto ad = a.dimensions(), cd = c.dimensions(), md = mats.dimensions();
-  const auto nd = nets.dimensions();
-  if (ad.size() != 2 || cd.size() != 2 || md.size() != 4 || nd.size() != 2)
+  const auto vd = vec.dimensions(), md = mats.dimensions(), nd = nets.dimensions();
+  if (vd.size() != 3 || md.size() != 4 || nd.size() != 2)
     return ffi::Error::InvalidArgument(
-        "statevector: expected a (B, 2^h), c (B, 2^lb), mats (m, n, 2, 2), nets (m + 1, n)");
-  batch = ad[0];
+        "statevector: expected vec (B, n, 2), mats (m, n, 2, 2), nets (m + 1, n)");
+  batch = vd[0];
   p.m = static_cast<int>(md[0]);
   p.n = static_cast<int>(md[1]);
-  p.rows = ad[1];
-  p.width = cd[1];
-  while ((int64_t{1} << p.lb) < p.width) ++p.lb;
-  const bool pow2 = (int64_t{1} << p.lb) == p.width && (p.rows & (p.rows - 1)) == 0;
-  if (cd[0] != batch || md[2] != 2 || md[3] != 2 || nd[0] != p.m + 1 || nd[1] != p.n ||
-      !pow2 || p.lb < 4 || p.lb > kMaxLowBits || p.m < 1 || p.n > 30 ||
-      (int64_t{1} << p.n) != p.rows * p.width)
+  if (vd[1] != p.n || vd[2] != 2 || md[2] != 2 || md[3] != 2 || nd[0] != p.m + 1 ||
+      nd[1] != p.n || p.m < 1 || p.n < 4 || p.n > 30)
     return ffi::Error::InvalidArgument(
-        "statevector: shapes must be a (B, 2^(n - lb)), c (B, 2^lb) with 4 <= lb <= 12, "
-        "mats (m >= 1, n <= 30, 2, 2), nets (m + 1, n)");
+        "statevector: shapes must be vec (B, n, 2), mats (m, n, 2, 2), nets (m + 1, n), "
+        "with m >= 1 and 4 <= n <= 30");
   if (inv && (inv->dimensions().size() != 2 || inv->dimensions()[0] != p.m + 1 ||
               inv->dimensions()[1] != p.n))
     return ffi::Error::InvalidArgument("statevector: inv must be shaped like nets (m + 1, n)");
+  p.lb = std::min(p.n, kLowBits);
+  p.width = int64_t{1} << p.lb;
+  p.rows = int64_t{1} << (p.n - p.lb);
   for (int l = 0; l <= p.m; ++l) {
     p.nets.push_back(MakeMap(nets.typed_data() + l * p.n, p.n, p.lb));
     if (inv) p.inv.push_back(MakeMap(inv->typed_data() + l * p.n, p.n, p.lb));
@@ -539,49 +644,43 @@ void OverExamples(ffi::ThreadPool& pool, int64_t batch, const std::function<void
   });
 }
 
-void ForwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch,
-                           const float* a, const float* c, float* z) {
+void ForwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch, const float* v,
+                float* z) {
+  OverExamples(pool, batch, [&](int64_t b) { ForwardOne(p, v + b * p.n * 2, z + b * p.n); });
+}
+
+void BackwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch, const float* v,
+                 const float* g, float* dv, float* gram) {
   OverExamples(pool, batch, [&](int64_t b) {
-    ForwardOne(p, a + b * p.rows, c + b * p.width, z + b * p.n);
+    BackwardOne(p, v + b * p.n * 2, g + b * p.n, dv + b * p.n * 2, gram + b * p.m * p.n * 4);
   });
 }
 
-void BackwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch,
-                            const float* a, const float* c, const float* g, float* da,
-                            float* dc, float* gram) {
-  OverExamples(pool, batch, [&](int64_t b) {
-    BackwardOne(p, a + b * p.rows, c + b * p.width, g + b * p.n, da + b * p.rows,
-                dc + b * p.width, gram + b * p.m * p.n * 4);
-  });
-}
-
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
-                   ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
-                   ffi::ResultBuffer<ffi::F32> z) {
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                   ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
   Problem p;
   int64_t batch = 0;
-  if (auto err = Setup(a, c, mats, nets, nullptr, p, batch); err.failure()) return err;
+  if (auto err = Setup(vec, mats, nets, nullptr, p, batch); err.failure()) return err;
   if (z->element_count() != static_cast<size_t>(batch * p.n))
     return ffi::Error::InvalidArgument("statevector: z must be (B, n)");
-  ForwardAll(pool, p, batch, a.typed_data(), c.typed_data(), z->typed_data());
+  ForwardAll(pool, p, batch, vec.typed_data(), z->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> c,
-                    ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
-                    ffi::Buffer<ffi::S32> inv, ffi::Buffer<ffi::F32> g,
-                    ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dc,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                    ffi::Buffer<ffi::S32> nets, ffi::Buffer<ffi::S32> inv,
+                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dvec,
                     ffi::ResultBuffer<ffi::F32> gram) {
   Problem p;
   int64_t batch = 0;
-  if (auto err = Setup(a, c, mats, nets, &inv, p, batch); err.failure()) return err;
+  if (auto err = Setup(vec, mats, nets, &inv, p, batch); err.failure()) return err;
   if (g.element_count() != static_cast<size_t>(batch * p.n) ||
-      da->element_count() != a.element_count() || dc->element_count() != c.element_count() ||
+      dvec->element_count() != vec.element_count() ||
       gram->element_count() != static_cast<size_t>(batch * p.m * p.n * 4))
     return ffi::Error::InvalidArgument(
-        "statevector: g (B, n) -> da like a, dc like c, gram (B, m, n, 2, 2)");
-  BackwardAll(pool, p, batch, a.typed_data(), c.typed_data(), g.typed_data(), da->typed_data(),
-              dc->typed_data(), gram->typed_data());
+        "statevector: g (B, n) -> dvec like vec, gram (B, m, n, 2, 2)");
+  BackwardAll(pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
+              gram->typed_data());
   return ffi::Error::Success();
 }
 
@@ -592,7 +691,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlStatevectorForward, Forward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -601,10 +699,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlStatevectorBackward, Backward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
