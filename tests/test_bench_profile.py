@@ -26,22 +26,28 @@ def test_profile_attributes_the_traced_ops(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "n=6 batch 4: step" in out and "| ms/step | phase | op | output |" in out
     assert list((tmp_path / "a").glob("**/*.trace.json.gz"))
-    s = profile.profile(6, 4, 8, 2, 2 * 2**6 * 4 / 2**20, tmp_path / "b")
+    # the per-layer path: chunks of 2 examples at n=6, so the forward is recomputed
+    s = profile.profile(6, 4, 8, 2, 2 * 2**6 * 4 / 2**20, tmp_path / "b", native="gram")
     assert set(s["by_phase"]) == {"fwd", "remat", "bwd"}
     assert all(ms > 0 for ms in s["by_phase"].values())
     kinds = {(ph, op) for (ph, op, _), _ms in s["by_kind"]}
     assert ("bwd", "dot_general") in kinds and ("fwd", "dot_general") in kinds
+    # the whole-circuit kernel: one custom call each way, no recomputation outside it
+    s = profile.profile(6, 4, 8, 2, None, tmp_path / "c")
+    calls = {ph for (ph, op, _), _ms in s["by_kind"] if op == "ffi_call"}
+    assert calls == {"fwd", "bwd"} and "remat" not in s["by_phase"]
 
 
-def test_native_ab_times_both_variants_on_the_same_results(monkeypatch, capsys):
+def test_native_ab_times_every_variant_on_the_same_results(monkeypatch, capsys):
     from qtl.bench import native_ab
 
     r = native_ab.compare(6, 4, 8, steps=2)
     assert r["native_ok"] and r["max_abs_diff"] < 1e-5
-    for name in ("xla", "native"):
+    for name in ("xla", "gram", "state"):
         assert 0 < r[name]["min_ms"] <= r[name]["median_ms"]
     monkeypatch.setattr(sys, "argv", ["native_ab", "--qubits", "5", "--batch", "3",
                                       "--features", "4", "--steps", "1"])  # fmt: skip
     native_ab.main()
     out = capsys.readouterr().out
-    assert "| xla |" in out and "| native |" in out and "native vs xla (median)" in out
+    assert "| xla |" in out and "| gram |" in out and "| state |" in out
+    assert "largest result difference from xla" in out

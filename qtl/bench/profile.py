@@ -55,7 +55,7 @@ def profile(
     steps: int,
     max_state_mb: float | None,
     trace_dir: Path | None = None,
-    native: bool = True,
+    native: bool | str = True,
 ) -> dict:
     """Compile, warm up, time and trace ``steps`` steps; returns the summary."""
     import jax
@@ -89,6 +89,9 @@ def profile(
     return summary
 
 
+PATHS: dict[str, bool | str] = {"state": True, "gram": "gram", "xla": False}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--qubits", type=int, default=19)
@@ -98,11 +101,17 @@ def main() -> None:
     p.add_argument("--max-state-mb", type=float, default=None)
     p.add_argument("--rows", type=int, default=20, help="op kinds to list")
     p.add_argument("--trace-dir", type=Path, default=None, help="default: a new temp folder")
-    p.add_argument("--no-native", action="store_true", help="XLA GEMMs for rotation gradients")
-    a = p.parse_args()
-    s = profile(
-        a.qubits, a.batch, a.features, a.steps, a.max_state_mb, a.trace_dir, not a.no_native
+    p.add_argument(
+        "--path",
+        choices=tuple(PATHS),
+        default="state",
+        help="state: the whole-circuit kernel (the default on CPU); gram: XLA's per-layer ops "
+        "with the native rotation-gradient kernel; xla: XLA only",
     )
+    p.add_argument("--no-native", action="store_true", help="the same as --path xla")
+    a = p.parse_args()
+    native = PATHS["xla" if a.no_native else a.path]
+    s = profile(a.qubits, a.batch, a.features, a.steps, a.max_state_mb, a.trace_dir, native)
     phases = ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(s["by_phase"].items()))
     print(f"n={a.qubits} batch {a.batch}: step {s['median_ms']:.1f} ms (median, untraced)")
     print(f"operation time per step by phase: {phases}\n")

@@ -1,16 +1,18 @@
 """Native CPU kernels for the fast simulator, built with the system C++ compiler on first use.
 
-Why native code: the rotation layers' weight gradient needs only a 2x2 Gram matrix per wire,
-but XLA can only get it from a full 2^k x 2^k GEMM that XLA:CPU runs on one thread (about a
-third of the n=19 step's operation time). ``wire_gram.cc`` computes just what is needed, in
-one read of each state, over XLA's intra-op thread pool (an XLA FFI custom call).
+Why native code: XLA runs the simulator's circuit as whole-batch ops, each streaming every
+example's state through DRAM. ``statevector.cc`` takes one example's state through the whole
+circuit while it stays in cache, forward and adjoint backward (two XLA FFI custom calls);
+``wire_gram.cc`` serves the per-layer path (``native="gram"``): each wire's 2x2 gradient Gram,
+where XLA would need a full 2^k x 2^k GEMM on one thread. Both run on XLA's intra-op thread
+pool through one loop that cannot deadlock when called from that pool (``common.h``).
 
-Why built on first use rather than shipped: it is one small file against the installed
-jaxlib's FFI headers, so it compiles in seconds wherever JAX runs, with no wheel per platform.
-The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed
-by the source, jaxlib version, compiler and machine type, and written atomically, so
+Why built on first use rather than shipped: they are two small files against the installed
+jaxlib's FFI headers, built into one library in seconds wherever JAX runs, with no wheel per
+platform. The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``),
+keyed by the sources, jaxlib version, compiler and machine type, and written atomically, so
 concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the
-simulator keeps its XLA path: same results, a little slower; a warning says why.
+simulator keeps its XLA path: same results, slower; a warning says why.
 
 Loading a shared object runs its code, so a cached one is trusted only as built: each build
 writes a manifest (``wire_gram-<key>.json``: the cache key, the library's file name and its
