@@ -5,24 +5,23 @@
 // network, one GEMM per group of ~5 wires), so each op streams the batch's states (64 MiB at
 // n = 19, batch 32) through DRAM, and the backward pass rematerialises the forward. Here one
 // thread carries one example's state (2 MiB at n = 19) through every layer while it stays in
-// that core's L2, and every layer is two passes: a row pass over the low `lb` bits (rows of
-// 2^lb floats, in L1) and a tile pass over the high bits (16-float columns gathered into a
-// small buffer, in L1). A CNOT network is a GF(2)-linear permutation of basis indices, read
+// cache (its core's L2 and the shared L3), and every layer is two passes: a row pass over the
+// low `lb` bits (rows of 2^lb floats, in L1) and a tile pass over the high bits (32-float
+// columns of 2^8 rows copied into a buffer in L1). A CNOT network is a GF(2)-linear permutation of basis indices, read
 // as j -> hi[j >> lb] ^ lo[j & mask] from two small tables, and fused into the row pass of
 // the layer that follows it. The gradient recomputes the example's forward, keeping each
 // layer's output, then runs the cotangent back: per layer a row pass (the gather by the
 // inverse network, and the low wires' Grams), a tile pass (the high wires' Grams, then U^T)
 // and a row pass (U^T on the low wires). No cotangent of the states leaves the kernel.
 //
-// The circuit (see qtl/quantum/fast.py): |s_1> = P_0 (A (x) C), with A, C the product states
-// of the high and low wires; then for l = 1..m: |y_l> = U_l |x_l>, |x_{l+1}> = P_l |y_l>,
-// where U_l applies a 2x2 to every wire; <Z_i> is measured after the last network P_m. The
-// networks come as gather maps: (P |s>)[j] = s[G(j)], each map given by the images of the
+// The circuit (see qtl/quantum/fast.py): x_0 = P_0 (A (x) C), with A, C the product states
+// of the high and low wires; then for l = 0 .. m - 1: y_l = U_l x_l and x_{l+1} = P_{l+1} y_l,
+// where U_l applies a 2x2 to every wire; <Z_i> is measured on x_m. The networks come as
+// gather maps: (P |s>)[j] = s[G(j)], each map given by the images of the
 // single-bit indices (G is linear over GF(2)). Wire w is bit n - 1 - w of the index.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <sys/mman.h>
 #include <functional>
 #include <memory>
 #include <tuple>
@@ -44,11 +43,8 @@ using qtl::kLanes;
 using qtl::Load;
 using qtl::V;
 
-constexpr int kTileBits = 8;  // a tile pass holds 2^8 vectors (16 KiB) of a state in L1
-#ifndef QTL_TILE_WIDTH
-#define QTL_TILE_WIDTH 2
-#endif
-constexpr int kTileWidth = QTL_TILE_WIDTH;  // vectors per row of a tile
+constexpr int kTileBits = 8;  // a tile: 2^8 rows of kTileWidth vectors (32 KiB, in L1)
+constexpr int kTileWidth = 2;  // per row: measured ~8% faster than 1 at n = 19 (4: no better)
 constexpr int kLowBits = 11;  // rows of 2^11 floats (8 KiB) stay in L1
 constexpr int64_t kMaxRow = int64_t{1} << kLowBits;
 
@@ -420,14 +416,7 @@ struct Scratch {
       floats = size;
     }
     while (static_cast<int>(states.size()) <= i) {
-      // 2 MiB pages where the kernel grants them: a tile pass touches a state at 256 strided
-      // rows, 256 different 4 KiB pages (measured ~15% of the n = 19 step in TLB walks)
-      const size_t huge = size_t{1} << 21, bytes = floats * sizeof(float);
-      const size_t align = bytes >= huge ? huge : 64;
-      void* mem = std::aligned_alloc(align, (bytes + align - 1) / align * align);
-#if defined(MADV_HUGEPAGE)
-      if (align == huge) madvise(mem, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
-#endif
+      void* mem = std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
       states.emplace_back(static_cast<float*>(mem));
     }
     return states[i].get();
