@@ -69,11 +69,16 @@ def _bits_to_index(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.int64) * weights).sum(-1)
 
 
+def _network_columns(matrix: np.ndarray) -> np.ndarray:
+    """A GF(2) index map as the images of the single-wire indices (wire w: column w)."""
+    return _bits_to_index(matrix.T.astype(np.int64)).astype(np.int32)
+
+
 def gf2_index(n_qubits: int, matrix: np.ndarray, index: jax.Array | None = None) -> jax.Array:
     """Basis indices mapped by a GF(2) matrix (bit vector b -> matrix @ b), computed on the
     device from an iota: no 2^n-entry constant is baked into the compiled program."""
     index = jax.lax.iota(jnp.int32, 2**n_qubits) if index is None else index
-    columns = _bits_to_index(matrix.T.astype(np.int64))  # column w as an index
+    columns = _network_columns(matrix)
     out = jnp.zeros_like(index)
     for w in range(n_qubits):
         bit = (index >> (n_qubits - 1 - w)) & 1
@@ -582,11 +587,6 @@ def _state_kernel_fits(plan: _Plan) -> bool:
     )
 
 
-def _network_columns(n: int, matrix: np.ndarray) -> np.ndarray:
-    """A GF(2) index map as the images of the single-wire indices (wire w: column w)."""
-    return _bits_to_index(matrix.T.astype(np.int64)).astype(np.int32)
-
-
 def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(vectors, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
 
@@ -598,8 +598,8 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
     maps = [network_indices(n, pairs) for pairs in cnots]
-    nets = np.stack([_network_columns(n, g) for g, _ in maps])
-    inv = np.stack([_network_columns(n, i) for _, i in maps])
+    nets = np.stack([_network_columns(g) for g, _ in maps])
+    inv = np.stack([_network_columns(i) for _, i in maps])
     forward, backward = kernels.statevector_targets()
 
     @jax.custom_vjp
