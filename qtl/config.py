@@ -153,7 +153,7 @@ class HeadConfig:
     rotation: Rotation = Rotation.ry  # trainable single-qubit rotation per layer (dqc only)
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
     max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 8 on CPU, 2048 on GPU
-    native_kernel: bool = True  # fast, CPU: C++ rotation-gradient kernel (built on first use)
+    native_kernel: bool = True  # fast, CPU: C++ whole-circuit kernel (built on first use)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "name",
@@ -312,7 +312,7 @@ class CircuitConfig:
     init: str = "xavier_normal"  # xavier_normal (public design) | normal_2pi | uniform_2pi
     simulator: Simulator = Simulator.fast  # fast (qtl's) | pennylane (reference)
     max_state_mb: float | None = None  # fast: chunk bound of the state vectors; null = auto
-    native_kernel: bool = True  # fast, CPU, real circuits: C++ rotation-gradient kernel
+    native_kernel: bool = True  # fast, CPU, real circuits: C++ whole-circuit kernel
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("layers", "encoding", "rotation", "entangler", "init")
     # tested equal (test_vit: fast vs PennyLane, chunking, kernel): how, not what
@@ -436,7 +436,7 @@ class LoggerConfig:
 
 @dataclass
 class BackendConfig:
-    name: Backend = Backend.jax  # jax trains; torch | tf only run mode=bench_step (Table III)
+    name: Backend = Backend.jax  # jax runs every mode; torch | tf only mode=bench_step (Table III)
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("name",)
     OPERATIONAL: ClassVar[tuple[str, ...]] = ()

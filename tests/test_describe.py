@@ -35,3 +35,23 @@ def test_describe_cli_prints_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "23,508,032" in proc.stdout and "38,931" in proc.stdout and "380" in proc.stdout
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
+
+
+@pytest.mark.parametrize("mode", ["describe", "bench_circuit", "cache", "bench_features"])
+@pytest.mark.parametrize("backend", ["torch", "tf"])
+def test_a_non_jax_backend_is_refused_outside_the_step_benchmark(mode, backend):
+    # these modes run qtl's JAX code whatever backend says: ignoring it would label JAX
+    # numbers as PyTorch or TF ones
+    from qtl.apps import dispatch
+    from qtl.config import ConfigError
+
+    cfg = compose(f"mode={mode}", f"backend={backend}")
+    with pytest.raises(ConfigError, match=rf"backend={backend} has no mode={mode}: .*bench_step"):
+        dispatch(cfg)
+
+
+def test_describe_with_torch_is_one_clear_message(tmp_path):
+    proc = launch("mode=describe", "backend=torch", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "backend=torch has no mode=describe" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -32,6 +32,9 @@ APPS: dict[Mode, str] = {
 
 def dispatch(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
     """Run the application of ``cfg.mode`` (importing only what that mode needs)."""
+    from qtl.backends import refuse_outside_bench
+
+    refuse_outside_bench(cfg)  # only mode=bench_step has PyTorch and TensorFlow models
     return importlib.import_module(APPS[cfg.mode]).main(cfg, run_dir)
 
 

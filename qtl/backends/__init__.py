@@ -75,6 +75,25 @@ def refuse_training(cfg: QtlConfig) -> None:
         )
 
 
+def refuse_outside_bench(cfg: QtlConfig) -> None:
+    """Any mode but ``bench_step`` with another backend than JAX: refuse rather than ignore.
+
+    Only the step benchmark has PyTorch and TensorFlow models; ``describe``, the other
+    benchmarks, the cache and the report run qtl's JAX code whatever ``backend`` says, so a
+    silent run would report JAX numbers under a PyTorch or TF label.
+    """
+    from qtl.config import Mode
+
+    if cfg.backend.name == Backend.jax or cfg.mode == Mode.bench_step:
+        return
+    if cfg.mode == Mode.train:
+        refuse_training(cfg)
+    raise ConfigError(
+        f"backend={cfg.backend.name.value} has no mode={cfg.mode.value}: {PURPOSE} Drop "
+        f"backend=... (or set backend=jax) for mode={cfg.mode.value}, which runs in JAX."
+    )
+
+
 def check_optimizer(cfg: QtlConfig) -> None:
     """The PyTorch and TensorFlow steps implement the study's optimiser: Adam, one rate."""
     t = cfg.train

@@ -747,7 +747,7 @@ def fast_circuit(
 
 
 def native_ok() -> bool:
-    """Whether the native rotation-gradient kernel runs here: a CPU backend where it builds."""
+    """Whether the native kernels run here: a CPU backend where they build."""
     return jax.default_backend() == "cpu" and kernels.wire_gram_target() is not None
 
 

@@ -42,7 +42,7 @@ class QuantumLayerConfig:
     init: str = "xavier_normal"  # xavier_normal (public design) | normal_2pi | uniform_2pi
     simulator: str = "fast"  # fast | pennylane (the reference)
     max_state_mb: float | None = None  # fast: chunk bound for the state vectors (None: auto)
-    native_kernel: bool = True  # fast: the C++ rotation-gradient kernel where it applies
+    native_kernel: bool = True  # fast: the C++ kernels where they apply
 
 
 def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> None:
