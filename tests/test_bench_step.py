@@ -111,20 +111,27 @@ def test_table_has_ratios_failures_and_the_study_beside():
     assert "| timed out after 90 s | - |" in pl  # no ratio without a DQC time
     torch_row = next(ln for ln in lines if "| PyTorch | eager |" in ln)
     assert "| out of memory |" in torch_row and "0.07 / 1.89 (27.0×)" in torch_row
-    assert "- cxr19: JAX fast DQC / JAX CDL = 1.10×; PyTorch (eager) DQC: out of memory" in table
+    assert (
+        "- cxr19: JAX fast DQC / JAX CDL = 1.10×; JAX PennyLane DQC: timed out after 90 s; "
+        "PyTorch (eager) PennyLane DQC: out of memory" in table
+    )
 
 
 def test_tensorflow_is_compared_with_jax_fast_and_a_cut_short_protocol_is_said():
     results = [
         _record("jax", "jit", "cdl", None, "cxr14", 2.0, n=14),
         _record("jax", "jit", "dqc", "fast", "cxr14", 2.5, n=14),
+        _record("jax", "jit", "dqc", "pennylane", "cxr14", 50.0, n=14),
         _record("tf", "xla", "cdl", None, "cxr14", 3.0, n=14),
         _record("tf", "xla", "dqc", "statevector", "cxr14", 5.0, n=14),
         _record("tf", "xla", "dqc", "statevector", "cxr19", None, "out of memory: 12 GB"),
         _record("jax", "jit", "dqc", "fast", "cxr19", 3.0),
     ]
     table = format_table({"results": results})
-    tf_line = "- cxr14: JAX fast DQC / JAX CDL = 1.25×; TensorFlow (xla) DQC / JAX fast DQC = 2.0×"
+    tf_line = (
+        "- cxr14: JAX fast DQC / JAX CDL = 1.25×; JAX PennyLane DQC / JAX fast DQC = 20.0×; "
+        "TensorFlow (xla) DQC / JAX fast DQC = 2.0×"
+    )
     assert tf_line in table
     assert "- cxr19: TensorFlow (xla) DQC: out of memory" in table
     config = {"warmup": 3, "steps": 10, "max_seconds": 60}

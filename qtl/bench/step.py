@@ -396,7 +396,7 @@ def _n_labels(results: list[dict], task: str) -> int:
 
 
 def targets(results: list[dict]) -> list[str]:
-    """Per task: JAX fast DQC against JAX CDL, and against PyTorch's PennyLane DQC step."""
+    """Per task: JAX fast DQC against JAX CDL, and every other framework's DQC step against it."""
     out = []
     for task in dict.fromkeys(r["task"] for r in results):
         fast = _find(results, framework="jax", head="dqc", simulator="fast", task=task)
@@ -406,26 +406,24 @@ def targets(results: list[dict]) -> list[str]:
         parts = []
         if _ok(cdl):
             parts.append(f"JAX fast DQC / JAX CDL = {fast['median_s'] / cdl['median_s']:.2f}×")
-        for compile_mode in ("eager", "torch.compile"):
-            t = _find(results, framework="torch", compile=compile_mode, head="dqc", task=task)
-            if t is None:
+        others = [
+            ("JAX PennyLane DQC", dict(framework="jax", simulator="pennylane")),
+            ("PyTorch (eager) PennyLane DQC", dict(framework="torch", compile="eager")),
+            (
+                "PyTorch (torch.compile) PennyLane DQC",
+                dict(framework="torch", compile="torch.compile"),
+            ),
+            ("TensorFlow ({compile}) DQC", dict(framework="tf")),
+        ]
+        for label, match in others:
+            r = _find(results, head="dqc", task=task, **match)
+            if r is None:
                 continue
-            if _ok(t):
-                parts.append(
-                    f"PyTorch ({compile_mode}) PennyLane DQC / JAX fast DQC = "
-                    f"{t['median_s'] / fast['median_s']:.1f}×"
-                )
+            name = label.format(compile=r.get("compile"))
+            if _ok(r):
+                parts.append(f"{name} / JAX fast DQC = {r['median_s'] / fast['median_s']:.1f}×")
             else:
-                parts.append(f"PyTorch ({compile_mode}) DQC: {_short(t['status'])}")
-        t = _find(results, framework="tf", head="dqc", task=task)
-        if t is not None:
-            if _ok(t):
-                parts.append(
-                    f"TensorFlow ({t['compile']}) DQC / JAX fast DQC = "
-                    f"{t['median_s'] / fast['median_s']:.1f}×"
-                )
-            else:
-                parts.append(f"TensorFlow ({t['compile']}) DQC: {_short(t['status'])}")
+                parts.append(f"{name}: {_short(r['status'])}")
         if parts:
             out.append(f"{task}: " + "; ".join(parts))
     return out
