@@ -164,6 +164,48 @@ def test_wandb_offline_run_files_hold_the_metrics(synth_root, tmp_path, monkeypa
     assert rec["config"]["head"]["name"] == "dqc" and rec["config"]["seed"] == 0
 
 
+def _wandb_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every (step, value) each metric reached W&B with, over all of the run's segments."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        for row in read_run_file(path)["history"]:
+            for key, value in row.items():
+                if "/" in key:  # train/loss, val/loss, ...: not W&B's own _step/_runtime
+                    out.setdefault(key, []).append((row["_step"], value))
+    return out
+
+
+@pytest.mark.parametrize("point", ["before_best_save", "after_last_save"])
+def test_a_crashed_run_logs_each_step_to_wandb_once(point, synth_root, tmp_path, monkeypatch):
+    # before_best_save: epoch 1 is logged, not committed, and redone after the crash (its
+    # rows must not reach W&B twice); after_last_save: committed, its row must not be lost
+    from qtl.utils import faults
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _tiny(synth_root, "head=cdl", "logger=wandb", "train.log_every=2")
+    twin = tmp_path / "twin"
+    train_and_evaluate(cfg, twin)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("QTL_FAULT", f"{point}@1")
+    monkeypatch.setenv("QTL_FAULT_ACTION", "raise")
+    faults.reset()
+    with pytest.raises(faults.InjectedFault, match=point):
+        train_and_evaluate(cfg, run_dir)
+    monkeypatch.delenv("QTL_FAULT")
+    train_and_evaluate(cfg, run_dir)
+
+    assert len(list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))) == 2  # one W&B run, resumed
+    got, want = _wandb_history(run_dir), _wandb_history(twin)
+    assert {"train/loss", "val/loss", "train/epoch_loss"} <= set(want)
+    assert set(got) == set(want)
+    for key in want:
+        steps = [step for step, _ in got[key]]
+        assert steps == [step for step, _ in want[key]], key  # none twice, none lost
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-5)
+
+
 def test_multirun_grid_end_to_end(synth_root, tmp_path):
     proc = launch(
         "-m",

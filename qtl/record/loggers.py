@@ -2,16 +2,22 @@
 
 One W&B run per job, even inside a Hydra multirun; the run id is kept in the run directory
 so a resumed job continues the same W&B run; ``finish`` is always called by the runner.
+A job that crashed redoes the work after its last checkpoint, and logs it again: the last
+step logged per metric is kept beside the id, so each metric reaches W&B once per step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from qtl.config import LoggerName, QtlConfig, WandbMode
+from qtl.utils.files import write_json_atomic
+
+STEP_METRIC = "epoch"  # logged with every row; the x axis of the per-epoch metrics
 
 
 class NullLogger:
@@ -54,6 +60,20 @@ class WandbLogger:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run_id = run_id
+        # per metric, the last step an earlier process of this job logged (see the docstring)
+        self._steps_file = Path(run_dir) / "wandb_steps.json"
+        self._logged: dict[str, int] = {}
+        if self._steps_file.exists():
+            try:
+                self._logged = {
+                    str(k): int(v) for k, v in json.loads(self._steps_file.read_text()).items()
+                }
+            except (OSError, ValueError, TypeError, AttributeError) as err:
+                print(
+                    f"[qtl] {self._steps_file} is unreadable ({err!r}): steps redone after a "
+                    "crash may reach W&B twice",
+                    flush=True,
+                )
         self._run = wandb.init(
             project=wcfg.project,
             entity=wcfg.entity,
@@ -68,9 +88,9 @@ class WandbLogger:
             reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="off"),
         )
-        self._run.define_metric("epoch")
+        self._run.define_metric(STEP_METRIC)
         for key in ("val/*", "train/epoch_loss"):
-            self._run.define_metric(key, step_metric="epoch")
+            self._run.define_metric(key, step_metric=STEP_METRIC)
 
     # W&B is a copy of the local records: a W&B failure (its service process killed, e.g. by
     # SLURM's signals around a requeue) is reported once and never stops or fails the run.
@@ -87,7 +107,18 @@ class WandbLogger:
             print(f"[qtl] W&B {what} failed ({err!r}); local records continue", flush=True)
 
     def log(self, data: dict[str, Any], step: int) -> None:
-        self._guard("log", lambda: self._run.log(data, step=step))
+        """Log the metrics not yet logged at ``step`` (a redone step's are already in W&B)."""
+        fresh = {
+            k: v for k, v in data.items() if k != STEP_METRIC and self._logged.get(k, -1) < step
+        }
+        if not fresh or self._broken:
+            return
+        if STEP_METRIC in data:
+            fresh[STEP_METRIC] = data[STEP_METRIC]
+        self._guard("log", lambda: self._run.log(fresh, step=step))
+        if not self._broken:
+            self._logged.update(dict.fromkeys(fresh.keys() - {STEP_METRIC}, step))
+            self._guard("step record", lambda: write_json_atomic(self._steps_file, self._logged))
 
     def summary(self, data: dict[str, Any]) -> None:
         self._guard("summary", lambda: self._run.summary.update(data))

@@ -278,15 +278,8 @@ def fit(
                 data_wait_seconds=round(clock.seconds, 3),  # train loop blocked on the loader
             )
             p.history.append(row.to_json())  # JSON in the checkpoint's metadata
-            p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
-            if improved:
-                faults.point("before_best_save")
-                ckpts.save("best", epoch, state, p.to_json())  # counts once `last` names it
-                faults.point("between_best_and_last")
-            ckpts.save("last", int(state.step), state, p.to_json())  # the commit
-            faults.point("after_last_save")
-            ckpts.prune(last=int(state.step), best=p.best_epoch)
-            files.write_metrics(p.history)
+            # before the commit: a crash after it would lose this row, one before it redoes
+            # the epoch, whose row the logger then skips (it was logged at this step)
             logger.log(
                 {
                     "epoch": epoch,
@@ -298,6 +291,15 @@ def fit(
                 | ({"val/acc": val_extra["acc"]} if "acc" in val_extra else {}),
                 step=int(state.step),
             )
+            p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
+            if improved:
+                faults.point("before_best_save")
+                ckpts.save("best", epoch, state, p.to_json())  # counts once `last` names it
+                faults.point("between_best_and_last")
+            ckpts.save("last", int(state.step), state, p.to_json())  # the commit
+            faults.point("after_last_save")
+            ckpts.prune(last=int(state.step), best=p.best_epoch)
+            files.write_metrics(p.history)
             epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch)
             epochs.update(1)
             if stop.signum is not None:  # arrived late in the epoch: `last` is this boundary
