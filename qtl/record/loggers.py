@@ -2,20 +2,18 @@
 
 One W&B run per job, even inside a Hydra multirun; the run id is kept in the run directory
 so a resumed job continues the same W&B run; ``finish`` is always called by the runner.
-A job that crashed redoes the work after its last checkpoint, and logs it again: the last
-step logged per metric is kept beside the id, so each metric reaches W&B once per step.
+A job that crashed redoes the work after its last checkpoint, and logs it again: the run's
+W&B files say up to which step each metric was logged, so it reaches W&B once per step.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from qtl.config import LoggerName, QtlConfig, WandbMode
-from qtl.utils.files import write_json_atomic
 
 STEP_METRIC = "epoch"  # logged with every row; the x axis of the per-epoch metrics
 
@@ -55,25 +53,15 @@ class WandbLogger:
     def __init__(self, cfg: QtlConfig, run_dir: Path, config: dict[str, Any], run_name: str):
         import wandb
 
+        from qtl.record.wandb_file import last_steps
+
         wcfg = cfg.logger.wandb
         id_file = Path(run_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run_id = run_id
-        # per metric, the last step an earlier process of this job logged (see the docstring)
-        self._steps_file = Path(run_dir) / "wandb_steps.json"
-        self._logged: dict[str, int] = {}
-        if self._steps_file.exists():
-            try:
-                self._logged = {
-                    str(k): int(v) for k, v in json.loads(self._steps_file.read_text()).items()
-                }
-            except (OSError, ValueError, TypeError, AttributeError) as err:
-                print(
-                    f"[qtl] {self._steps_file} is unreadable ({err!r}): steps redone after a "
-                    "crash may reach W&B twice",
-                    flush=True,
-                )
+        # per metric, the last step an earlier attempt of this job logged (see the docstring)
+        self._logged = last_steps(Path(run_dir) / "wandb")
         self._run = wandb.init(
             project=wcfg.project,
             entity=wcfg.entity,
@@ -111,14 +99,10 @@ class WandbLogger:
         fresh = {
             k: v for k, v in data.items() if k != STEP_METRIC and self._logged.get(k, -1) < step
         }
-        if not fresh or self._broken:
-            return
-        if STEP_METRIC in data:
-            fresh[STEP_METRIC] = data[STEP_METRIC]
-        self._guard("log", lambda: self._run.log(fresh, step=step))
-        if not self._broken:
-            self._logged.update(dict.fromkeys(fresh.keys() - {STEP_METRIC}, step))
-            self._guard("step record", lambda: write_json_atomic(self._steps_file, self._logged))
+        if fresh:
+            if STEP_METRIC in data:  # the x axis goes with every row
+                fresh[STEP_METRIC] = data[STEP_METRIC]
+            self._guard("log", lambda: self._run.log(fresh, step=step))
 
     def summary(self, data: dict[str, Any]) -> None:
         self._guard("summary", lambda: self._run.summary.update(data))

@@ -2,8 +2,8 @@
 
 The file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks
 of chunks (crc32 4 bytes, length 2, type 1: full/first/middle/last), each record a
-``wandb_internal_pb2.Record``. Used by tests and by anyone auditing offline runs before
-``wandb sync``.
+``wandb_internal_pb2.Record``. Used by the W&B logger (what an earlier attempt of a run
+logged), by tests, and by anyone auditing offline runs before ``wandb sync``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += left_in_block
             continue
+        if pos + _HEADER + length > len(data):
+            return  # a file cut short by a killed process ends at its last whole record
         body = data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
@@ -79,4 +81,25 @@ def read_run_file(path: Path) -> dict[str, Any]:
                 "project": rec.run.project,
                 "name": rec.run.display_name,
             }
+    return out
+
+
+def last_steps(folder: Path) -> dict[str, int]:
+    """Per metric, the last step logged in any run file under ``folder`` (a run's ``wandb/``).
+
+    What a killed attempt handed to W&B but never wrote is not in its file, so it is not
+    counted: a resumed attempt logs it again.
+    """
+    out: dict[str, int] = {}
+    for path in Path(folder).glob("*run-*/run-*.wandb"):
+        try:
+            history = read_run_file(path)["history"]
+        except Exception as err:  # an unreadable file: its steps may reach W&B twice
+            print(f"[qtl] cannot read {path} ({err!r}); its steps are not deduplicated")
+            continue
+        for row in history:
+            step = row.get("_step")
+            for key in row:
+                if step is not None and not key.startswith("_"):
+                    out[key] = max(out.get(key, -1), int(step))
     return out
