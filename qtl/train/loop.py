@@ -38,6 +38,7 @@ from qtl.train.checkpoint import Checkpoints
 from qtl.train.preempt import StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
 from qtl.utils import faults
+from qtl.utils.mesh import Topology, resolve
 
 
 @dataclass
@@ -158,10 +159,16 @@ class _Fit:
     show_progress: bool
     n_batches: int = 0
     transform: Any = None
+    topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
+        tc = self.cfg.train
         train_x, _ = self.data["train"]
-        self.n_batches = num_batches(len(train_x), self.cfg.train.batch_size)
+        self.n_batches = num_batches(len(train_x), tc.batch_size)
+        self.topology = resolve(
+            tc.devices,
+            [("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)],
+        )
         if placement(self.cfg.data) == "host":
             pool = getattr(train_x, "pool", None)  # the image cache's reader threads, when cached
             self.transform = partial(
@@ -221,7 +228,9 @@ class _Fit:
             for i, b in enumerate(clock.wrap(stream)):
                 if i < start:  # trained before a mid-epoch checkpoint
                     continue
-                state, loss = self.steps.train_step(state, b.images, b.labels, b.mask, b.key)
+                images, labels, mask = self.topology.shard(b.images, b.labels, b.mask)
+                key = self.topology.replicate(b.key)
+                state, loss = self.steps.train_step(state, images, labels, mask, key)
                 losses.pending.append(loss)
                 if (i + 1) % tc.log_every == 0 or i + 1 == n:
                     self.guard(losses, epoch)
@@ -253,6 +262,7 @@ class _Fit:
             self.cfg.train.eval_batch_size,
             desc="val",
             progress=self.show_progress,
+            shard=self.topology.shard,
         )
         if not np.isfinite(val_loss):
             raise self.diverged(epoch, None, int(state.step), losses.done)
@@ -324,6 +334,7 @@ def fit(
     """Train until early stopping or ``max_epochs``; returns the last state and bookkeeping."""
     run = _Fit(cfg, steps, data, ckpts, files, logger, progress_state, show_progress)
     p, tc = run.p, cfg.train
+    state = run.topology.replicate(state)
     epochs = bar(
         enabled=show_progress, total=tc.max_epochs, initial=p.epoch, desc="epochs", unit="ep"
     )
