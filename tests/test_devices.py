@@ -150,3 +150,20 @@ def test_two_devices_train_the_same_qvit_run(tmp_path):
         for n in (1, 2)
     ]
     _assert_same_run(*runs)
+
+
+@pytest.mark.slow
+def test_scaling_bench_reports_throughput_and_efficiency(tmp_path):
+    from qtl.bench.devices import main
+
+    out = tmp_path / "devices.json"
+    overrides = ["debug=tiny", "head=cdl", "train.max_epochs=2", "train.batch_size=16"]
+    payload = main(["--devices", "1", "2", "--out", str(out), "--overrides", *overrides])
+    cases = {c["devices"]: c for c in json.loads(out.read_text())["cases"]}
+    assert cases.keys() == {1, 2} and all(c["ok"] for c in cases.values()), payload
+    assert cases[1]["images"] == cases[2]["images"] == 96  # epoch 2 of 96 training images
+    assert cases[1]["efficiency"] == pytest.approx(1.0)
+    assert cases[2]["efficiency"] == pytest.approx(
+        cases[2]["images_per_s"] / (2 * cases[1]["images_per_s"])
+    )
+    assert payload["machine"]["cpu"]
