@@ -283,6 +283,7 @@ class TrainConfig:
     min_delta: float = 0.0  # improvement smaller than this does not reset patience
     log_every: int = 10  # W&B train-loss logging period in steps
     best_by: BestBy = BestBy.val_loss  # best epoch and patience: val_loss | val_auc
+    devices: Any = 1  # data-parallel devices of this process: an int or "all" (qtl.utils.mesh)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "optimizer",
@@ -298,7 +299,8 @@ class TrainConfig:
     LEGACY: ClassVar[dict[str, Any]] = {"best_by": "val_loss"}
     # eval batches are per-row computations (eval-mode batch norm): the batch size only
     # changes how many rows share one call
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every")
+    # devices: the same global batch on more devices is the same program (tests/test_devices.py)
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every", "devices")
 
 
 @dataclass

@@ -20,8 +20,8 @@ records the settings; real files never carry it.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +38,7 @@ from qtl.data.medmnist_info import (
     flag_info,
     medmnist_path,
 )
+from qtl.utils.files import atomic_write_bytes
 
 VERSION = 2  # bump when the images change, so cached files are rewritten
 DEFAULT_SPLITS = {"train": 1000, "val": 200, "test": 400}  # capped by the official sizes
@@ -98,12 +99,9 @@ def write_synthetic(
         images, labels = _generate(info, size, counts[split], rng, noise)
         arrays[f"{split}_images"] = images[..., 0] if info.channels == 1 else images
         arrays[f"{split}_labels"] = labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def ensure_synthetic(

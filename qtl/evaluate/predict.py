@@ -19,15 +19,21 @@ def predict(
     *,
     desc: str = "eval",
     progress: bool = False,
+    shard: Callable[..., tuple] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Scores (N, outputs) and the mean loss over the split (BCE for the CXR study)."""
+    """Scores (N, outputs) and the mean loss over the split (BCE for the CXR study).
+
+    ``shard`` places each batch's arrays on the run's devices (``Topology.shard``); None
+    leaves them to JAX's default placement.
+    """
     n = len(images)
     probs: np.ndarray | None = None  # its width is the model's output width
     total = 0.0
     done = 0
     with bar(total=num_batches(n, batch_size), desc=desc, enabled=progress, leave=False) as pbar:
         for batch in batches(images, labels, batch_size):
-            p, loss_sum = eval_step(state, batch.images, batch.labels, batch.mask)
+            arrays = (batch.images, batch.labels, batch.mask)
+            p, loss_sum = eval_step(state, *(shard(*arrays) if shard else arrays))
             real = int(batch.mask.sum())
             if probs is None:
                 probs = np.zeros((n, np.shape(p)[-1]), np.float32)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,6 +83,39 @@ def paired(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> Pair
     diff = float(np.mean(np.subtract(xa, xb))) if seeds else math.nan
     pct = pct_diff(mean_a, mean_b) if seeds else math.nan
     return Paired(seeds, mean_a, sd_a, mean_b, sd_b, diff, pct, t, p)
+
+
+class Adjust(StrEnum):
+    """How p-values tested together are adjusted for multiplicity."""
+
+    holm = "holm"  # family-wise error (Holm 1979, step-down Bonferroni): any false call
+    bh = "bh"  # false discovery rate (Benjamini & Hochberg 1995): the share of false calls
+    none = "none"
+
+
+def adjust_pvalues(pvalues: Sequence[float], method: Adjust | str = Adjust.holm) -> list[float]:
+    """Adjusted p-values of one family of tests; undefined (nan) ones stay nan, uncounted.
+
+    A family is what a reader scans at once: every label of one task and test set. Holm keeps
+    the chance of any false "significant" at alpha; BH controls the expected share of false
+    ones, the usual choice when many labels are screened.
+    """
+    method = Adjust(method)
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, math.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    m = len(idx)
+    if m == 0 or method == Adjust.none:
+        return [float(x) for x in (p if method == Adjust.none else out)]
+    order = idx[np.argsort(p[idx], kind="mergesort")]
+    ps = p[order]
+    k = np.arange(1, m + 1)
+    if method == Adjust.holm:  # step-down: running maximum of (m - k + 1) p_(k)
+        adj = np.maximum.accumulate(np.minimum(1.0, (m - k + 1) * ps))
+    else:  # step-up: running minimum from the largest of m p_(k) / k
+        adj = np.minimum.accumulate(np.minimum(1.0, m * ps / k)[::-1])[::-1]
+    out[order] = adj
+    return [float(x) for x in out]
 
 
 def signed_log2(pct: float) -> float:

@@ -38,6 +38,7 @@ from qtl.train.checkpoint import Checkpoints
 from qtl.train.preempt import StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
 from qtl.utils import faults
+from qtl.utils.mesh import Topology, resolve
 
 
 @dataclass
@@ -139,6 +140,185 @@ def _diverged(
     return TrainingDiverged(message)
 
 
+@dataclass
+class _Fit:
+    """One run's training: the four steps of an epoch, each a method a reader can follow.
+
+    ``train_epoch`` (batches, loss checks, a stop signal's mid-epoch save) -> ``validate``
+    (validation loss and score) -> ``improve`` (best epoch, patience, why training ends) ->
+    ``commit`` (history row, log, `best` then `last`, prune, metrics.jsonl).
+    """
+
+    cfg: QtlConfig
+    steps: Steps
+    data: dict[str, tuple[Any, np.ndarray]]
+    ckpts: Checkpoints
+    files: RunFiles
+    logger: Any
+    p: Progress
+    show_progress: bool
+    n_batches: int = 0
+    transform: Any = None
+    topology: Topology = field(default_factory=Topology)
+
+    def __post_init__(self) -> None:
+        tc = self.cfg.train
+        train_x, _ = self.data["train"]
+        self.n_batches = num_batches(len(train_x), tc.batch_size)
+        self.topology = resolve(
+            tc.devices,
+            [("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)],
+        )
+        if placement(self.cfg.data) == "host":
+            pool = getattr(train_x, "pool", None)  # the image cache's reader threads, when cached
+            self.transform = partial(
+                augment_host,
+                hflip_p=self.cfg.data.hflip_p,
+                max_rotation_deg=self.cfg.data.max_rotation_deg,
+                pool=pool,
+            )
+
+    def last_good(self) -> str:
+        p = self.p
+        if p.batch:
+            return f"the checkpoint at batch {p.batch} of epoch {p.epoch + 1}"
+        return f"the checkpoint after epoch {p.epoch}" if p.epoch else "the start (no checkpoint)"
+
+    def diverged(self, epoch: int, batch: int | None, step: int, recent: list[float]):
+        return _diverged(
+            self.cfg,
+            self.files,
+            epoch=epoch,
+            batch=batch,
+            n_batches=self.n_batches,
+            step=step,
+            recent=recent,
+            last_good=self.last_good(),
+        )
+
+    def guard(self, losses: _Losses, epoch: int) -> None:
+        """Raise :class:`TrainingDiverged` at the first non-finite loss fetched so far."""
+        bad = losses.check()
+        if bad is not None:
+            step = (epoch - 1) * self.n_batches + bad + 1
+            raise self.diverged(epoch, bad + 1, step, losses.done)
+
+    def train_epoch(
+        self, state: TrainState, epoch: int, stop: StopRequest
+    ) -> tuple[TrainState, _Losses, WaitClock, float]:
+        """Train epoch ``epoch`` from where a mid-epoch checkpoint left it; a stop signal saves
+        `last` after the current step and hands over to the scheduler (it does not return)."""
+        tc, p = self.cfg.train, self.p
+        train_x, train_y = self.data["train"]
+        start, t0 = p.batch, time.perf_counter() - p.epoch_seconds
+        losses = _Losses(p.epoch_losses)
+        clock = WaitClock()
+        n = self.n_batches
+        with bar(
+            enabled=self.show_progress, total=n, initial=start, desc=f"epoch {epoch}", leave=False
+        ) as inner:
+            stream = batches(
+                train_x,
+                train_y,
+                tc.batch_size,
+                seed=self.cfg.seed,
+                epoch=epoch,
+                transform=self.transform,
+            )
+            for i, b in enumerate(clock.wrap(stream)):
+                if i < start:  # trained before a mid-epoch checkpoint
+                    continue
+                images, labels, mask = self.topology.shard(b.images, b.labels, b.mask)
+                key = self.topology.replicate(b.key)
+                state, loss = self.steps.train_step(state, images, labels, mask, key)
+                losses.pending.append(loss)
+                if (i + 1) % tc.log_every == 0 or i + 1 == n:
+                    self.guard(losses, epoch)
+                    recent = float(np.mean(losses.done[-tc.log_every :]))
+                    self.logger.log({"train/loss": recent, "epoch": epoch}, step=int(state.step))
+                    inner.set_postfix(loss=f"{recent:.4f}")
+                inner.update(1)
+                if stop.signum is not None and i + 1 < n:
+                    self.guard(losses, epoch)  # never checkpoint a non-finite update
+                    p.batch, p.epoch_losses = i + 1, list(losses.done)
+                    p.epoch_seconds = time.perf_counter() - t0
+                    self.ckpts.save("last", int(state.step), state, p.to_json())
+                    self.ckpts.prune(last=int(state.step), best=p.best_epoch or None)
+                    self.logger.finish(1)  # flush W&B before the requeue ends its service
+                    stop.hand_over(f"epoch {epoch}, batch {i + 1} of {n}")
+        self.guard(losses, epoch)
+        return state, losses, clock, t0
+
+    def validate(
+        self, state: TrainState, epoch: int, losses: _Losses
+    ) -> tuple[float, float | None, dict[str, Any]]:
+        """Validation loss, the objective's score (mean AUROC / AUC) and its extra metrics."""
+        val_x, val_y = self.data["val"]
+        val_probs, val_loss = predict(
+            self.steps.eval_step,
+            state,
+            val_x,
+            val_y,
+            self.cfg.train.eval_batch_size,
+            desc="val",
+            progress=self.show_progress,
+            shard=self.topology.shard,
+        )
+        if not np.isfinite(val_loss):
+            raise self.diverged(epoch, None, int(state.step), losses.done)
+        val_auroc, _, extra = self.steps.objective.score(val_y, val_probs, self.cfg.task.labels)
+        return val_loss, val_auroc, extra
+
+    def improve(self, epoch: int, val_loss: float, val_auroc: float | None) -> bool:
+        """Whether ``epoch`` is the new best (by train.best_by), and whether training ends."""
+        tc, p = self.cfg.train, self.p
+        if tc.best_by == BestBy.val_auc:  # an undefined AUC never improves on a defined one
+            improved = p.best_epoch == 0 or (
+                val_auroc is not None
+                and (p.best_val_auc is None or val_auroc > p.best_val_auc + tc.min_delta)
+            )
+        else:
+            improved = val_loss < p.best_val_loss - tc.min_delta
+        if improved:
+            p.best_val_loss, p.best_epoch, p.bad_epochs = val_loss, epoch, 0
+            p.best_val_auc = val_auroc
+        else:
+            p.bad_epochs += 1
+        if p.bad_epochs >= tc.patience:
+            p.stopped = "early_stopping"
+        elif epoch >= tc.max_epochs:
+            p.stopped = "max_epochs"
+        return improved
+
+    def commit(self, state: TrainState, row: EpochRow, improved: bool) -> None:
+        """Log the epoch, save `best` (if improved) then `last` (the commit), prune, and
+        rewrite metrics.jsonl; why this order is crash-safe: ``qtl.train.checkpoint``."""
+        p, epoch = self.p, row.epoch
+        p.history.append(row.to_json())  # JSON in the checkpoint's metadata
+        # before the commit: a crash after it would lose this row, one before it redoes
+        # the epoch, whose row the logger then skips (it was logged at this step)
+        self.logger.log(
+            {
+                "epoch": epoch,
+                "train/epoch_loss": row.train_loss,
+                "val/loss": row.val_loss,
+                "val/best_loss": p.best_val_loss,
+                "val/mean_auroc": row.val_mean_auroc,
+            }
+            | ({"val/acc": row.val_acc} if row.val_acc is not None else {}),
+            step=int(state.step),
+        )
+        p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
+        if improved:
+            faults.point("before_best_save")
+            self.ckpts.save("best", epoch, state, p.to_json())  # counts once `last` names it
+            faults.point("between_best_and_last")
+        self.ckpts.save("last", int(state.step), state, p.to_json())  # the commit
+        faults.point("after_last_save")
+        self.ckpts.prune(last=int(state.step), best=p.best_epoch)
+        self.files.write_metrics(p.history)
+
+
 def fit(
     cfg: QtlConfig,
     steps: Steps,
@@ -152,155 +332,36 @@ def fit(
     show_progress: bool,
 ) -> tuple[TrainState, Progress]:
     """Train until early stopping or ``max_epochs``; returns the last state and bookkeeping."""
-    tc = cfg.train
-    train_x, train_y = data["train"]
-    val_x, val_y = data["val"]
-    p = progress_state
-    n_batches = num_batches(len(train_x), tc.batch_size)
-    transform = None
-    if placement(cfg.data) == "host":
-        pool = getattr(train_x, "pool", None)  # the image cache's reader threads, when cached
-        transform = partial(
-            augment_host,
-            hflip_p=cfg.data.hflip_p,
-            max_rotation_deg=cfg.data.max_rotation_deg,
-            pool=pool,
-        )
+    run = _Fit(cfg, steps, data, ckpts, files, logger, progress_state, show_progress)
+    p, tc = run.p, cfg.train
+    state = run.topology.replicate(state)
     epochs = bar(
         enabled=show_progress, total=tc.max_epochs, initial=p.epoch, desc="epochs", unit="ep"
     )
-
-    def guard(losses: _Losses, epoch: int) -> None:
-        bad = losses.check()
-        if bad is not None:
-            raise _diverged(
-                cfg,
-                files,
-                epoch=epoch,
-                batch=bad + 1,
-                n_batches=n_batches,
-                step=(epoch - 1) * n_batches + bad + 1,
-                recent=losses.done,
-                last_good=last_good(),
-            )
-
-    def last_good() -> str:
-        if p.batch:
-            return f"the checkpoint at batch {p.batch} of epoch {p.epoch + 1}"
-        return f"the checkpoint after epoch {p.epoch}" if p.epoch else "the start (no checkpoint)"
-
     with epochs, StopRequest() as stop:
         while p.stopped is None and p.epoch < tc.max_epochs:
             epoch = p.epoch + 1
-            start, t0 = p.batch, time.perf_counter() - p.epoch_seconds
-            losses = _Losses(p.epoch_losses)
-            clock = WaitClock()
-            with bar(
-                enabled=show_progress,
-                total=n_batches,
-                initial=start,
-                desc=f"epoch {epoch}",
-                leave=False,
-            ) as inner:
-                stream = batches(
-                    train_x, train_y, tc.batch_size, seed=cfg.seed, epoch=epoch, transform=transform
-                )
-                for i, b in enumerate(clock.wrap(stream)):
-                    if i < start:  # trained before a mid-epoch checkpoint
-                        continue
-                    state, loss = steps.train_step(state, b.images, b.labels, b.mask, b.key)
-                    losses.pending.append(loss)
-                    if (i + 1) % tc.log_every == 0 or i + 1 == n_batches:
-                        guard(losses, epoch)
-                        recent = float(np.mean(losses.done[-tc.log_every :]))
-                        logger.log({"train/loss": recent, "epoch": epoch}, step=int(state.step))
-                        inner.set_postfix(loss=f"{recent:.4f}")
-                    inner.update(1)
-                    if stop.signum is not None and i + 1 < n_batches:
-                        guard(losses, epoch)  # never checkpoint a non-finite update
-                        p.batch, p.epoch_losses = i + 1, list(losses.done)
-                        p.epoch_seconds = time.perf_counter() - t0
-                        ckpts.save("last", int(state.step), state, p.to_json())
-                        ckpts.prune(last=int(state.step), best=p.best_epoch or None)
-                        logger.finish(1)  # flush W&B before the requeue ends its service
-                        stop.hand_over(f"epoch {epoch}, batch {i + 1} of {n_batches}")
-            guard(losses, epoch)
-            train_loss = float(np.mean(losses.done))
-            val_probs, val_loss = predict(
-                steps.eval_step,
-                state,
-                val_x,
-                val_y,
-                tc.eval_batch_size,
-                desc="val",
-                progress=show_progress,
-            )
-            if not np.isfinite(val_loss):
-                raise _diverged(
-                    cfg,
-                    files,
-                    epoch=epoch,
-                    batch=None,
-                    n_batches=n_batches,
-                    step=int(state.step),
-                    recent=losses.done,
-                    last_good=last_good(),
-                )
-            val_auroc, _, val_extra = steps.objective.score(val_y, val_probs, cfg.task.labels)
+            state, losses, clock, t0 = run.train_epoch(state, epoch, stop)
+            val_loss, val_auroc, extra = run.validate(state, epoch, losses)
             seconds = time.perf_counter() - t0
             p.epoch = epoch
             p.train_seconds += seconds
-            if tc.best_by == BestBy.val_auc:  # an undefined AUC never improves on a defined one
-                improved = p.best_epoch == 0 or (
-                    val_auroc is not None
-                    and (p.best_val_auc is None or val_auroc > p.best_val_auc + tc.min_delta)
-                )
-            else:
-                improved = val_loss < p.best_val_loss - tc.min_delta
-            if improved:
-                p.best_val_loss, p.best_epoch, p.bad_epochs = val_loss, epoch, 0
-                p.best_val_auc = val_auroc
-            else:
-                p.bad_epochs += 1
-            if p.bad_epochs >= tc.patience:
-                p.stopped = "early_stopping"
-            elif epoch >= tc.max_epochs:
-                p.stopped = "max_epochs"
+            improved = run.improve(epoch, val_loss, val_auroc)
             row = EpochRow(
                 epoch=epoch,
                 step=int(state.step),
-                train_loss=train_loss,
+                train_loss=float(np.mean(losses.done)),
                 val_loss=val_loss,
                 val_mean_auroc=val_auroc,
-                val_acc=val_extra.get("acc"),
+                val_acc=extra.get("acc"),
                 best=bool(improved),
                 seconds=round(seconds, 3),
                 data_wait_seconds=round(clock.seconds, 3),  # train loop blocked on the loader
             )
-            p.history.append(row.to_json())  # JSON in the checkpoint's metadata
-            # before the commit: a crash after it would lose this row, one before it redoes
-            # the epoch, whose row the logger then skips (it was logged at this step)
-            logger.log(
-                {
-                    "epoch": epoch,
-                    "train/epoch_loss": train_loss,
-                    "val/loss": val_loss,
-                    "val/best_loss": p.best_val_loss,
-                    "val/mean_auroc": val_auroc,
-                }
-                | ({"val/acc": val_extra["acc"]} if "acc" in val_extra else {}),
-                step=int(state.step),
+            run.commit(state, row, improved)
+            epochs.set_postfix(
+                train=f"{row.train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch
             )
-            p.batch, p.epoch_losses, p.epoch_seconds = 0, [], 0.0
-            if improved:
-                faults.point("before_best_save")
-                ckpts.save("best", epoch, state, p.to_json())  # counts once `last` names it
-                faults.point("between_best_and_last")
-            ckpts.save("last", int(state.step), state, p.to_json())  # the commit
-            faults.point("after_last_save")
-            ckpts.prune(last=int(state.step), best=p.best_epoch)
-            files.write_metrics(p.history)
-            epochs.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch)
             epochs.update(1)
             if stop.signum is not None:  # arrived late in the epoch: `last` is this boundary
                 logger.finish(1)

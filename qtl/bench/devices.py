@@ -1,0 +1,111 @@
+"""Scaling of one run over devices: throughput and efficiency of the real training loop.
+
+Each case is a whole run (``launch.py`` in its own process, ``train.devices=N``) with the same
+global batch; an epoch's wall time after the first (which compiles) gives images per second,
+and efficiency is throughput(N) / (N x throughput(1)). On a CPU the devices are XLA's host
+devices (``--xla_force_host_platform_device_count``) sharing the machine's cores, so the
+numbers there measure the sharded program's overhead, not a speed-up; on a multi-GPU machine
+(``scripts/gpu-bench.sh``) the same command measures the real one.
+
+    python -m qtl.bench.devices --devices 1 2 --out bench/devices-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qtl.bench.common import machine_info, write_json
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OVERRIDES = (
+    "debug=tiny",
+    "head=dqc",
+    "train.max_epochs=3",
+    "train.patience=10",
+    "train.batch_size=32",
+    "data.synth_sizes.train=512",
+)
+
+
+def run_case(devices: int, visible: int, overrides: list[str], workdir: Path) -> dict[str, Any]:
+    """One training run on ``devices`` of ``visible`` devices; its per-epoch throughput."""
+    run_dir = workdir / f"devices{devices}"
+    env = dict(os.environ)
+    if visible > 1 and "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={visible}"
+        ).strip()
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        *overrides,
+        f"train.devices={devices}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"devices": devices, "ok": False, "error": proc.stderr.strip()[-1500:]}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    batch = next(int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.batch_size="))
+    steps = [b["step"] - a["step"] for a, b in zip([{"step": 0}, *rows], rows, strict=False)]
+    timed = list(zip(steps, rows, strict=True))[1:]  # the first epoch compiles the steps
+    images = sum(s * batch for s, _ in timed)
+    seconds = sum(r["seconds"] for _, r in timed)
+    return {
+        "devices": devices,
+        "ok": True,
+        "epochs_timed": len(timed),
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": images / seconds if seconds else None,
+        "val_loss": rows[-1]["val_loss"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m qtl.bench.devices", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="cases")
+    parser.add_argument(
+        "--overrides",
+        nargs="*",
+        default=list(DEFAULT_OVERRIDES),
+        help="launch.py overrides of every case (must set train.batch_size)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench") / "devices-cpu.json")
+    args = parser.parse_args(argv)
+    if not any(o.startswith("train.batch_size=") for o in args.overrides):
+        parser.error("--overrides must set train.batch_size (the global batch of every case)")
+    visible = max(args.devices)
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="qtl-bench-devices-") as tmp:
+        for n in args.devices:
+            case = run_case(n, visible, args.overrides, Path(tmp))
+            cases.append(case)
+            shown = f"{case['images_per_s']:.1f} img/s" if case["ok"] else "failed"
+            print(f"devices={n}: {shown}", flush=True)
+    base = next((c for c in cases if c["ok"] and c["devices"] == 1), None)
+    for c in cases:
+        if base and c["ok"] and base["images_per_s"]:
+            c["efficiency"] = c["images_per_s"] / (c["devices"] * base["images_per_s"])
+    payload = {"machine": machine_info(), "overrides": args.overrides, "cases": cases}
+    write_json(args.out, payload)
+    print(f"{'devices':>8} {'img/s':>8} {'efficiency':>10}")
+    for c in cases:
+        if c["ok"]:
+            eff = c.get("efficiency", float("nan"))
+            print(f"{c['devices']:>8} {c['images_per_s']:>8.1f} {eff:>10.2f}")
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
