@@ -63,9 +63,7 @@ def run_case(case: dict) -> dict:
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
     }
     if case["simulator"] == "fast":  # which native kernel did the step run, if any?
-        from qtl.quantum.kernels import FORWARD, TARGET
-
-        from qtl.quantum.kernels import selected
+        from qtl.quantum.kernels import FORWARD, TARGET, selected
 
         text = compiled.as_text()
         result["native_kernel_used"] = (

@@ -121,10 +121,17 @@ def bench_layer(
     steps: int,
     warmup: int = 2,
     max_seconds: float = 60.0,
+    phase: bool = True,
 ) -> dict[str, Any]:
-    """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch."""
+    """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch
+    (``phase=False``: fast's complex path for RX + CNOT circuits, for A/B)."""
     spec = layer_spec(circuit, wires)
-    sim = make_simulator(circuit, wires)
+    if phase or circuit.simulator != "fast":
+        sim = make_simulator(circuit, wires)
+    else:
+        from qtl.quantum.fast import fast_circuit
+
+        sim = fast_circuit(spec, max_state_mb=circuit.max_state_mb, phase=False)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
     readout = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
@@ -137,6 +144,43 @@ def bench_layer(
         lambda: jax.block_until_ready(f(x, w)), steps=steps, warmup=warmup, max_seconds=max_seconds
     )
     return {"simulator": circuit.simulator, "compile_s": compile_s, **timing}
+
+
+def machine_rates(seconds: float = 1.0) -> dict[str, float]:
+    """This machine's float32 GEMM rate (GFLOP/s, a 1024^2 jitted matmul) and cosine rate
+    (G/s over 2^22 floats) through XLA, best of a few: the rates an arithmetic bound uses."""
+    a = jnp.ones((1024, 1024), jnp.float32)
+    v = jnp.linspace(0.0, 10.0, 2**22, dtype=jnp.float32)
+    mm, cos = jax.jit(lambda a: a @ a), jax.jit(jnp.cos)
+    rates = {}
+    cases = (("gemm_gflops", mm, a, 2 * 1024**3), ("cos_g_per_s", cos, v, v.size))
+    for name, fn, arg, work in cases:
+        jax.block_until_ready(fn(arg))
+        best, end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = work / best / 1e9
+    return rates
+
+
+def arithmetic_bound(wires: int, circuit: QuantumLayerConfig, rates: dict) -> dict[str, Any]:
+    """The per-circuit floor of value_and_grad on the phase-polynomial path: its counted GEMM
+    flops at the GEMM rate plus its cosines and sines at the cosine rate (elementwise work
+    and memory traffic not counted: a floor, not an estimate)."""
+    from qtl.quantum.phase import per_circuit_flops, phase_table
+
+    found = phase_table(layer_spec(circuit, wires))
+    if found is None:
+        return {"path": "not RX + CNOT: no phase-polynomial bound"}
+    parities = len(found[0])
+    work = per_circuit_flops(wires, parities)
+    us = (
+        work["gemm_flops"] / (rates["gemm_gflops"] * 1e9)
+        + work["transcendentals"] / (rates["cos_g_per_s"] * 1e9)
+    ) * 1e6
+    return {"parities": parities, **work, **rates, "bound_us_per_circuit": us}
 
 
 # PennyLane's backprop keeps a complex state per gate: a row of n qubits costs ~2^n * 8 bytes
@@ -239,9 +283,32 @@ def run_bench(
             qvit.hidden_size, rows, circuit, steps=steps, max_seconds=max_seconds
         )
         print(f"quantum layer ({sim}) {layers[sim]['median_ms']:.3f} ms", flush=True)
+    if qvit.circuit.layers > 1:  # what the phase polynomial bought: fast's complex path
+        layers["fast_complex"] = bench_layer(
+            qvit.hidden_size,
+            rows,
+            replace(qvit.circuit, simulator="fast"),
+            steps=steps,
+            max_seconds=max_seconds,
+            phase=False,
+        )
+        print(f"quantum layer (fast, complex path) {layers['fast_complex']['median_ms']:.3f} ms")
     out["layer"] = layers
     out["pennylane_over_fast"] = layers["pennylane"]["median_ms"] / layers["fast"]["median_ms"]
     print(f"PennyLane / fast = {out['pennylane_over_fast']:.1f}x (target >= 30x)", flush=True)
+    bound = arithmetic_bound(qvit.hidden_size, qvit.circuit, machine_rates())
+    if "bound_us_per_circuit" in bound:
+        bound["fast_us_per_circuit"] = layers["fast"]["median_ms"] * 1e3 / rows
+        bound["x_bound"] = bound["fast_us_per_circuit"] / bound["bound_us_per_circuit"]
+        print(
+            f"per circuit (d={qvit.hidden_size}, {qvit.circuit.layers} layers): "
+            f"{bound['fast_us_per_circuit']:.3f} us; arithmetic bound "
+            f"{bound['bound_us_per_circuit']:.3f} us ({bound['gemm_flops']:.0f} GEMM flops at "
+            f"{bound['gemm_gflops']:.0f} GFLOP/s, {bound['transcendentals']:.0f} cos/sin at "
+            f"{bound['cos_g_per_s']:.2f} G/s): {bound['x_bound']:.2f}x the bound",
+            flush=True,
+        )
+    out["arithmetic_bound"] = bound
     out["uptime_end"] = uptime()
     print(f"load: {out['uptime_end']}", flush=True)
     return out
@@ -256,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--circuit-layers", type=int, default=1)
+    parser.add_argument(
+        "--hidden-size", type=int, default=None, help="QViT hidden size = qubits per circuit"
+    )
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per timed case")
     parser.add_argument(
         "--circuits",
@@ -267,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = qvit_preset()
     cfg = replace(cfg, circuit=replace(cfg.circuit, layers=args.circuit_layers))
+    if args.hidden_size:
+        cfg = replace(cfg, hidden_size=args.hidden_size)
     if args.circuits:
         wires = tuple(int(w) for w in args.circuits.split(","))
         result: dict[str, Any] = {"machine": machine_info(), "uptime_start": uptime()}

@@ -639,6 +639,7 @@ def fast_circuit(
     max_state_mb: float | None = None,
     layout: str | None = None,
     native: bool | str = True,
+    phase: bool = True,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
@@ -654,6 +655,8 @@ def fast_circuit(
     state at a time, in cache; ``max_state_mb`` and ``layout`` then do not apply) and falls
     back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
     keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
+    ``phase``: RX + CNOT circuits with a state run as a real phase polynomial
+    (:mod:`qtl.quantum.phase`); ``False`` keeps them complex (for A/B and tests).
     """
     if native not in (True, False, "gram"):
         raise ValueError(f"fast simulator: native={native!r} is not one of True, False, 'gram'")
@@ -714,7 +717,7 @@ def fast_circuit(
     # RX + CNOT circuits with a state (the QViT's at 2+ layers): a real phase polynomial
     from qtl.quantum.phase import phase_circuit
 
-    phase = phase_circuit(spec) if plan.steps else None
+    phase = phase_circuit(spec) if plan.steps and phase else None
     if phase is not None:  # per example: the phases (2^n) and n 2^(n-1) cosines and differences
         state_bytes = 4 * 2**n * (2 + n)
 
@@ -747,10 +750,7 @@ def fast_circuit(
         )
         budget = max_state_mb if max_state_mb is not None else default_state_mb()
         chunk = max(1, int(budget * 2**20 // state_bytes))
-        if phase is not None:
-            fn = phase
-        else:
-            fn = partial(_with_index, core, index)
+        fn = phase if phase is not None else partial(_with_index, core, index)
         if batch <= chunk:
             z = fn(x2, theta)
         else:

@@ -10,7 +10,8 @@ phase), where a_g is gate g's angle and p_g(j) in {0, 1} is its wire's bit at th
 gate, a GF(2)-linear function (a parity) of the final basis index j. The measured
 <Z_w> = <+|... X_w ...|+> in that frame is
 
-    <Z_w> = 2^-n sum_j cos(Phi(j ^ e_w) - Phi(j)) = 2^(1-n) sum_{j: bit w = 0} cos(Phi(j ^ e_w) - Phi(j))
+    <Z_w> = 2^-n sum_j cos(Phi(j ^ e_w) - Phi(j))
+          = 2^(1-n) sum_{j: bit w = 0} cos(Phi(j ^ e_w) - Phi(j))
 
 (the imaginary parts cancel in pairs). Per example that is one (G, 2^n) product with a fixed
 0/1 table (G: distinct parities, about n per layer) and n 2^(n-1) cosines, all real, with

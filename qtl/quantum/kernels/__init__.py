@@ -17,8 +17,9 @@ instruction set down (``avx512``, ``avx2``, ``baseline``: SSE2 on x86-64, NEON o
 machine can test every path (see :data:`ISAS`). The library is cached under
 ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed by the sources, jaxlib
 version, compiler, instruction-set flags, and for a native build the CPU model and its feature
-flags, and written atomically, so concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the
-simulator keeps its XLA path: same results, slower; a warning says why.
+flags, and written atomically, so concurrent sweep jobs share one build. Without a compiler
+(or with ``QTL_NATIVE=0``) the simulator keeps its XLA path: same results, slower; a warning
+says why.
 
 Loading a shared object runs its code, so a cached one is trusted only as built: each build
 writes a manifest (``wire_gram-<key>.json``: the cache key, the library's file name and its
@@ -31,6 +32,7 @@ copy where Linux allows), so a file swapped in between is never run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -90,10 +92,8 @@ def cpu_info() -> dict:
     """This CPU's model name, core count and the vector ISA flags that matter here (from
     /proc/cpuinfo on Linux; the model from ``platform`` elsewhere)."""
     text = ""
-    try:
+    with contextlib.suppress(OSError):
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pass
     fields: dict[str, str] = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
