@@ -23,8 +23,9 @@ Why it is fast, and still exact:
   as in the QViT's quantum layers), the state is a product state and a parity's expectation is
   the product of per-wire <Z>: O(n^2) work per example, no 2^n state at all;
 - a circuit of RX gates and CNOTs only (the QViT's, at two or more layers) is a real phase
-  polynomial in the Hadamard frame (:mod:`qtl.quantum.phase`): one GEMM and n 2^(n-1)
-  cosines per example, no complex state;
+  polynomial in the Hadamard frame (:mod:`qtl.quantum.phase`, ``phase=True``): one GEMM and
+  n 2^(n-1) cosines per example, no complex state (exact; slower through XLA's cosines, so
+  opt-in);
 - the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
   CPU, which is faster; memory-sized on a GPU), each rematerialised in the backward pass.
 
@@ -639,7 +640,7 @@ def fast_circuit(
     max_state_mb: float | None = None,
     layout: str | None = None,
     native: bool | str = True,
-    phase: bool = True,
+    phase: bool = False,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
@@ -656,7 +657,8 @@ def fast_circuit(
     back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
     keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
     ``phase``: RX + CNOT circuits with a state run as a real phase polynomial
-    (:mod:`qtl.quantum.phase`); ``False`` keeps them complex (for A/B and tests).
+    (:mod:`qtl.quantum.phase`): exact, but through XLA:CPU's cosines measured 2-4x slower than
+    the complex path at the QViT's sizes (docs/simulator.md), so off by default.
     """
     if native not in (True, False, "gram"):
         raise ValueError(f"fast simulator: native={native!r} is not one of True, False, 'gram'")

@@ -115,11 +115,14 @@ def phase_circuit(spec: CircuitSpec) -> Callable[[jax.Array, jax.Array], jax.Arr
         dtype = x.dtype
         coeff = x @ jnp.asarray(mx, dtype) + (theta.reshape(-1) @ jnp.asarray(mt, dtype))[None]
         phi = jnp.matmul(coeff, jnp.asarray(table, dtype), precision=jax.lax.Precision.HIGHEST)
-        phi = phi.reshape(x.shape[0], *(2,) * n)
+        batch = x.shape[0]
         z = []
         for w in range(n):
-            diff = jnp.take(phi, 1, axis=1 + w) - jnp.take(phi, 0, axis=1 + w)
-            z.append(jnp.mean(jnp.cos(diff).reshape(x.shape[0], -1), axis=-1))
+            # static slices (their gradient is a pad), not takes (a gather's is a scatter-add,
+            # which XLA:CPU runs element by element)
+            pairs = phi.reshape(batch, 2**w, 2, 2 ** (n - 1 - w))
+            diff = pairs[:, :, 1, :] - pairs[:, :, 0, :]
+            z.append(jnp.mean(jnp.cos(diff).reshape(batch, -1), axis=-1))
         return jnp.stack(z, axis=-1)
 
     return run
