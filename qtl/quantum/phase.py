@@ -126,17 +126,3 @@ def phase_circuit(spec: CircuitSpec) -> Callable[[jax.Array, jax.Array], jax.Arr
         return jnp.stack(z, axis=-1)
 
     return run
-
-
-def per_circuit_flops(n: int, parities: int) -> dict[str, float]:
-    """The arithmetic of one circuit's value and gradient on this path, counted: forward the
-    (G, 2^n) product (2 G 2^n flops) and n 2^(n-1) differences and cosines; backward the
-    same product transposed for the coefficients' gradient and the sines' products. A cosine
-    counts as one op (a vector unit's polynomial costs ~10-20 flops: the bound is a floor)."""
-    gemm = 2.0 * parities * 2**n
-    pointwise = n * 2 ** (n - 1)
-    return {
-        "gemm_flops": 2 * gemm,  # forward and backward
-        "transcendentals": 2 * pointwise,  # cos forward, sin backward
-        "elementwise": 4 * pointwise,  # differences and their cotangents
-    }
