@@ -14,9 +14,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from qtl.bench.kernel_ab import plain_case, run_plain
 from qtl.quantum import kernels
-from qtl.quantum.circuit import CircuitSpec
-from qtl.quantum.fast import _network_columns, compile_plan, network_indices
 
 pytestmark = pytest.mark.skipif(
     kernels.statevector_targets() is None, reason="no C++ compiler: the XLA path is tested"
@@ -25,35 +24,11 @@ pytestmark = pytest.mark.skipif(
 CASES = [(4, "ring", 3), (11, "even_odd", 2), (14, "ring", 2), (20, "chain", 1)]
 
 
-def _case(n: int, entangler: str, batch: int, seed: int = 0):
-    """Plain-entry inputs of the study's circuit family: wire vectors, layer matrices, nets."""
-    spec = CircuitSpec(n, 3, entangler, "ry")
-    plan = compile_plan(spec)
-    cnots = [p for kind, p in plan.steps if kind == "cnot"] + [plan.folded]
-    maps = [network_indices(n, p) for p in cnots]
-    nets = np.ascontiguousarray([_network_columns(g) for g, _ in maps], np.int32)
-    inv = np.ascontiguousarray([_network_columns(i) for _, i in maps], np.int32)
-    m = len(cnots) - 1
-    rng = np.random.default_rng(seed + n)
-    vec = rng.normal(size=(batch, n, 2)).astype(np.float32)
-    vec /= np.linalg.norm(vec, axis=-1, keepdims=True)
-    t = rng.uniform(0, 2 * np.pi, size=(m, n))
-    mats = np.stack([np.cos(t), -np.sin(t), np.sin(t), np.cos(t)], -1).reshape(m, n, 2, 2)
-    g = rng.normal(size=(batch, n)).astype(np.float32)
-    return n, m, batch, vec, np.ascontiguousarray(mats, np.float32), nets, inv, g
+def _case(n: int, entangler: str, batch: int):
+    return plain_case(n, batch, entangler=entangler, seed=n)
 
 
-def _run(lib: ctypes.CDLL, case) -> list[np.ndarray]:
-    n, m, batch, vec, mats, nets, inv, g = case
-    p = ctypes.c_void_p
-    z = np.zeros((batch, n), np.float32)
-    dv = np.zeros_like(vec)
-    gram = np.zeros((batch, m, n, 4), np.float32)
-    args = [a.ctypes.data_as(p) for a in (vec, mats, nets)]
-    assert lib.qtl_statevector_forward_plain(n, m, ctypes.c_int64(batch), *args, z.ctypes) == 0
-    more = [a.ctypes.data_as(p) for a in (inv, g, dv, gram)]
-    assert lib.qtl_statevector_backward_plain(n, m, ctypes.c_int64(batch), *args, *more) == 0
-    return [z, dv, gram]
+_run = run_plain
 
 
 def _close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
