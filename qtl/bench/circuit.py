@@ -172,7 +172,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
     jemalloc = jemalloc_path() if cfg.jemalloc else None
     if jemalloc:
         env["LD_PRELOAD"] = f"{jemalloc} {env.get('LD_PRELOAD', '')}".strip()
-    machine = machine_info(bandwidth=True)
+    machine = machine_info(bandwidth=True, kernel=True)
     bw = machine["memory_bandwidth"]
     print(
         f"qtl bench_circuit: {machine['cpu']} ({machine['arch']}, {machine['cores']} cores, "

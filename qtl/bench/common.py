@@ -39,10 +39,10 @@ def head_case(n: int, batch: int, features: int) -> tuple[Any, tuple]:
     return spec, (params, feats, labels)
 
 
-def machine_info(bandwidth: bool = False) -> dict[str, Any]:
-    """CPU model, its vector ISA flags (AVX2, AVX-512, NEON), cores, load, JAX platform and the
-    native kernel it selects (and with ``bandwidth``, the measured memory bandwidth): what a
-    reader needs to compare numbers."""
+def machine_info(bandwidth: bool = False, kernel: bool = False) -> dict[str, Any]:
+    """CPU model, its vector ISA flags (AVX2, AVX-512, NEON), cores, load and JAX platform; with
+    ``kernel``, the native kernel it selects (built now if need be), with ``bandwidth`` the
+    measured memory bandwidth: what a reader needs to compare numbers."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,7 +67,7 @@ def machine_info(bandwidth: bool = False) -> dict[str, Any]:
         "platform": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
-    if jax.default_backend() == "cpu":
+    if kernel and jax.default_backend() == "cpu":
         info["native_kernel"] = kernels.selected()
     if bandwidth:
         from qtl.bench.floor import memory_bandwidth

@@ -235,7 +235,7 @@ def run_bench(
     tokens = num_tokens(image_shape, qvit.patch_size)
     rows = layer_rows or batch * tokens
     out: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(kernel=True),
         "uptime_start": uptime(),
         "setup": {
             "image_shape": list(image_shape),
