@@ -79,9 +79,12 @@ class Sweep:
     def failed(self) -> list[Run]:
         return [r for r in self.runs if not r.finished]
 
-    def of_study(self, study: str) -> Sweep:
-        """The part of the sweep that belongs to one study (its section of the report)."""
-        runs = [r for r in self.runs if r.study == study]
+    def of_study(self, name: str) -> Sweep:
+        """The part of the sweep whose records name study ``name`` (its report section)."""
+        by_study: dict[str, list[Run]] = {}
+        for r in self.runs:
+            by_study.setdefault(r.study, []).append(r)
+        runs = by_study.get(name, [])
         keys = {(r.task, r.head) for r in runs}
         missing = [m for m in self.missing if (m[0], m[1]) in keys]
         return Sweep(root=self.root, runs=runs, missing=missing)

@@ -12,7 +12,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,8 +21,20 @@ from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
 
-if TYPE_CHECKING:
-    from qtl.studies.base import Study
+
+class Study(Protocol):
+    """What the driver asks of a run's study (:class:`qtl.studies.base.Study` implements it;
+    the driver never asks which study it is)."""
+
+    name: str
+
+    def validate(self, cfg: QtlConfig) -> None: ...
+    def identity_keys(self, keys: list[str]) -> list[str]: ...
+    def provenance(self, cfg: QtlConfig, **start: Any) -> dict[str, Any]: ...
+    def inputs(self, cfg: QtlConfig, run_dir: Path, show: bool, **start: Any) -> RunInputs: ...
+    def run_label(self, cfg: Any) -> str: ...
+    def wandb_tags(self, cfg: QtlConfig) -> list[str]: ...
+    def format_scores(self, results: Results) -> str: ...
 
 
 def train_and_evaluate(cfg: QtlConfig, run_dir: Path, study: Study, **start: Any) -> dict[str, Any]:
