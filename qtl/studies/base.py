@@ -65,7 +65,8 @@ class Study(ABC):
         for key in self.foreign:
             value, default = _get(cfg, key), schema_default(key)
             if value != default:
-                shown = getattr(value, "value", value)
+                shown = str(value).lower() if isinstance(value, bool) else value
+                shown = getattr(shown, "value", shown)
                 raise ConfigError(
                     f"{key}={shown} has no meaning in the {self.name} study (this run's "
                     f"study, from data={cfg.data.name}); remove it (default {default!r})."
