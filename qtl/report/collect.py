@@ -22,6 +22,7 @@ from qtl.record.files import FAILED, EpochRow, RecordError, Results, RunFiles
 
 # Evaluated splits that are test sets, in report order, with their display names.
 TEST_SETS: dict[str, str] = {"test": "internal test", "external": "external test"}
+_LABEL_DIR = re.compile(r"^(?P<label>[^/]+-[^/]+)/seed(?P<seed>-?\d+)$")
 _SUBDIR = re.compile(r"^(?P<task>[^/]+)-(?P<head>[^/-]+)/seed(?P<seed>-?\d+)$")
 
 
@@ -165,6 +166,11 @@ def _from_config(config: Any) -> tuple[str, str, int] | None:
 def _identify(job_dir: Path, root: Path, results: Results | None) -> tuple[str, str, int] | None:
     """(task, arm, seed) of a job directory from its records, Hydra's config, or its path."""
     if results is not None:
+        if results.config and (key := _from_config(results.config)) is not None:
+            return key
+        match = _LABEL_DIR.match(job_dir.relative_to(root).as_posix())
+        if match and int(match["seed"]) == results.seed:
+            return _split_label(match["label"], results.seed)
         parts = results.run.split("/")
         if len(parts) >= 2 and parts[-1] == f"seed{results.seed}":
             return _split_label(parts[-2], results.seed)
