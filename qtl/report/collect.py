@@ -166,6 +166,8 @@ def _from_config(config: Any) -> tuple[str, str, int] | None:
 def _identify(job_dir: Path, root: Path, results: Results | None) -> tuple[str, str, int] | None:
     """(task, arm, seed) of a job directory from its records, Hydra's config, or its path."""
     if results is not None:
+        if results.label:  # the study's run label (records from version 4 on)
+            return _split_label(results.label, results.seed)
         if results.config and (key := _from_config(results.config)) is not None:
             return key
         match = _LABEL_DIR.match(job_dir.relative_to(root).as_posix())
@@ -174,7 +176,7 @@ def _identify(job_dir: Path, root: Path, results: Results | None) -> tuple[str, 
         parts = results.run.split("/")
         if len(parts) >= 2 and parts[-1] == f"seed{results.seed}":
             return _split_label(parts[-2], results.seed)
-        return results.task, results.head, results.seed
+        return str(results.task), str(results.head), results.seed
     payload = (RunFiles(job_dir, create=False).read_run_config() or {}).get("config")
     if isinstance(payload, dict) and (key := _from_config(payload)) is not None:
         return key

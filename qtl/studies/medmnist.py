@@ -134,8 +134,6 @@ class MedmnistStudy(Study):
             objective=got.objective,
             data_seconds=time.perf_counter() - t_data,
             record={
-                "task": cfg.data.flag,
-                "head": str(cfg.model.name),
                 "model": str(cfg.model.name),
                 "dataset": cfg.data.flag,
                 "task_type": got.info.task.value,

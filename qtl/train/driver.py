@@ -164,9 +164,10 @@ def _train(
                 progress=show,
             )
             mean, per_label, extra = steps.objective.score(y, probs, inputs.label_names)
-            auroc[split] = SplitScores(mean=mean, per_label=per_label)
-            if extra:
+            if extra:  # the study's own metrics (its AUC among them)
                 metrics[split] = extra
+            else:  # AUROC per label and its mean
+                auroc[split] = SplitScores(mean=mean, per_label=per_label)
             losses[split] = loss
             files.write_predictions(
                 split, inputs.ids[split], y, probs, inputs.label_names, inputs.score_names
@@ -204,6 +205,7 @@ def _train(
             wandb_run_id=getattr(logger, "run_id", None),
             provenance=run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
             study=study.name,
+            label=study.run_label(cfg),
             **inputs.record,
         )
         files.write_results(results)
