@@ -483,7 +483,7 @@ class BenchCircuitConfig:
     warmup: int = 2  # untimed steps after compilation
     max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow
     rounds: int = 2  # every case again in a fresh process per round: the table shows the spread
-    out: str = "bench/circuit.json"  # JSON results (relative to the working directory)
+    out: str = "${paths.bench_dir}/circuit.json"  # JSON results
     jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
 
 
@@ -505,7 +505,7 @@ class BenchStepConfig:
     max_seconds: float = 600.0  # per-case budget: fewer warm-up (<= 1/3 of it) and timed (>= 3)
     case_timeout_s: float = 1800.0  # a case still running then is killed and recorded
     max_rss_gb: float = 16.0  # a case whose processes exceed this RSS is killed: out of memory
-    out: str = "bench/step.json"  # JSON results (relative to the working directory); .md beside
+    out: str = "${paths.bench_dir}/step.json"  # JSON results, the Markdown table beside (.md)
     dry_run: bool = False  # list the cases (after every check) and exit without running them
 
 
@@ -543,7 +543,7 @@ class BenchFeaturesConfig:
     dqc_qubits: list[int] = field(default_factory=lambda: [19])  # DQC sizes timed (8, 14, 19)
     extract_images: int = 256  # ResNet-50 images timed for the extraction rate (after warm-up)
     extract_px: int = 224  # their side
-    out: str = "bench/features.json"  # JSON results
+    out: str = "${paths.bench_dir}/features.json"  # JSON results
 
 
 @dataclass
