@@ -2,7 +2,9 @@
 
 A study owns its fields' checks, what defines a run (identity), what a run trains on (data,
 model, objective), the fields it adds to the run record, the run's label (its folder and W&B
-group), ``mode=describe``'s table and its section of a sweep's report. The driver, loop,
+group), ``mode=describe``'s table. Its section of a sweep's report is found by the study name
+its run records carry (``qtl.report.build.SECTIONS``; the per-run table for a study without
+one), as the report sits above this layer. The driver, loop,
 checkpoints, identity, loggers and report take a ``Study`` and never ask which one it is; the
 study is chosen once from the config (:func:`qtl.studies.study_for`).
 """
@@ -110,12 +112,8 @@ class Study(ABC):
     def format_scores(self, results: Results) -> str:
         """The finished run's scores as printed at its end."""
 
-    # ------------------------------------------------------------------ describe and report
+    # ----------------------------------------------------------------------- describe
 
     @abstractmethod
     def describe(self, cfg: QtlConfig) -> list[tuple[str, int]]:
         """``mode=describe``: print the parameter table (and costs); return its rows."""
-
-    def report(self, runs: list[Any], root: Path, out: Path, alpha: float, dpi: int) -> Path:
-        """Write this study's report of ``runs`` (the sweep's runs of this study) under ``out``."""
-        raise ConfigError(f"the {self.name} study has no report; its runs are in {root}")

@@ -167,6 +167,3 @@ class CxrStudy(Study):
         for name, count in rows:
             print(f"{name:<{width}}  {count:>12,}")
         return rows
-
-    def report(self, runs: list[Any], root: Path, out: Path, alpha: float, dpi: int) -> Path:
-        raise NotImplementedError  # replaced below by the report pipeline's head comparison
