@@ -15,8 +15,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import MISSING, DictConfig
 
 
-# Samplers (hydra/sweeper/sampler=<name>): Optuna's constructors, with the arguments most
-# searches set; `seed` is offset on a resumed study (_impl.py). Defaults are Optuna's own.
+# Samplers (hydra/sweeper/sampler=<name>): Optuna's constructors with the arguments whose
+# meaning and default are the same in Optuna 4 and 5 (the rest keep Optuna's defaults);
+# `seed` is offset on a resumed study (_impl.py).
 @dataclass
 class SamplerConfig:
     _target_: str = MISSING
@@ -28,9 +29,6 @@ class TPESamplerConfig(SamplerConfig):
     seed: int | None = None
     n_startup_trials: int = 10  # random trials before the model is used
     n_ei_candidates: int = 24
-    multivariate: bool = False  # model the parameters jointly
-    group: bool = False  # with multivariate: one model per set of parameters drawn together
-    constant_liar: bool = False  # parallel trials avoid what running ones are trying
 
 
 @dataclass
