@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from qtl.utils.errors import QtlUserError
+
 
 class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
@@ -283,6 +285,7 @@ class TrainConfig:
     min_delta: float = 0.0  # improvement smaller than this does not reset patience
     log_every: int = 10  # W&B train-loss logging period in steps
     best_by: BestBy = BestBy.val_loss  # best epoch and patience: val_loss | val_auc
+    wait_for_lock: bool = False  # run dir in use by a live process: wait (true) or exit 2
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "optimizer",
@@ -298,7 +301,7 @@ class TrainConfig:
     LEGACY: ClassVar[dict[str, Any]] = {"best_by": "val_loss"}
     # eval batches are per-row computations (eval-mode batch norm): the batch size only
     # changes how many rows share one call
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every", "wait_for_lock")
 
 
 @dataclass
@@ -700,7 +703,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("qtl_sweep_subdir", _sweep_subdir, replace=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(QtlUserError, ValueError):
     """A config value that cannot work; the message says which field and what to use."""
 
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qtl.config import ConfigError, Mode, QtlConfig, to_schema
+from qtl.config import Mode, QtlConfig, to_schema
+from qtl.utils import errors
 
 APPS: dict[Mode, str] = {
     Mode.train: "qtl.apps.train",
@@ -38,26 +39,11 @@ def dispatch(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
     return importlib.import_module(APPS[cfg.mode]).main(cfg, run_dir)
 
 
-# Exit status of a single run that stopped on a known cause (a sweep exits 1 instead):
-# 2 bad input (fix the command, data or config), 3 a checkpoint or record could not be
-# written (fix the disk, rerun to resume), 4 training diverged (recorded in failed.json).
-EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = 2, 3, 4
-
-
-def _user_errors() -> dict[type[BaseException], int]:
-    """Errors that are a researcher's to fix (one message, no traceback) -> exit status."""
-    from qtl.data.records import DataError
-    from qtl.record.files import SaveError
-    from qtl.train.checkpoint import CheckpointError
-    from qtl.train.preempt import TrainingDiverged
-
-    return {
-        ConfigError: EXIT_INPUT,
-        DataError: EXIT_INPUT,
-        CheckpointError: EXIT_INPUT,
-        SaveError: EXIT_SAVE,
-        TrainingDiverged: EXIT_DIVERGED,
-    }
+# Exit status of a single run that stopped on a known cause (a sweep exits 1 instead): each
+# error class names its own (qtl.utils.errors): 2 bad input (fix the command, data or
+# config), 3 a checkpoint or record could not be written (fix the disk, rerun to resume), 4
+# training diverged (recorded in failed.json).
+EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = errors.EXIT_INPUT, errors.EXIT_SAVE, errors.EXIT_DIVERGED
 
 
 def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
@@ -72,17 +58,16 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     from qtl.runtime import configure_jax
     from qtl.utils import paths
 
-    known = _user_errors()
     try:
         cfg = to_schema(raw)
         paths.export(cfg.paths)
         configure_jax(paths.jax_cache(cfg.paths))
         result = dispatch(cfg, run_dir)
-    except tuple(known) as err:
+    except errors.QtlError as err:
         print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr, flush=True)
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
-        sys.exit(next(code for kind, code in known.items() if isinstance(err, kind)))
+        sys.exit(err.exit_code)
     if cfg.mode != Mode.train:
         return None
     from qtl.sweep.objective import job_return

@@ -46,6 +46,7 @@ from qtl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from qtl.data.records import DataError
 from qtl.progress import bar
 from qtl.utils import faults
+from qtl.utils.errors import Handled
 from qtl.utils.files import atomic_write_bytes, file_lock, write_json_atomic
 
 FORMAT = 1  # bump when the chunk layout or what the key covers changes
@@ -53,7 +54,7 @@ MAGIC = b"QTLF"
 _HEADER_MAX = 4096  # bytes of JSON header accepted before anything else is read
 
 
-class CorruptChunk(ValueError):
+class CorruptChunk(Handled, ValueError):
     """A chunk file that is not a whole, matching chunk of this split."""
 
 

@@ -27,6 +27,7 @@ from qtl.data.medmnist_info import (
     flag_info,
     medmnist_path,
 )
+from qtl.data.records import DataError
 
 
 # an extra key the synthetic generator writes (JSON); the real files never carry it
@@ -70,7 +71,7 @@ def open_medmnist(cfg: MedMNISTConfig) -> MedMNISTData:
     return load_medmnist(root, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
 
 
-class MedMNISTFormatError(ValueError):
+class MedMNISTFormatError(DataError):
     """A MedMNIST file that is not what its flag and size promise."""
 
     def __init__(self, path: Path | str, field: str, message: str):

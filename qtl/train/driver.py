@@ -20,6 +20,7 @@ from qtl.config import DataName, QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
+from qtl.utils.runlock import one_process_per_run
 
 
 def format_auroc_table(results: Results) -> str:
@@ -54,6 +55,7 @@ def format_scores(results: Results) -> str:
     return format_auroc_table(results)
 
 
+@one_process_per_run  # a second process on this run refuses (or waits): qtl.utils.runlock
 def train_and_evaluate(
     cfg: QtlConfig, run_dir: Path, *, weights: str | None = None, teacher: Any = None
 ) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+from qtl.utils.errors import EXIT_DIVERGED, QtlError
+
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -30,13 +32,15 @@ class TrainingInterrupted(SystemExit):
     """
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(QtlError, RuntimeError):
     """The loss, a gradient or a weight became NaN/Inf, or a rerun met a run recorded so.
 
     Nothing after the last good checkpoint was saved, and the run directory's failed.json
     says where it happened. (Here, next to :class:`TrainingInterrupted`, so the launcher
     can name both without importing the trainer.)
     """
+
+    exit_code = EXIT_DIVERGED
 
 
 class StopRequest:

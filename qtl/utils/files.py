@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qtl.utils.errors import EXIT_SAVE, QtlError
+
 _CAUSES = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -29,8 +31,12 @@ _CAUSES = {
 }
 
 
-class SaveError(RuntimeError):
-    """A checkpoint or record that could not be written; the message names where and why."""
+class SaveError(QtlError, RuntimeError):
+    """A checkpoint or record that could not be written; the message names where and why.
+
+    Fix the disk (space, permissions, mount) and rerun: the run resumes (exit 3)."""
+
+    exit_code = EXIT_SAVE
 
 
 def describe_os_error(code: int) -> str:

@@ -38,6 +38,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qtl.utils.errors import Handled
 from qtl.utils.files import atomic_write_bytes
 
 HERE = Path(__file__).parent
@@ -52,7 +53,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _MEMFDS: list[int] = []  # in-memory copies of the loaded libraries (see _dlopen)
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(Handled, RuntimeError):
     """The native kernel could not be built or loaded here."""
 
 
