@@ -267,7 +267,12 @@ def _read_index(cache: Any, key: str, n: int) -> SplitEntries | None:
         entries = SplitEntries(
             keys=list(payload["keys"]), bad={int(i): r for i, r in payload["bad"].items()}
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # never unpickled
+        warnings.warn(
+            f"ignoring cache {_where(cache, key)}: not qtl's index ({type(err).__name__}); "
+            "rebuilding it",
+            stacklevel=2,
+        )
         return None
     if len(entries.keys) != n:
         return None
@@ -300,7 +305,7 @@ def split_entries(
     if (found := complete()) is not None:
         return found
     # one builder at a time: the sweep's other jobs wait, then find the entries cached
-    with file_lock(Path(cache.directory) / ".build.lock"):
+    with file_lock(Path(cache.directory) / ".build.lock", optional=True):
         if (found := complete()) is not None:
             return found
         entries = fill(cache, split, prep, workers=workers, on_bad=on_bad, progress=progress)

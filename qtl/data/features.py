@@ -194,7 +194,9 @@ def features_for(
     if (found := _load(directory, parts)) is not None:
         return found
     directory.mkdir(parents=True, exist_ok=True)
-    with file_lock(directory / ".lock"):  # one filler; the sweep's other runs then read
+    with file_lock(
+        directory / ".lock", optional=True
+    ):  # one filler; the sweep's other runs then read
         if (found := _load(directory, parts)) is not None:
             return found
         images, bad = images_for()
