@@ -43,16 +43,13 @@ def main(cfg: DictConfig) -> float | None:
 def _input_errors_in_one_line() -> None:
     """Bad input that Hydra meets before any job runs - an override of the wrong type, an
     unknown group option, a sweeper setting qtl refuses - as one line and exit 2, like the
-    input errors of a job (``qtl.apps.run_job``). A job's own error in a multirun keeps
+    input errors of a job (``qtl.apps.one_line``). A job's own error in a multirun keeps
     Hydra's report (the sweep exits 1); HYDRA_FULL_ERROR=1 shows the whole traceback."""
     import sys
 
     import hydra._internal.utils as hydra_utils
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    from qtl.apps import run_job
-    from qtl.utils.errors import EXIT_INPUT, QtlError
+    from qtl.apps import one_line, run_job
 
     report = hydra_utils.run_and_report
 
@@ -68,13 +65,12 @@ def _input_errors_in_one_line() -> None:
         def call():
             try:
                 return func()
-            except (QtlError, HydraException, OmegaConfBaseException) as err:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1" or from_a_job(err):
+            except Exception as err:
+                known = one_line(err)
+                if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or from_a_job(err):
                     raise
-                cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
-                text = " ".join(f"{err} {cause or ''}".split())
-                print(f"\nqtl: {type(err).__name__}: {text}\n", file=sys.stderr, flush=True)
-                sys.exit(getattr(err, "exit_code", EXIT_INPUT))
+                print(f"\n{known[1]}\n", file=sys.stderr, flush=True)
+                sys.exit(known[0])
 
         return report(call)
 

@@ -51,6 +51,7 @@ from hydra_plugins.qtl_launchers._files import (
     write_private,
     write_signed,
 )
+from qtl.utils.errors import Handled
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ def _callback_states(hydra_context: HydraContext) -> list[dict[str, Any]]:
     return states
 
 
-class RemoteJobError(RuntimeError):
-    """An exception raised inside a gpu_pool job, carried back as text."""
+class RemoteJobError(Handled, RuntimeError):
+    """An exception raised inside a gpu_pool job, carried back as text: Hydra records it as
+    that job's failure (the sweep goes on and then exits 1), as for a job run in-process."""
 
     remote_traceback: str = ""
 

@@ -46,6 +46,24 @@ def dispatch(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
 EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = errors.EXIT_INPUT, errors.EXIT_SAVE, errors.EXIT_DIVERGED
 
 
+def one_line(err: BaseException) -> tuple[int, str] | None:
+    """The exit status and the one-line message of a known error: a :class:`QtlError`, or
+    Hydra's / OmegaConf's for a command whose config does not compose (a value of the wrong
+    type, an unknown option: bad input, exit 2). None for anything else (a bug: traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, errors.QtlError):
+        code = err.exit_code
+    elif isinstance(err, HydraException | OmegaConfBaseException):
+        code = EXIT_INPUT
+    else:
+        return None
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    text = " ".join(f"{err} {cause or ''}".split())  # OmegaConf's messages span lines
+    return code, f"qtl: {type(err).__name__}: {text}"
+
+
 def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     """What ``launch.py`` does for one job: validate, set up the process, dispatch.
 
@@ -64,10 +82,11 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         configure_jax(paths.jax_cache(cfg.paths))
         result = dispatch(cfg, run_dir)
     except errors.QtlError as err:
-        print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr, flush=True)
+        code, line = one_line(err) or (1, str(err))
+        print(f"\n{line}\n", file=sys.stderr, flush=True)
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
-        sys.exit(err.exit_code)
+        sys.exit(code)
     if cfg.mode != Mode.train:
         return None
     from qtl.sweep.objective import job_return

@@ -155,7 +155,19 @@ def _load(directory: Path, parts: dict[str, Any]) -> FeatureSet | None:
     manifest = _read_json(directory / "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("parts") != parts:
         return None
-    rows, width, chunk = manifest["rows"], manifest["width"], manifest["chunk"]
+    try:
+        rows, width, chunk = (int(manifest[k]) for k in ("rows", "width", "chunk"))
+        bad = {int(i): str(r) for i, r in manifest.get("bad", {}).items()}
+        stored = sum(int(x["bytes"]) for x in manifest["chunks"])
+        if min(rows, width, chunk) < 1:
+            raise ValueError("sizes below 1")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        warnings.warn(
+            f"feature cache {directory / 'manifest.json'} is damaged ({type(err).__name__}: "
+            f"{err}); recomputing the split",
+            stacklevel=2,
+        )
+        return None
     out = np.empty((rows, width), parts["dtype"])
     for c, (s, e) in enumerate(_bounds(rows, chunk)):
         try:
@@ -166,8 +178,6 @@ def _load(directory: Path, parts: dict[str, Any]) -> FeatureSet | None:
                 stacklevel=2,
             )
             return None
-    bad = {int(i): r for i, r in manifest.get("bad", {}).items()}
-    stored = sum(int(x["bytes"]) for x in manifest["chunks"])
     return FeatureSet(out, bad, directory, 0, rows, stored, manifest["chunks"])
 
 

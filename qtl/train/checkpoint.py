@@ -289,9 +289,8 @@ class Checkpoints:
         except Exception as err:  # noqa: BLE001 - the arrays' files: damaged
             raise _Damaged(epoch, err) from err
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
-        if len(leaves) != len(template_leaves) or any(
-            np.shape(a) != np.shape(t) for a, t in zip(leaves, template_leaves, strict=True)
-        ):
+        wanted = [abstract[k].shape for k in sorted(abstract)]
+        if [np.shape(a) for a in leaves] != wanted:
             raise _Damaged(epoch, ValueError("arrays missing or of the wrong shape"))
         leaves = [
             jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if _is_key(t) else leaf
