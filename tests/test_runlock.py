@@ -199,3 +199,22 @@ def test_two_launches_of_one_run(synth_root, tmp_path):
     assert "is gone; taking it over" in text and "resuming" in text
     assert (run_dir / "results.json").exists()
     assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_a_stop_signal_frees_the_run_before_the_process_ends(tmp_path):
+    """A preempted run leaves by its signal's default action (no ``finally`` runs): the lock
+    is released first, so a requeued job on another node need not wait for a stale heartbeat."""
+    code = (
+        "import os, signal, sys\n"
+        "from qtl.train.preempt import StopRequest\n"
+        "from qtl.utils.runlock import RunLock\n"
+        "RunLock(sys.argv[1]).acquire()\n"
+        "with StopRequest() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    stop.hand_over('test')\n"
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir)], env=env, capture_output=True)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert not (run_dir / LOCK_NAME).exists()

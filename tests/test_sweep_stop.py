@@ -20,7 +20,7 @@ from helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 6
+EPOCHS = 25  # long enough that no run ends while the test stops the sweep
 
 
 def _args(sweep: Path, synth_root: Path) -> list[str]:
@@ -75,16 +75,20 @@ def _start(sweep: Path, synth_root: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-def _when_both_trained(sweep: Path, proc: subprocess.Popen, epochs: int) -> None:
-    """Wait until both runs committed at least ``epochs`` epochs (and are still going)."""
+def _epochs(run: Path) -> int:
+    return len(read_metrics(run)) if (run / "metrics.jsonl").exists() else 0
+
+
+def _when_both_trained(
+    sweep: Path, proc: subprocess.Popen, before: dict[Path, int] | None = None
+) -> None:
+    """Wait until both runs committed an epoch more than ``before`` (and are still going)."""
     deadline = time.time() + 400
     while True:
         assert proc.poll() is None, "the sweep ended before it was stopped"
         assert time.time() < deadline, "the runs did not get going"
         dirs = _run_dirs(sweep)
-        if len(dirs) == 2 and all(
-            (d / "metrics.jsonl").exists() and len(read_metrics(d)) >= epochs for d in dirs
-        ):
+        if len(dirs) == 2 and all(_epochs(d) > (before or {}).get(d, 0) for d in dirs):
             return
         time.sleep(0.2)
 
@@ -106,7 +110,7 @@ def test_a_killed_pool_sweep_stops_its_jobs_and_the_rerun_resumes_them(synth_roo
         # SIGTERM to the launcher: it stops its jobs (they checkpoint) and leaves
         first = _start(sweep, synth_root, tmp_path)
         procs.append(first)
-        _when_both_trained(sweep, first, 1)
+        _when_both_trained(sweep, first)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=200) != 0
         _stopped(sweep, within=5)  # gone with the launcher, not orphaned
@@ -116,7 +120,7 @@ def test_a_killed_pool_sweep_stops_its_jobs_and_the_rerun_resumes_them(synth_roo
         # the rerun resumes them; SIGKILL to the launcher this time: the kernel stops the jobs
         second = _start(sweep, synth_root, tmp_path)
         procs.append(second)
-        _when_both_trained(sweep, second, max(at_first.values()) + 1)
+        _when_both_trained(sweep, second, at_first)
         second.send_signal(signal.SIGKILL)
         second.wait(timeout=60)
         _stopped(sweep, within=120)
@@ -183,7 +187,7 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
         text=True,
     )
     try:
-        _when_both_trained(sweep, first, 1)
+        _when_both_trained(sweep, first)
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=200)
         assert first.returncode != 0

@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from qtl.utils.errors import EXIT_DIVERGED, QtlError
+from qtl.utils.runlock import release_held
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -86,6 +87,7 @@ class StopRequest:
         previous = self._previous.get(signum, signal.SIG_DFL)
         self._restore()
         print(f"[qtl] checkpoint saved ({where}); stopping", file=sys.stderr, flush=True)
+        release_held()  # the run directory: free for the requeued job at once
         if callable(previous):
             previous(signum, None)  # submitit: `scontrol requeue` this job, then exit
         elif previous == signal.SIG_DFL:

@@ -169,6 +169,7 @@ class RunLock:
             if self._try_create():
                 self._beat = threading.Thread(target=self._heartbeat, daemon=True)
                 self._beat.start()
+                _HELD.add(self)
                 return
             found = read_holder(self.path)
             if found is None:
@@ -201,6 +202,7 @@ class RunLock:
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still ours."""
+        _HELD.discard(self)
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
@@ -208,6 +210,17 @@ class RunLock:
         if found is not None and found[0].token == self.me.token:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+
+
+_HELD: set[RunLock] = set()
+
+
+def release_held() -> None:
+    """Release every lock this process holds: for a process about to be ended by a signal
+    (no ``finally`` runs then), so the next holder - maybe on another node, where only a
+    stale heartbeat would free it - need not wait."""
+    for lock in list(_HELD):
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -245,4 +258,5 @@ __all__ = [
     "holder_alive",
     "one_process_per_run",
     "read_holder",
+    "release_held",
 ]
