@@ -62,7 +62,7 @@ def _logs(sweep: Path) -> str:
 
 
 def _run_dirs(sweep: Path) -> list[Path]:
-    return sorted(p.parent for p in sweep.rglob("run_config.json"))
+    return sorted(p.parent for p in sweep.glob("*/*/run_config.json"))  # <task-head>/<seed>
 
 
 def _start(sweep: Path, synth_root: Path, cwd: Path) -> subprocess.Popen:
