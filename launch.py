@@ -40,43 +40,8 @@ def main(cfg: DictConfig) -> float | None:
     )
 
 
-def _input_errors_in_one_line() -> None:
-    """Bad input that Hydra meets before any job runs - an override of the wrong type, an
-    unknown group option, a sweeper setting qtl refuses - as one line and exit 2, like the
-    input errors of a job (``qtl.apps.one_line``). A job's own error in a multirun keeps
-    Hydra's report (the sweep exits 1); HYDRA_FULL_ERROR=1 shows the whole traceback."""
-    import sys
-
-    import hydra._internal.utils as hydra_utils
-
-    from qtl.apps import one_line, run_job
-
-    report = hydra_utils.run_and_report
-
-    def from_a_job(err: BaseException) -> bool:
-        tb = err.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code is run_job.__code__:
-                return True
-            tb = tb.tb_next
-        return False
-
-    def guarded(func):
-        def call():
-            try:
-                return func()
-            except Exception as err:
-                known = one_line(err)
-                if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or from_a_job(err):
-                    raise
-                print(f"\n{known[1]}\n", file=sys.stderr, flush=True)
-                sys.exit(known[0])
-
-        return report(call)
-
-    hydra_utils.run_and_report = guarded
-
-
 if __name__ == "__main__":
-    _input_errors_in_one_line()
+    from qtl.apps import input_errors_in_one_line
+
+    input_errors_in_one_line()  # an override of the wrong type: one line, exit 2
     main()

@@ -92,3 +92,39 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     from qtl.sweep.objective import job_return
 
     return job_return(result, cfg.search)
+
+
+def input_errors_in_one_line() -> None:
+    """Bad input that Hydra meets before any job runs - an override of the wrong type, an
+    unknown group option, a sweeper setting qtl refuses - as one line and exit 2, like the
+    input errors of a job (:func:`one_line`), by wrapping Hydra's ``run_and_report`` (called
+    by ``launch.py`` before ``hydra.main`` runs). A job's own error in a multirun keeps
+    Hydra's report (the sweep exits 1); HYDRA_FULL_ERROR=1 shows the whole traceback."""
+    import os
+
+    import hydra._internal.utils as hydra_utils
+
+    report = hydra_utils.run_and_report
+
+    def from_a_job(err: BaseException) -> bool:
+        tb = err.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is run_job.__code__:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def guarded(func: Any) -> Any:
+        def call() -> Any:
+            try:
+                return func()
+            except Exception as err:
+                known = one_line(err)
+                if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or from_a_job(err):
+                    raise
+                print(f"\n{known[1]}\n", file=sys.stderr, flush=True)
+                sys.exit(known[0])
+
+        return report(call)
+
+    hydra_utils.run_and_report = guarded
