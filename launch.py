@@ -41,4 +41,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from qtl.apps import input_errors_in_one_line
+
+    input_errors_in_one_line()  # an override of the wrong type: one line, exit 2
     main()

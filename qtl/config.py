@@ -33,6 +33,8 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from qtl.utils.errors import QtlUserError
+
 
 class Mode(StrEnum):
     train = "train"  # train, evaluate the best checkpoint, write records
@@ -285,6 +287,7 @@ class TrainConfig:
     log_every: int = 10  # W&B train-loss logging period in steps
     best_by: BestBy = BestBy.val_loss  # best epoch and patience: val_loss | val_auc
     devices: Any = 1  # data-parallel devices of this process: an int or "all" (qtl.utils.mesh)
+    wait_for_lock: bool = False  # run dir in use by a live process: wait (true) or exit 2
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "optimizer",
@@ -301,7 +304,12 @@ class TrainConfig:
     # eval batches are per-row computations (eval-mode batch norm): the batch size only
     # changes how many rows share one call
     # devices: the same global batch on more devices is the same program (tests/test_devices.py)
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "log_every", "devices")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "eval_batch_size",
+        "log_every",
+        "devices",
+        "wait_for_lock",
+    )
 
 
 @dataclass
@@ -695,7 +703,7 @@ def register_configs(run_subdir: Callable[[Any], str]) -> None:
     OmegaConf.register_new_resolver("qtl_sweep_subdir", _sweep_subdir, replace=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(QtlUserError, ValueError):
     """A config value that cannot work; the message says which field and what to use."""
 
 

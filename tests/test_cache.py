@@ -4,16 +4,15 @@ and a warm path that never needs the original files."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import diskcache
 import numpy as np
 import pytest
 import zstandard
@@ -23,7 +22,7 @@ from safetensors.numpy import save as st_save
 
 from qtl.config import DataConfig, DataName, OnBadImage
 from qtl.data import cache as cache_mod
-from qtl.data.cache import ForeignEntry, Prep, cached_splits, index_key, open_cache
+from qtl.data.cache import Prep, cached_splits, index_key, open_cache
 from qtl.data.codec import CorruptEntry, decode, encode
 from qtl.data.preprocess import load_gray, preprocess
 from qtl.data.records import DataError
@@ -170,8 +169,7 @@ def test_foreign_encodings_are_refused_before_decoding():
 
 
 class _Payload:
-    """Unpickling this writes the file ``path`` (a large pickle: diskcache keeps it in a file
-    of its own, not in the database): proof that a pickle was loaded."""
+    """Unpickling this writes the file ``path``: proof that a pickle was loaded."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -180,47 +178,63 @@ class _Payload:
         return (Path.write_text, (self.path, "x" * 40_000))
 
 
-def test_pickled_cache_entries_are_never_unpickled(dataset, tmp_path):
+def test_planted_pickles_are_never_unpickled(dataset, tmp_path):
+    """Entry files replaced by pickles (a planted cache): refused by the codec's header
+    checks, named in a warning and rebuilt; with the source gone, a DataError."""
     root = _copy(dataset, tmp_path)
     cfg = _data(root, tmp_path / "cache")
     splits = {"val": load_splits(cfg, CXR8)["val"]}
     images = cached_splits(cfg, splits).images["val"]
     expected = _expected(splits["val"])
-    # entries planted with diskcache's default storage, which pickles objects
-    plain = diskcache.Cache(str(tmp_path / "cache"))
+    cache = open_cache(tmp_path / "cache")
     marks = [tmp_path / f"pwned{i}" for i in range(4)]
-    plain.set(images.keys[1], _Payload(marks[0]))  # a file-stored pickle
-    plain.set(images.keys[2], {"small": "pickle"})  # one inside the SQLite database
-    plain.set(index_key(Prep.of(cfg), splits["val"]), _Payload(marks[1]))
-    plain.close()
+    index = index_key(Prep.of(cfg), splits["val"])
+    cache.path(images.keys[1]).write_bytes(pickle.dumps(_Payload(marks[0])))
+    cache.path(images.keys[2]).write_bytes(pickle.dumps({"small": "pickle"}))
+    cache.path(index).write_bytes(pickle.dumps(_Payload(marks[1])))
 
-    db = tmp_path / "cache" / "cache.db"
     with pytest.warns(UserWarning) as caught:
         again = cached_splits(cfg, splits).images["val"]  # the pickled index: rebuilt
         np.testing.assert_array_equal(again[np.arange(len(expected))], expected)
     text = "\n".join(str(w.message) for w in caught)
-    for key in (images.keys[1], images.keys[2], "index:"):
-        assert key in text
-    assert str(db) in text and "stored as a pickle, not raw bytes" in text
+    for key in (images.keys[1], images.keys[2], index):
+        assert key in text and str(cache.path(key)) in text
+    assert "not a zstd frame" in text and "not qtl's index" in text
     assert not any(m.exists() for m in marks)
-    cache = open_cache(tmp_path / "cache")
     for i in (1, 2):  # overwritten with qtl's own encoding
         np.testing.assert_array_equal(decode(cache.get(images.keys[i])), expected[i])
 
-    plain = diskcache.Cache(str(tmp_path / "cache"))
-    plain.set(images.keys[3], _Payload(marks[2]))
-    plain.close()
+    cache.path(images.keys[3]).write_bytes(pickle.dumps(_Payload(marks[2])))
     splits["val"].paths[3].unlink()  # and its source gone: a clear error, nothing loaded
-    with pytest.raises(DataError, match=f"{images.keys[3]}.*cache.db.*stored as a pickle"):
+    with pytest.raises(DataError, match=f"{images.keys[3]}.*entries.*not a zstd frame"):
         images.read(3)
     assert not marks[2].exists()
     with pytest.raises(TypeError, match="values are bytes"):  # and qtl never pickles one
-        cache.set("img:x", {"not": "bytes"})
-    plain = diskcache.Cache(str(tmp_path / "cache"))
-    plain.set(("a", "pickled", "key"), b"")
-    plain.close()
-    with pytest.raises(ForeignEntry, match="pickled key"):
-        list(open_cache(tmp_path / "cache"))
+        cache.set("img:" + "0" * 40, {"not": "bytes"})
+    for key in ("img:../../../etc/passwd", "img:" + "0" * 40 + "/x", ("a", "tuple"), "other:00"):
+        with pytest.raises(ValueError, match="not a qtl image-cache key"):
+            cache.path(key)  # type: ignore[arg-type]
+
+
+def test_an_older_sqlite_cache_is_left_alone_and_rebuilt(dataset, tmp_path, capsys):
+    """A cache directory of the diskcache layout: never opened (no SQLite over a shared
+    filesystem), its images built again into the file layout, and the space it holds named."""
+    root = _copy(dataset, tmp_path)
+    directory = tmp_path / "cache"
+    (directory / "a1" / "b2").mkdir(parents=True)
+    (directory / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 4080)
+    (directory / "a1" / "b2" / "x.val").write_bytes(b"\x00" * (2 << 20))
+    cfg = _data(root, directory)
+    splits = {"val": load_splits(cfg, CXR8)["val"]}
+    data = cached_splits(cfg, splits)
+    assert data.built == len(splits["val"]) and data.cached == 0
+    out = capsys.readouterr().out
+    assert f"{directory / 'cache.db'} is the image cache of an older qtl" in out
+    assert "free 2 MiB" in out
+    assert (directory / "cache.db").read_bytes().startswith(b"SQLite format 3")  # untouched
+    np.testing.assert_array_equal(
+        data.images["val"][np.arange(len(splits["val"]))], _expected(splits["val"])
+    )
 
 
 def _break(root: Path) -> tuple[str, str]:
@@ -269,14 +283,7 @@ def test_bad_images_fail_with_the_list_or_are_skipped(dataset, tmp_path):
 
 def _entries(directory: Path) -> int:
     """Committed image entries, read without writing (the build may be running)."""
-    db = directory / "cache.db"
-    if not db.exists():
-        return 0
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-    try:
-        return con.execute("SELECT COUNT(*) FROM Cache WHERE key LIKE 'img:%'").fetchone()[0]
-    finally:
-        con.close()
+    return sum(1 for p in (directory / "entries" / "img").glob("*/*") if not p.name.startswith("."))
 
 
 @pytest.mark.slow
@@ -305,12 +312,9 @@ def test_killed_build_resumes_and_serves_whole_entries(tmp_path):
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        try:
-            if _entries(cache) >= 10:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        except sqlite3.Error:  # the database is being created right now
-            pass
+        if _entries(cache) >= 10:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"

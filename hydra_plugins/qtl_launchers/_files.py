@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qtl.utils.errors import QtlUserError
+
 JOB = "qtl-gpu-pool-job"
 RESULT = "qtl-gpu-pool-result"
 VERSION = 1
@@ -45,7 +47,7 @@ RESULT_FIELDS: dict[str, Any] = {
 }
 
 
-class JobFileError(RuntimeError):
+class JobFileError(QtlUserError, RuntimeError):
     """A job or result file that is not what this launcher wrote for this job."""
 
 

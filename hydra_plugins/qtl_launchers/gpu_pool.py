@@ -51,6 +51,7 @@ from hydra_plugins.qtl_launchers._files import (
     write_private,
     write_signed,
 )
+from qtl.utils.errors import Handled
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,32 @@ def make_slots(
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM to the launcher: stop the jobs as for Ctrl-C (they checkpoint first)."""
+    """SIGTERM (or SIGHUP: the terminal or SSH session closed) to the launcher: stop the jobs
+    as for Ctrl-C (they checkpoint first)."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_launcher(launcher: int):  # -> a preexec_fn for Popen
+    """In the job, before it runs: SIGTERM when the launcher dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so a killed sweep never leaves jobs training on; SIGTERM makes them
+    checkpoint and leave, and the rerun resumes them."""
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: the launcher's own stop still works
+            return
+        if os.getppid() != launcher:  # it died before the line above armed the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def task_reference(task_function: TaskFunction) -> dict[str, Any]:
@@ -225,8 +250,9 @@ def _callback_states(hydra_context: HydraContext) -> list[dict[str, Any]]:
     return states
 
 
-class RemoteJobError(RuntimeError):
-    """An exception raised inside a gpu_pool job, carried back as text."""
+class RemoteJobError(Handled, RuntimeError):
+    """An exception raised inside a gpu_pool job, carried back as text: Hydra records it as
+    that job's failure (the sweep goes on and then exits 1), as for a job run in-process."""
 
     remote_traceback: str = ""
 
@@ -304,7 +330,7 @@ class GpuPoolLauncher(Launcher):
         free = deque(slots)
         running: list[_Running] = []
         results: dict[int, JobReturn] = {}
-        previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {s: signal.signal(s, _raise_interrupt) for s in _STOP_SIGNALS}
         try:
             while pending or running:
                 while pending and free:
@@ -322,7 +348,8 @@ class GpuPoolLauncher(Launcher):
             self._stop(running, float(p.get("stop_grace_s", 60.0)))
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous_term)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         return [results[i] for i in sorted(results)]
 
     def _start(
@@ -382,6 +409,7 @@ class GpuPoolLauncher(Launcher):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops jobs cleanly
+                preexec_fn=_die_with_launcher(os.getpid()),
             )
         assert proc.stdin is not None
         try:  # the key travels over a pipe: in no file, in no environment

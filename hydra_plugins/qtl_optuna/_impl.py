@@ -44,6 +44,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from qtl.sweep.objective import finite
+from qtl.utils.errors import QtlUserError
 from qtl.utils.files import write_json_atomic
 
 from ._space import describe, grid_choices, parse, suggest
@@ -62,7 +63,7 @@ IDENTITY = "qtl_identity"  # study attribute: the config every trial shares
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class SearchError(RuntimeError):
+class SearchError(QtlUserError, RuntimeError):
     """A search that cannot start or continue; the message says why and what to do."""
 
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qtl.config import ConfigError, Mode, QtlConfig, to_schema
+from qtl.config import Mode, QtlConfig, to_schema
+from qtl.utils import errors
 
 APPS: dict[Mode, str] = {
     Mode.train: "qtl.apps.train",
@@ -38,26 +39,29 @@ def dispatch(cfg: QtlConfig, run_dir: Path | None = None) -> Any:
     return importlib.import_module(APPS[cfg.mode]).main(cfg, run_dir)
 
 
-# Exit status of a single run that stopped on a known cause (a sweep exits 1 instead):
-# 2 bad input (fix the command, data or config), 3 a checkpoint or record could not be
-# written (fix the disk, rerun to resume), 4 training diverged (recorded in failed.json).
-EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = 2, 3, 4
+# Exit status of a single run that stopped on a known cause (a sweep exits 1 instead): each
+# error class names its own (qtl.utils.errors): 2 bad input (fix the command, data or
+# config), 3 a checkpoint or record could not be written (fix the disk, rerun to resume), 4
+# training diverged (recorded in failed.json).
+EXIT_INPUT, EXIT_SAVE, EXIT_DIVERGED = errors.EXIT_INPUT, errors.EXIT_SAVE, errors.EXIT_DIVERGED
 
 
-def _user_errors() -> dict[type[BaseException], int]:
-    """Errors that are a researcher's to fix (one message, no traceback) -> exit status."""
-    from qtl.data.records import DataError
-    from qtl.record.files import SaveError
-    from qtl.train.checkpoint import CheckpointError
-    from qtl.train.preempt import TrainingDiverged
+def one_line(err: BaseException) -> tuple[int, str] | None:
+    """The exit status and the one-line message of a known error: a :class:`QtlError`, or
+    Hydra's / OmegaConf's for a command whose config does not compose (a value of the wrong
+    type, an unknown option: bad input, exit 2). None for anything else (a bug: traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    return {
-        ConfigError: EXIT_INPUT,
-        DataError: EXIT_INPUT,
-        CheckpointError: EXIT_INPUT,
-        SaveError: EXIT_SAVE,
-        TrainingDiverged: EXIT_DIVERGED,
-    }
+    if isinstance(err, errors.QtlError):
+        code = err.exit_code
+    elif isinstance(err, HydraException | OmegaConfBaseException):
+        code = EXIT_INPUT
+    else:
+        return None
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    text = " ".join(f"{err} {cause or ''}".split())  # OmegaConf's messages span lines
+    return code, f"qtl: {type(err).__name__}: {text}"
 
 
 def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
@@ -72,19 +76,55 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
     from qtl.runtime import configure_jax
     from qtl.utils import paths
 
-    known = _user_errors()
     try:
         cfg = to_schema(raw)
         paths.export(cfg.paths)
         configure_jax(paths.jax_cache(cfg.paths))
         result = dispatch(cfg, run_dir)
-    except tuple(known) as err:
-        print(f"\nqtl: {type(err).__name__}: {err}\n", file=sys.stderr, flush=True)
+    except errors.QtlError as err:
+        code, line = one_line(err) or (1, str(err))
+        print(f"\n{line}\n", file=sys.stderr, flush=True)
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
-        sys.exit(next(code for kind, code in known.items() if isinstance(err, kind)))
+        sys.exit(code)
     if cfg.mode != Mode.train:
         return None
     from qtl.sweep.objective import job_return
 
     return job_return(result, cfg.search)
+
+
+def input_errors_in_one_line() -> None:
+    """Bad input that Hydra meets before any job runs - an override of the wrong type, an
+    unknown group option, a sweeper setting qtl refuses - as one line and exit 2, like the
+    input errors of a job (:func:`one_line`), by wrapping Hydra's ``run_and_report`` (called
+    by ``launch.py`` before ``hydra.main`` runs). A job's own error in a multirun keeps
+    Hydra's report (the sweep exits 1); HYDRA_FULL_ERROR=1 shows the whole traceback."""
+    import os
+
+    import hydra._internal.utils as hydra_utils
+
+    report = hydra_utils.run_and_report
+
+    def from_a_job(err: BaseException) -> bool:
+        tb = err.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is run_job.__code__:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def guarded(func: Any) -> Any:
+        def call() -> Any:
+            try:
+                return func()
+            except Exception as err:
+                known = one_line(err)
+                if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or from_a_job(err):
+                    raise
+                print(f"\n{known[1]}\n", file=sys.stderr, flush=True)
+                sys.exit(known[0])
+
+        return report(call)
+
+    hydra_utils.run_and_report = guarded

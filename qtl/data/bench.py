@@ -177,7 +177,7 @@ def bench_data(cfg: QtlConfig, run_dir: Path | None) -> dict[str, Any]:
             aug[t] = _stream(images, split.labels, b.batch_size, b.warm_epochs, transform=host)
             first = images[np.arange(b.batch_size)]
     device_aug = _device_augment(first, cfg)
-    cache.close()  # checkpoints SQLite's write-ahead log into the database file
+    cache.close()
     disk_bytes = _dir_bytes(cache_path)
 
     result = {

@@ -1,7 +1,9 @@
 """The persistent preprocessed-image cache: decode + resize + crop each image once, ever.
 
-Layout: one diskcache directory (SQLite index; values under 32 KB live inside it), shared by
-every run and seed. Two kinds of entries:
+Layout: one file per entry (:class:`qtl.data.store.FileStore`: written under a temporary
+name and renamed, so every node of a cluster may fill one cache on a shared filesystem at
+once - no database, no lock on the hot path), shared by every run and seed. Two kinds of
+entries:
 
 * ``img:<hash>`` -> one encoded crop (:mod:`qtl.data.codec`). The hash covers the source file
   identity (absolute path, size, mtime in ns) and every preprocessing setting, so changing
@@ -14,17 +16,16 @@ every run and seed. Two kinds of entries:
   so runs keep working with the sources moved away. ``mode=cache`` always re-checks every
   source file and rewrites the index; that is how an image replaced in place is picked up.
 
-Every entry is written in one diskcache transaction after the image is fully encoded, so a
-killed build leaves whole entries or none; the zstd checksum catches damage on read, and a
-damaged entry is rebuilt from its source file (or reported when that is gone).
+Every entry is renamed into place after the image is fully encoded, so a killed build leaves
+whole entries or none; the zstd checksum catches damage on read, and a damaged entry is
+rebuilt from its source file (or reported when that is gone).
 
-Nothing read from the cache is ever unpickled: diskcache pickles any value that is not
-bytes/str/number (and any such key) and unpickles it on read, which would run whatever code
-a planted entry names. :class:`RawDisk` stores str keys and bytes values only, and refuses
-any other stored form on read; with the codec's own header check, an entry that is not
-qtl's encoding is treated like a damaged one: a warning naming the cache file and key, then
-rebuilt from the source image (so the foreign entry is overwritten, and a run does not die
-for a cache entry while the original is at hand) or, with the source gone, a DataError.
+Nothing read from the cache is ever unpickled: entries are bytes, and the codec's header
+checks refuse anything that is not qtl's encoding (a planted pickle included) before it is
+decoded: a warning naming the entry's file, then rebuilt from the source image or, with the
+source gone, a DataError. A cache directory written by an older qtl (a diskcache SQLite
+database, ``cache.db``) is not read: its images are built again into the new layout, once,
+and a note says how much space deleting the old database frees.
 """
 
 from __future__ import annotations
@@ -39,14 +40,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import diskcache
 import numpy as np
-from diskcache.core import DBNAME, MODE_BINARY, MODE_PICKLE, MODE_RAW, MODE_TEXT
 
 from qtl.config import DataConfig, OnBadImage, QtlConfig
 from qtl.data.codec import FILTER, CorruptEntry, decode, encode
 from qtl.data.preprocess import load_gray, preprocess
 from qtl.data.records import DataError, Split
+from qtl.data.store import LAYOUT, OLD_DATABASE, FileStore
 from qtl.progress import bar
 from qtl.utils.files import file_lock
 
@@ -65,67 +65,39 @@ def workers_for(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
-class ForeignEntry(CorruptEntry):
-    """A cache entry stored in a form qtl never writes (a pickle, text, a number)."""
+def open_cache(directory: Path | str) -> FileStore:
+    """The image cache at ``directory`` (created if needed); never evicts (a full NIH cache
+    is ~2.5 GB)."""
+    store = FileStore(directory)
+    _note_old_database(Path(directory))
+    return store
 
 
-_MODES = {MODE_PICKLE: "a pickle", MODE_TEXT: "text", MODE_RAW: "a str or number"}
+_NOTED: set[Path] = set()
 
 
-class RawDisk(diskcache.Disk):
-    """diskcache storage of str keys and bytes values, as they are: nothing is pickled on
-    write, and a stored pickle (or any other form) is refused on read, unread."""
-
-    def put(self, key: Any) -> tuple[Any, bool]:
-        if type(key) is not str:
-            raise TypeError(f"qtl's cache keys are str, not {type(key).__name__}")
-        return super().put(key)
-
-    def get(self, key: Any, raw: bool) -> Any:
-        if not raw:
-            raise ForeignEntry("the cache holds a pickled key, which qtl never writes")
-        return super().get(key, raw)
-
-    def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
-        if type(value) is not bytes:
-            raise TypeError(f"qtl's cache values are bytes, not {type(value).__name__}")
-        return super().store(value, read, key)
-
-    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
-        if mode == MODE_RAW and isinstance(value, bytes):
-            return value
-        if mode == MODE_BINARY and self._inside(filename):
-            return super().fetch(mode, filename, value, read)
-        if mode == MODE_BINARY:
-            raise ForeignEntry(f"the entry points at a file outside the cache: {filename!r}")
-        raise ForeignEntry(f"stored as {_MODES.get(mode, f'mode {mode}')}, not raw bytes")
-
-    def remove(self, file_path: str) -> None:
-        if self._inside(file_path):  # a planted row must not make an overwrite delete files
-            super().remove(file_path)
-
-    def _inside(self, filename: str | None) -> bool:
-        if not filename or os.path.isabs(filename):
-            return False
-        root = os.path.realpath(self._directory)
-        return os.path.realpath(os.path.join(root, filename)).startswith(root + os.sep)
-
-
-def open_cache(directory: Path | str) -> Any:
-    """The diskcache at ``directory``; never evicts (a full NIH cache is ~2.5 GB)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return diskcache.Cache(
-        str(directory),
-        size_limit=2**62,
-        eviction_policy="none",
-        cull_limit=0,
-        statistics=False,
-        disk=RawDisk,
+def _note_old_database(directory: Path) -> None:
+    """Once per process: the old layout's database is left alone, and what deleting frees."""
+    old = directory / OLD_DATABASE
+    if directory in _NOTED or not old.exists():
+        return
+    _NOTED.add(directory)
+    size = sum(
+        p.stat().st_size
+        for p in directory.rglob("*")
+        if p.is_file() and LAYOUT not in p.relative_to(directory).parts
+    )
+    print(
+        f"[qtl] note: {old} is the image cache of an older qtl (a SQLite database, unsafe on "
+        "shared filesystems); it is no longer read, and its images are built again into "
+        f"{directory / LAYOUT}. Delete {old} and the numbered folders beside it to free "
+        f"{size / 2**20:.0f} MiB.",
+        flush=True,
     )
 
 
-def _where(cache: Any, key: str) -> str:
-    return f"entry {key!r} of {Path(cache.directory) / DBNAME}"
+def _where(cache: FileStore, key: str) -> str:
+    return f"entry {key!r} ({cache.path(key)})"
 
 
 @dataclass(frozen=True)
@@ -287,11 +259,7 @@ def _write_index(cache: Any, key: str, entries: SplitEntries) -> None:
 
 
 def _read_index(cache: Any, key: str, n: int) -> SplitEntries | None:
-    try:
-        raw = cache.get(key)
-    except ForeignEntry as err:  # rebuilt from the sources, like a missing index
-        warnings.warn(f"ignoring cache {_where(cache, key)}: {err}; rebuilding it", stacklevel=2)
-        return None
+    raw = cache.get(key)
     if raw is None:
         return None
     try:
@@ -299,7 +267,12 @@ def _read_index(cache: Any, key: str, n: int) -> SplitEntries | None:
         entries = SplitEntries(
             keys=list(payload["keys"]), bad={int(i): r for i, r in payload["bad"].items()}
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # never unpickled
+        warnings.warn(
+            f"ignoring cache {_where(cache, key)}: not qtl's index ({type(err).__name__}); "
+            "rebuilding it",
+            stacklevel=2,
+        )
         return None
     if len(entries.keys) != n:
         return None
@@ -332,7 +305,7 @@ def split_entries(
     if (found := complete()) is not None:
         return found
     # one builder at a time: the sweep's other jobs wait, then find the entries cached
-    with file_lock(Path(cache.directory) / ".build.lock"):
+    with file_lock(Path(cache.directory) / ".build.lock", optional=True):
         if (found := complete()) is not None:
             return found
         entries = fill(cache, split, prep, workers=workers, on_bad=on_bad, progress=progress)
@@ -343,7 +316,7 @@ def split_entries(
 class CachedImages:
     """Array-like (N, H, W) uint8 view of cached images: ``images[idx]`` reads a batch.
 
-    Reads and decompression run in a thread pool (SQLite and zstd release the GIL); what
+    Reads and decompression run in a thread pool (file reads and zstd release the GIL); what
     the loader needs is only ``len()`` and fancy indexing, as with an in-memory array.
     """
 
@@ -374,7 +347,7 @@ class CachedImages:
                 if image.shape == self.shape[1:]:
                     return image
                 reason = f"of shape {image.shape}, not {self.shape[1:]}"
-        except CorruptEntry as err:  # ForeignEntry too: never unpickled, never decoded
+        except CorruptEntry as err:  # anything not qtl's encoding: never decoded
             reason = str(err)
         return self._rebuild(i, reason)
 

@@ -22,6 +22,8 @@ import numpy as np
 import zstandard
 from safetensors.numpy import save as st_save
 
+from qtl.utils.errors import Handled
+
 FILTER = "up"  # the row-delta filter; recorded in every entry
 _LEVEL = 1  # zstd level: with the filter, higher levels gain < 3% and encode 2-10x slower
 _MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame
@@ -40,7 +42,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-class CorruptEntry(ValueError):
+class CorruptEntry(Handled, ValueError):
     """A cached value that does not decode to a valid image (damaged or foreign)."""
 
 

@@ -46,6 +46,7 @@ from qtl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from qtl.data.records import DataError
 from qtl.progress import bar
 from qtl.utils import faults
+from qtl.utils.errors import Handled
 from qtl.utils.files import atomic_write_bytes, file_lock, write_json_atomic
 
 FORMAT = 1  # bump when the chunk layout or what the key covers changes
@@ -53,7 +54,7 @@ MAGIC = b"QTLF"
 _HEADER_MAX = 4096  # bytes of JSON header accepted before anything else is read
 
 
-class CorruptChunk(ValueError):
+class CorruptChunk(Handled, ValueError):
     """A chunk file that is not a whole, matching chunk of this split."""
 
 
@@ -154,7 +155,19 @@ def _load(directory: Path, parts: dict[str, Any]) -> FeatureSet | None:
     manifest = _read_json(directory / "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("parts") != parts:
         return None
-    rows, width, chunk = manifest["rows"], manifest["width"], manifest["chunk"]
+    try:
+        rows, width, chunk = (int(manifest[k]) for k in ("rows", "width", "chunk"))
+        bad = {int(i): str(r) for i, r in manifest.get("bad", {}).items()}
+        stored = sum(int(x["bytes"]) for x in manifest["chunks"])
+        if min(rows, width, chunk) < 1:
+            raise ValueError("sizes below 1")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        warnings.warn(
+            f"feature cache {directory / 'manifest.json'} is damaged ({type(err).__name__}: "
+            f"{err}); recomputing the split",
+            stacklevel=2,
+        )
+        return None
     out = np.empty((rows, width), parts["dtype"])
     for c, (s, e) in enumerate(_bounds(rows, chunk)):
         try:
@@ -165,8 +178,6 @@ def _load(directory: Path, parts: dict[str, Any]) -> FeatureSet | None:
                 stacklevel=2,
             )
             return None
-    bad = {int(i): r for i, r in manifest.get("bad", {}).items()}
-    stored = sum(int(x["bytes"]) for x in manifest["chunks"])
     return FeatureSet(out, bad, directory, 0, rows, stored, manifest["chunks"])
 
 
@@ -193,7 +204,9 @@ def features_for(
     if (found := _load(directory, parts)) is not None:
         return found
     directory.mkdir(parents=True, exist_ok=True)
-    with file_lock(directory / ".lock"):  # one filler; the sweep's other runs then read
+    with file_lock(
+        directory / ".lock", optional=True
+    ):  # one filler; the sweep's other runs then read
         if (found := _load(directory, parts)) is not None:
             return found
         images, bad = images_for()

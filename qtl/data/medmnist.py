@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from qtl.data.medmnist_info import (
     flag_info,
     medmnist_path,
 )
+from qtl.data.records import DataError
 
 
 # an extra key the synthetic generator writes (JSON); the real files never carry it
@@ -70,7 +73,11 @@ def open_medmnist(cfg: MedMNISTConfig) -> MedMNISTData:
     return load_medmnist(root, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
 
 
-class MedMNISTFormatError(ValueError):
+class MedMNISTMissing(DataError, FileNotFoundError):
+    """No MedMNIST file where the config points (a user error that is also a missing file)."""
+
+
+class MedMNISTFormatError(DataError):
     """A MedMNIST file that is not what its flag and size promise."""
 
     def __init__(self, path: Path | str, field: str, message: str):
@@ -114,7 +121,7 @@ def load_medmnist(
     """
     path = medmnist_path(root, flag, size)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MedMNISTMissing(
             f"{path}: no such MedMNIST file (expected {file_name(flag, size)} in {root}); "
             "downloads are not done by qtl: copy the file there, or write a synthetic one with "
             f"`python -m qtl.data.medmnist_synthetic --root {root} --flag {flag} --size {size}`"
@@ -131,13 +138,14 @@ def read_npz(
     file_name(flag, size)  # validates size
     try:
         npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise MedMNISTFormatError(path, "file", f"not a readable .npz archive ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = f"{err}" if str(err) else type(err).__name__
+        raise MedMNISTFormatError(path, "file", f"not a readable .npz archive ({reason})") from None
     with npz:
         keys = set(npz.files)
         synthetic = None
         if SYNTHETIC_KEY in keys:
-            synthetic = json.loads(str(npz[SYNTHETIC_KEY]))
+            synthetic = _json_field(path, npz)
         if check_split_sizes is None:
             check_split_sizes = synthetic is None
         splits = {}
@@ -149,8 +157,10 @@ def read_npz(
                         f"{split}_{kind}",
                         f"missing (the file has: {', '.join(sorted(keys)) or 'nothing'})",
                     )
-            images = _check_images(path, f"{split}_images", npz[f"{split}_images"], info, size)
-            labels = _check_labels(path, f"{split}_labels", npz[f"{split}_labels"], info)
+            images = _check_images(path, f"{split}_images", _field(path, npz, f"{split}_images"),
+                                   info, size)  # fmt: skip
+            labels = _check_labels(path, f"{split}_labels", _field(path, npz, f"{split}_labels"),
+                                   info)  # fmt: skip
             if labels.shape[0] != images.shape[0]:
                 raise MedMNISTFormatError(
                     path,
@@ -167,6 +177,24 @@ def read_npz(
                 )
             splits[split] = Split(images, labels)
     return MedMNISTData(info, size, path, splits, synthetic)
+
+
+def _field(path: Path, npz: Any, name: str) -> np.ndarray:
+    """One array of the archive; a member cut short or damaged names its field."""
+    try:
+        return npz[name]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise MedMNISTFormatError(path, name, f"unreadable ({type(err).__name__}: {err})") from None
+
+
+def _json_field(path: Path, npz: Any) -> dict:
+    try:
+        value = json.loads(str(_field(path, npz, SYNTHETIC_KEY)))
+    except ValueError as err:
+        raise MedMNISTFormatError(path, SYNTHETIC_KEY, f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise MedMNISTFormatError(path, SYNTHETIC_KEY, "not a JSON object")
+    return value
 
 
 def _check_images(path: Path, field: str, a: np.ndarray, info: FlagInfo, size: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -123,7 +124,7 @@ def ensure_synthetic(
                     return path  # a real file: never overwrite it
                 if json.loads(str(npz[SYNTHETIC_KEY])) == json.loads(json.dumps(wanted)):
                     return path
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             pass  # unreadable: rewrite
     return write_synthetic(root, flag, size, sizes=sizes, seed=seed, noise=noise)
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qtl.utils.errors import QtlUserError
 
-class DataError(ValueError):
+
+class DataError(QtlUserError, ValueError):
     """Bad or missing data; the message names the file/field and what was expected."""
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, replace
 
-from qtl.config import ModelConfig
+from qtl.config import ConfigError, ModelConfig
 from qtl.quantum.layer import QuantumLayerConfig, validate_quantum
 
 PROJECTIONS = ("q", "k", "v", "o", "mlp")  # o: attention output; mlp: the MLP's middle layer
@@ -41,28 +41,28 @@ def validate_vit(cfg: ViTConfig) -> None:
     """Field errors at build time (the schema may not run __post_init__)."""
     for name in ("hidden_size", "num_heads", "num_blocks", "mlp_size", "patch_size"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"model.{name}={getattr(cfg, name)}, expected >= 1")
+            raise ConfigError(f"model.{name}={getattr(cfg, name)}, expected >= 1")
     if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(
+        raise ConfigError(
             f"model.hidden_size={cfg.hidden_size} does not divide into "
             f"model.num_heads={cfg.num_heads} heads"
         )
     if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"model.dropout={cfg.dropout}, expected a rate in [0, 1)")
+        raise ConfigError(f"model.dropout={cfg.dropout}, expected a rate in [0, 1)")
     if cfg.pool not in POOLS:
-        raise ValueError(f"model.pool='{cfg.pool}' is not one of: {', '.join(POOLS)}")
+        raise ConfigError(f"model.pool='{cfg.pool}' is not one of: {', '.join(POOLS)}")
     for key, value in (("quantum", cfg.quantum), ("match_params_of", cfg.match_params_of or [])):
         bad = [p for p in value if p not in PROJECTIONS]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"model.{key}: {bad} not among the projections: {', '.join(PROJECTIONS)}"
             )
     if cfg.quantum:
         validate_quantum(cfg.circuit)
         if cfg.hidden_size < 2 and set(cfg.quantum) & {"q", "k", "v", "o"}:
-            raise ValueError("model.hidden_size must be >= 2 for quantum attention (qubits)")
+            raise ConfigError("model.hidden_size must be >= 2 for quantum attention (qubits)")
         if cfg.mlp_size < 2 and "mlp" in cfg.quantum:
-            raise ValueError("model.mlp_size must be >= 2 for a quantum MLP layer (qubits)")
+            raise ConfigError("model.mlp_size must be >= 2 for a quantum MLP layer (qubits)")
 
 
 def qvit_preset() -> ViTConfig:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pennylane as qml
 
+from qtl.config import ConfigError
+
 # default.qubit asks for complex128 and JAX (x64 off) uses complex64: expected, not actionable.
 warnings.filterwarnings("ignore", message="Explicitly requested dtype complex128")
 
@@ -171,4 +173,4 @@ def init_theta(key: jax.Array, shape: tuple[int, ...], scheme: str) -> jax.Array
         return 2 * jnp.pi * jax.random.normal(key, shape, jnp.float32)
     if scheme == "uniform":
         return jax.random.uniform(key, shape, jnp.float32, 0.0, 2 * jnp.pi)
-    raise ValueError(f"head.theta_init='{scheme}' is not one of: normal, uniform")
+    raise ConfigError(f"head.theta_init='{scheme}' is not one of: normal, uniform")

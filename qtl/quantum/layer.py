@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qtl.config import ConfigError
 from qtl.quantum.circuit import (
     ALL_ENTANGLERS,
     ENCODINGS,
@@ -57,9 +58,9 @@ def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> N
     for name, allowed in checks:
         value = getattr(cfg, name)
         if value not in allowed:
-            raise ValueError(f"{where}.{name}='{value}' is not one of: {', '.join(allowed)}")
+            raise ConfigError(f"{where}.{name}='{value}' is not one of: {', '.join(allowed)}")
     if cfg.layers < 1:
-        raise ValueError(f"{where}.layers={cfg.layers}, expected >= 1")
+        raise ConfigError(f"{where}.layers={cfg.layers}, expected >= 1")
 
 
 def layer_spec(cfg: QuantumLayerConfig, wires: int) -> CircuitSpec:
@@ -98,7 +99,7 @@ def init_weights(key: jax.Array, shape: tuple[int, ...], scheme: str) -> jax.Arr
         return 2 * jnp.pi * jax.random.normal(key, shape, jnp.float32)
     if scheme == "uniform_2pi":
         return jax.random.uniform(key, shape, jnp.float32, 0.0, 2 * jnp.pi)
-    raise ValueError(f"model.circuit.init='{scheme}' is not one of: {', '.join(INITS)}")
+    raise ConfigError(f"model.circuit.init='{scheme}' is not one of: {', '.join(INITS)}")
 
 
 class QuantumLayer(nnx.Module):

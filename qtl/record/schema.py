@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qtl.utils.errors import QtlUserError
+
 RESULTS_VERSION = 4
 
 
-class RecordError(ValueError):
+class RecordError(QtlUserError, ValueError):
     """A run record that qtl cannot read (another tool's file, a newer qtl's schema)."""
 
 

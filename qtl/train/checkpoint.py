@@ -21,6 +21,7 @@ a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import re
 import shutil
@@ -33,10 +34,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qtl.record.files import SaveError, describe_os_error
+from qtl.utils.errors import Handled, QtlUserError
+
+DAMAGED = "damaged"  # where unreadable steps are moved (inside the checkpoint folder)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QtlUserError, RuntimeError):
     """A checkpoint that does not fit the run's model (different config or code)."""
+
+
+class _Damaged(Handled):
+    """A step whose files cannot be read back (bit rot, a cut-short copy, a lost flush)."""
+
+    def __init__(self, step: int, cause: BaseException):
+        super().__init__(f"step {step}: {type(cause).__name__}: {cause}")
+        self.step, self.cause = step, cause
 
 
 class CheckpointSaveError(SaveError):
@@ -85,6 +97,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # half-written steps of a killed save
             enable_async_checkpointing=False,  # a failed save raises here, not in a thread
         )
+        self._options = options
         try:
             self._managers = {
                 name: ocp.CheckpointManager(self.directory / name, options=options)
@@ -188,19 +201,77 @@ class Checkpoints:
     def restore(
         self, which: str, template: Any, step: int | None = None
     ) -> tuple[Any, dict[str, Any]]:
-        """Restore ``step`` (default: the newest) into the structure of ``template``."""
+        """Restore ``step`` (default: the newest intact state) into ``template``'s structure.
+
+        Without ``step``, ``last`` falls back, loudly: its newest step, then the older ones,
+        then ``best``'s steps, newest first (each a complete state with its bookkeeping,
+        saved at an epoch's end). Every step that cannot be read is named in a warning and
+        moved aside to ``<dir>/damaged/`` (kept, never deleted). With ``step``, a damaged step
+        is moved aside and refused. Nothing intact: :class:`CheckpointError` naming the
+        folder and how to start over.
+        """
+        if step is not None or which != "last":
+            epoch = self._managers[which].latest_step() if step is None else step
+            try:
+                return self._restore_step(which, template, epoch, step is None)
+            except _Damaged as err:
+                aside = self._move_aside(which, err.step, err.cause)
+                raise CheckpointError(
+                    f"the '{which}' checkpoint of {self._unit(which)} {err.step} in "
+                    f"{self.directory} is damaged ({err.cause}); it was moved to {aside}. "
+                    f"To start the run over, delete {self.directory} (the damaged copy with "
+                    "it) and rerun the same command."
+                ) from err
+        candidates = [("last", s) for s in reversed(self.steps("last"))]
+        candidates += [("best", s) for s in reversed(self.steps("best"))]
+        moved: list[Path] = []
+        for kind, at in candidates:
+            try:
+                restored = self._restore_step(kind, template, at, False)
+            except _Damaged as err:
+                moved.append(self._move_aside(kind, at, err.cause))
+                continue
+            if moved:
+                print(
+                    f"[qtl] warning: resuming from {kind}/{at} in {self.directory}, the newest "
+                    f"intact checkpoint ({len(moved)} damaged one(s) set aside)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return restored
+        if moved:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: every step was damaged and moved "
+                f"to {self.directory / DAMAGED}. To start the run over, delete "
+                f"{self.directory} and rerun the same command."
+            )
+        raise CheckpointError(
+            f"no 'last' checkpoint in {self.directory} (found: none). The folder was changed "
+            "outside qtl; delete the run directory to start the run over."
+        )
+
+    def _restore_step(
+        self, which: str, template: Any, epoch: int | None, newest: bool
+    ) -> tuple[Any, dict[str, Any]]:
+        """One step into ``template``; :class:`_Damaged` when its files cannot be read."""
         manager = self._managers[which]
-        epoch = manager.latest_step() if step is None else step
         if epoch is None or epoch not in manager.all_steps():
-            wanted = "" if step is None else f" of step {step}"
+            wanted = "" if newest else f" of step {epoch}"
             raise CheckpointError(
                 f"no '{which}' checkpoint{wanted} in {self.directory} (found: "
                 f"{manager.all_steps() or 'none'}). The folder was changed outside qtl; "
                 "delete the run directory to start the run over."
             )
         flat_t, paths_t = _flatten(template)
-        meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("paths") != paths_t:
+        try:
+            meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as err:  # noqa: BLE001 - any unreadable metadata is damage
+            raise _Damaged(epoch, err) from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):
+            raise _Damaged(epoch, ValueError(f"metadata without the state's paths: {meta!r:.80}"))
+        if meta["paths"] != paths_t:
             raise CheckpointError(
                 f"checkpoint {self.directory / which} holds a different model/optimiser structure "
                 "than this run builds (config or code changed). Use a new run directory "
@@ -210,17 +281,55 @@ class Checkpoints:
             k: jax.ShapeDtypeStruct(np.shape(v), getattr(v, "dtype", np.asarray(v).dtype))
             for k, v in flat_t.items()
         }
-        restored = manager.restore(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-        leaves = [restored[k] for k in sorted(restored)]
+        try:
+            restored = manager.restore(
+                epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+            leaves = jax.block_until_ready([restored[k] for k in sorted(restored)])
+        except Exception as err:  # noqa: BLE001 - the arrays' files: damaged
+            raise _Damaged(epoch, err) from err
         template_leaves, treedef = jax.tree_util.tree_flatten(template)
+        wanted = [abstract[k].shape for k in sorted(abstract)]
+        if [np.shape(a) for a in leaves] != wanted:
+            raise _Damaged(epoch, ValueError("arrays missing or of the wrong shape"))
         leaves = [
             jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if _is_key(t) else leaf
             for leaf, t in zip(leaves, template_leaves, strict=True)
         ]
         meta.pop("paths", None)
         return jax.tree_util.tree_unflatten(treedef, leaves), meta
+
+    def _move_aside(self, which: str, step: int, cause: BaseException) -> Path:
+        """Move a damaged step to ``<dir>/damaged/`` (kept for a look, out of Orbax's view)."""
+        source = self.directory / which / str(step)
+        target = self.directory / DAMAGED / f"{which}-{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / DAMAGED / f"{which}-{step}.{n}"
+        reason = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        print(
+            f"[qtl] warning: checkpoint {source} is damaged ({type(cause).__name__}: {reason});"
+            f" moved to {target}",
+            file=sys.stderr,
+            flush=True,
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            source.rename(target)
+        except OSError as err:
+            raise CheckpointError(
+                f"checkpoint {source} is damaged and could not be moved aside ({err}); move or "
+                "delete it by hand and rerun the same command."
+            ) from err
+        self._reopen(which)
+        return target
+
+    def _reopen(self, which: str) -> None:
+        """A fresh manager for ``which``: Orbax caches the step list it found at opening."""
+        with contextlib.suppress(Exception):
+            self._managers[which].close()
+        self._managers[which] = ocp.CheckpointManager(self.directory / which, options=self._options)
 
     def close(self) -> None:
         """Release the managers; never raises (it runs while another error propagates)."""

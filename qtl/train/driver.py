@@ -20,6 +20,7 @@ from qtl.config import QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
+from qtl.utils.runlock import one_process_per_run
 
 
 class Study(Protocol):
@@ -37,6 +38,7 @@ class Study(Protocol):
     def format_scores(self, results: Results) -> str: ...
 
 
+@one_process_per_run  # a second process on this run refuses (or waits): qtl.utils.runlock
 def train_and_evaluate(cfg: QtlConfig, run_dir: Path, study: Study, **start: Any) -> dict[str, Any]:
     """Train (or resume) a run of ``study`` in ``run_dir``, evaluate its best checkpoint,
     write records.

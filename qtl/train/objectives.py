@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qtl.config import DistillConfig, DistillMode
+from qtl.config import ConfigError, DistillConfig, DistillMode
 from qtl.data.medmnist_info import FlagInfo, Task
 
 DISTILL_MODES = tuple(m.value for m in DistillMode)
@@ -34,13 +34,13 @@ DISTILL_MODES = tuple(m.value for m in DistillMode)
 def validate_distill(cfg: DistillConfig) -> None:
     """Field errors at build time."""
     if cfg.mode not in DISTILL_MODES:
-        raise ValueError(f"distill.mode='{cfg.mode}' is not one of: {', '.join(DISTILL_MODES)}")
+        raise ConfigError(f"distill.mode='{cfg.mode}' is not one of: {', '.join(DISTILL_MODES)}")
     if cfg.temperature <= 0:
-        raise ValueError(f"distill.temperature={cfg.temperature}, expected > 0")
+        raise ConfigError(f"distill.temperature={cfg.temperature}, expected > 0")
     if not 0.0 <= cfg.alpha <= 1.0:
-        raise ValueError(f"distill.alpha={cfg.alpha}, expected a value in [0, 1]")
+        raise ConfigError(f"distill.alpha={cfg.alpha}, expected a value in [0, 1]")
     if cfg.pretrain_epochs < 0:
-        raise ValueError(f"distill.pretrain_epochs={cfg.pretrain_epochs}, expected >= 0")
+        raise ConfigError(f"distill.pretrain_epochs={cfg.pretrain_epochs}, expected >= 0")
 
 
 def n_outputs(info: FlagInfo, binary_logits: int = 1) -> int:

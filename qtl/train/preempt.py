@@ -18,6 +18,9 @@ import threading
 from types import FrameType
 from typing import Any
 
+from qtl.utils.errors import EXIT_DIVERGED, QtlError
+from qtl.utils.runlock import release_held
+
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -30,13 +33,15 @@ class TrainingInterrupted(SystemExit):
     """
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(QtlError, RuntimeError):
     """The loss, a gradient or a weight became NaN/Inf, or a rerun met a run recorded so.
 
     Nothing after the last good checkpoint was saved, and the run directory's failed.json
     says where it happened. (Here, next to :class:`TrainingInterrupted`, so the launcher
     can name both without importing the trainer.)
     """
+
+    exit_code = EXIT_DIVERGED
 
 
 class StopRequest:
@@ -82,6 +87,7 @@ class StopRequest:
         previous = self._previous.get(signum, signal.SIG_DFL)
         self._restore()
         print(f"[qtl] checkpoint saved ({where}); stopping", file=sys.stderr, flush=True)
+        release_held()  # the run directory: free for the requeued job at once
         if callable(previous):
             previous(signum, None)  # submitit: `scontrol requeue` this job, then exit
         elif previous == signal.SIG_DFL:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from qtl.config import QtlConfig, TrainConfig
+from qtl.config import ConfigError, QtlConfig, TrainConfig
 from qtl.data.augment import augment, placement
 from qtl.models.classifier import Classifier, trainable_filter
 from qtl.train.objectives import Objective, masked_bce  # noqa: F401  (re-exported)
@@ -41,7 +41,7 @@ def _transform(name: str, lr: float, weight_decay: float) -> optax.GradientTrans
         return optax.adamw(lr, weight_decay=weight_decay)
     if name == "sgd":
         return optax.sgd(lr, momentum=0.9)
-    raise ValueError(f"train.optimizer={name!r}: use adam, adamw or sgd")
+    raise ConfigError(f"train.optimizer={name!r}: use adam, adamw or sgd")
 
 
 def _is_backbone(path: tuple) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +80,15 @@ def teacher_logits(
         "metrics": results.metrics,
     }
     if cache.is_file():
-        with np.load(cache, allow_pickle=False) as npz:
-            return TeacherLogits({k: npz[k] for k in npz.files}, record)
+        try:
+            with np.load(cache, allow_pickle=False) as npz:
+                return TeacherLogits({k: npz[k] for k in npz.files}, record)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            warnings.warn(  # a cache: computed again from the teacher's checkpoint
+                f"teacher logits cache {cache} is unreadable ({type(err).__name__}: {err}); "
+                "recomputing it",
+                stacklevel=2,
+            )
     logits = _compute(teacher, run_dir, results.best_epoch)
     buf = io.BytesIO()
     np.savez(buf, **logits)

@@ -4,7 +4,9 @@ Every file qtl writes for later reuse (records, manifests, caches' markers) goes
 :func:`atomic_write_bytes`: the bytes land in a temporary file in the same folder, are
 fsynced, and are renamed over the target, so a kill or a full disk leaves either the old
 file or the new one, never half of one. :func:`file_lock` serialises work that parallel jobs
-of a sweep would otherwise duplicate (generating a dataset, pretraining, building a kernel).
+of a sweep would otherwise duplicate (generating a dataset, pretraining, building a kernel);
+on a filesystem without locks (Lustre mounted without ``flock``) a caller whose work is
+written whole entry by entry (the image and feature caches) may let it run twice instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qtl.utils.errors import EXIT_SAVE, QtlError
+
 _CAUSES = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -29,8 +33,12 @@ _CAUSES = {
 }
 
 
-class SaveError(RuntimeError):
-    """A checkpoint or record that could not be written; the message names where and why."""
+class SaveError(QtlError, RuntimeError):
+    """A checkpoint or record that could not be written; the message names where and why.
+
+    Fix the disk (space, permissions, mount) and rerun: the run resumes (exit 3)."""
+
+    exit_code = EXIT_SAVE
 
 
 def describe_os_error(code: int) -> str:
@@ -86,11 +94,13 @@ def write_json_atomic(path: Path | str, data: Any, *, indent: int | None = 2) ->
 
 
 @contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
+def file_lock(path: Path | str, *, optional: bool = False) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (created if needed), held for the ``with`` block.
 
-    One process does the work; the others wait and then find it done. Without ``fcntl``
-    (not POSIX) there is no lock; callers still write atomically, so the result stays whole.
+    One process does the work; the others wait and then find it done. ``optional``: where the
+    filesystem has no locks, go on without one (the work must then be safe to do twice at
+    once). Without ``fcntl`` (not POSIX) there is no lock; callers still write atomically, so
+    the result stays whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +110,32 @@ def file_lock(path: Path | str) -> Iterator[None]:
         yield
         return
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            if not optional or err.errno not in _NO_LOCKS:
+                raise
+            _warn_no_locks(path, err)
+            yield  # the work is written atomically: at worst two jobs both do it
+            return
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# flock(2) errors of a filesystem without (cross-node) locks: Lustre mounted without
+# -o flock gives ENOSYS, an NFS mount without a lock manager ENOLCK
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_WARNED: set[str] = set()
+
+
+def _warn_no_locks(path: Path, err: OSError) -> None:
+    if str(path.parent) in _WARNED:
+        return
+    _WARNED.add(str(path.parent))
+    print(
+        f"[qtl] note: the filesystem of {path.parent} has no file locks ({err.strerror}); "
+        "parallel jobs may repeat work there, and what they write stays whole.",
+        flush=True,
+    )

@@ -46,6 +46,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qtl.utils.errors import Handled
 from qtl.utils.files import atomic_write_bytes
 
 HERE = Path(__file__).parent
@@ -67,7 +68,7 @@ _MEMFDS: list[int] = []  # in-memory copies of the loaded libraries (see _dlopen
 _BUILT: dict[str, str] = {}  # library file name -> the ISA level it was built for
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(Handled, RuntimeError):
     """The native kernel could not be built or loaded here."""
 
 
