@@ -237,6 +237,39 @@ def test_qvit_family_fast_equals_pennylane_float64(n, depth, encoding, rotation,
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, err_msg=f"d/d {name}")
 
 
+@pytest.mark.parametrize(
+    "n,depth,entangler",
+    [
+        (3, 2, "qvit_ring"),
+        (8, 2, "qvit_ring"),
+        (8, 4, "qvit_ring"),
+        (6, 3, "ring"),
+        (7, 2, "even_odd"),
+    ],
+)
+def test_rx_cnot_phase_polynomial_equals_pennylane_float64(n, depth, entangler):
+    """qtl.quantum.phase (``fast_circuit(phase=True)``): the same grid and tolerance, in
+    float32 against PennyLane's float64, outputs and both gradients."""
+    spec = CircuitSpec(n, depth, entangler, "rx", "rx")
+    rng = np.random.default_rng(n * 100 + depth)
+    x = rng.normal(0, 1.5, (5, n))
+    theta = rng.normal(0, 1.0, spec.theta_shape)
+    readout = rng.normal(size=(5, n))
+    with jax.enable_x64(True):
+        reference = pennylane_circuit(spec)
+        args64 = (jnp.asarray(x, jnp.float64), jnp.asarray(theta, jnp.float64))
+        ref_z = np.asarray(jax.jit(reference)(*args64))
+        ref_loss = _readout_loss(reference, jnp.asarray(readout))
+        ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(*args64)
+    circuit = fast_circuit(spec, phase=True)
+    args32 = (jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
+    np.testing.assert_allclose(np.asarray(jax.jit(circuit)(*args32)), ref_z, atol=ATOL)
+    loss = _readout_loss(circuit, jnp.asarray(readout, jnp.float32))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(*args32)
+    for name, a, b in zip(("x", "theta"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, err_msg=f"d/d {name}")
+
+
 def _dense_reference(x: np.ndarray, theta: np.ndarray, n: int, pairs) -> np.ndarray:
     """RX(x) encoding, depth x [RX(theta) on every wire, CNOTs], <Z>: 2^n x 2^n matrices."""
 

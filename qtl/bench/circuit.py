@@ -94,8 +94,40 @@ def summarise(results: list[dict]) -> list[dict]:
             steps_timed=sum(r["steps_timed"] for r in ok),
             vs_pennylane=ratios,
         )
+        floors = [r["floor_ms"] for r in ok if "floor_ms" in r]
+        if floors:
+            row["floor_ms"] = floors[0]
+            row["x_floor"] = float(np.median(medians)) / floors[0]
+        kernels = {_kernel_name(r["kernel"]) for r in ok if "kernel" in r}
+        if kernels:
+            row["kernel"] = " / ".join(sorted(kernels))
         out.append(row)
     return out
+
+
+def _kernel_name(kernel: dict | None) -> str:
+    """E.g. "statevector, native ISA (avx2+fma)"; "xla" where no native kernel ran."""
+    if not kernel or kernel.get("kernel") == "xla":
+        return "xla (no native kernel)"
+    used = kernel.get("used")
+    head = f"{used}, " if used else ""
+    return f"{head}{kernel['isa']} ISA ({kernel['vector']})"
+
+
+def _add_floor(result: dict, head: HeadConfig, gbs: float) -> None:
+    """The whole-circuit kernel's memory floor for this case, and the step's distance from it."""
+    from qtl.bench.floor import floor_ms, state_passes
+    from qtl.quantum.circuit import CircuitSpec
+    from qtl.quantum.fast import compile_plan
+
+    if result.get("native_kernel_used") != "statevector":
+        return
+    n = result["n_qubits"]
+    spec = CircuitSpec(n, head.depth, str(head.entangler), str(head.rotation))
+    layers = sum(kind == "local" for kind, _ in compile_plan(spec).steps)
+    result["floor_passes"] = state_passes(n, layers)
+    result["floor_ms"] = floor_ms(n, layers, result["batch"], gbs)
+    result["x_floor"] = result["median_ms"] / result["floor_ms"]
 
 
 def _span(values: list[float], fmt: str) -> str:
@@ -112,12 +144,12 @@ def format_table(results: list[dict]) -> str:
     round, shown as the range of the rounds' ratios."""
     rows = [
         "| n | simulator | median ms | round medians ms | min ms | compile s | peak RSS GB "
-        "| steps | vs pennylane |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| steps | vs pennylane | floor ms | x floor | kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summarise(results):
         if r["status"] != "ok":
-            rows.append(f"| {r['n_qubits']} | {r['simulator']} | {r['status']} |||||||")
+            rows.append(f"| {r['n_qubits']} | {r['simulator']} | {r['status']} ||||||||||")
             continue
         ratio = _span(r["vs_pennylane"], "{:.1f}x") if r["vs_pennylane"] else "-"
         rounds = _span(r["round_medians_ms"], "{:.1f}")
@@ -126,7 +158,9 @@ def format_table(results: list[dict]) -> str:
         rows.append(
             f"| {r['n_qubits']} | {r['simulator']} | {r['median_ms']:.1f} | {rounds} | "
             f"{r['min_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_gb']:.2f} | "
-            f"{r['steps_timed']} | {ratio} |"
+            f"{r['steps_timed']} | {ratio} | "
+            + (f"{r['floor_ms']:.1f} | {r['x_floor']:.1f}x" if "floor_ms" in r else "- | -")
+            + f" | {r.get('kernel', '-')} |"
         )
     return "\n".join(rows)
 
@@ -138,8 +172,18 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
     jemalloc = jemalloc_path() if cfg.jemalloc else None
     if jemalloc:
         env["LD_PRELOAD"] = f"{jemalloc} {env.get('LD_PRELOAD', '')}".strip()
+    machine = machine_info(bandwidth=True, kernel=True)
+    bw = machine["memory_bandwidth"]
+    print(
+        f"qtl bench_circuit: {machine['cpu']} ({machine['arch']}, {machine['cores']} cores, "
+        f"{', '.join(k for k, v in machine['isa'].items() if v) or 'no vector ISA flags'}); "
+        f"memory bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy "
+        f"over {bw['array_mib']:.0f} MiB arrays (LLC {bw['llc_mib']:.0f} MiB); native kernel "
+        f"{_kernel_name(machine.get('native_kernel'))}",
+        flush=True,
+    )
     payload: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine,
         "allocator": "jemalloc" if jemalloc else "system",
         "config": {
             "batch": cfg.batch,
@@ -187,7 +231,16 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
         else:
             result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)
         result["load"] = load_average()  # the 1/5/15-minute load when the case ended
+        if sim == "fast" and result.get("status") == "ok":
+            _add_floor(result, head, bw["triad_gbs"])
         record(result, started, payload, out)
+        if "floor_ms" in result:
+            print(
+                f"    kernel {_kernel_name(result.get('kernel'))}; memory floor "
+                f"{result['floor_ms']:.2f} ms ({result['floor_passes']} state passes/example at "
+                f"{bw['triad_gbs']:.1f} GB/s): {result['x_floor']:.2f}x the floor",
+                flush=True,
+            )
     payload["summary"] = summarise(payload["results"])
     payload["load_end"] = load_average()
     write_json(out, payload)

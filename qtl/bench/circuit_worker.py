@@ -63,12 +63,16 @@ def run_case(case: dict) -> dict:
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
     }
     if case["simulator"] == "fast":  # which native kernel did the step run, if any?
-        from qtl.quantum.kernels import FORWARD, TARGET
+        from qtl.quantum.kernels import FORWARD, TARGET, selected
 
         text = compiled.as_text()
         result["native_kernel_used"] = (
             "statevector" if FORWARD in text else "wire_gram" if TARGET in text else None
         )
+        # the library's own record of what it was compiled to (ISA level, vector instructions)
+        result["kernel"] = {**selected(), "used": result["native_kernel_used"] or "xla"}
+        if result["native_kernel_used"] is None:
+            result["kernel"]["kernel"] = "xla"
     device_peak(result)
     if case["simulator"] != "fast":  # same circuit? compare <Z> with qtl's fast simulator
         x = jax.numpy.tanh(features[:2] @ params["pre_w"]) * (np.pi / 2)

@@ -39,8 +39,10 @@ def head_case(n: int, batch: int, features: int) -> tuple[Any, tuple]:
     return spec, (params, feats, labels)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, load and JAX platform: what a reader needs to compare numbers."""
+def machine_info(bandwidth: bool = False, kernel: bool = False) -> dict[str, Any]:
+    """CPU model, its vector ISA flags (AVX2, AVX-512, NEON), cores, load and JAX platform; with
+    ``kernel``, the native kernel it selects (built now if need be), with ``bandwidth`` the
+    measured memory bandwidth: what a reader needs to compare numbers."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -51,15 +53,27 @@ def machine_info() -> dict[str, Any]:
         pass
     import jax
 
-    return {
+    from qtl.quantum import kernels
+
+    flags = kernels.cpu_info()
+    info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "isa": {k: flags[k] for k in ("avx2", "fma", "avx512f", "neon")},
+        "arch": platform.machine(),
         "load_avg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "platform": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
+    if kernel and jax.default_backend() == "cpu":
+        info["native_kernel"] = kernels.selected()
+    if bandwidth:
+        from qtl.bench.floor import memory_bandwidth
+
+        info["memory_bandwidth"] = memory_bandwidth()
+    return info
 
 
 def worker_env() -> dict[str, str]:

@@ -121,10 +121,17 @@ def bench_layer(
     steps: int,
     warmup: int = 2,
     max_seconds: float = 60.0,
+    phase: bool = False,
 ) -> dict[str, Any]:
-    """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch."""
+    """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch
+    (``phase=True``: fast's phase-polynomial path for RX + CNOT circuits, for A/B)."""
     spec = layer_spec(circuit, wires)
-    sim = make_simulator(circuit, wires)
+    if not phase or circuit.simulator != "fast":
+        sim = make_simulator(circuit, wires)
+    else:
+        from qtl.quantum.fast import fast_circuit
+
+        sim = fast_circuit(spec, max_state_mb=circuit.max_state_mb, phase=True)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
     readout = jnp.asarray(rng.normal(size=(rows, wires)), jnp.float32)
@@ -137,6 +144,32 @@ def bench_layer(
         lambda: jax.block_until_ready(f(x, w)), steps=steps, warmup=warmup, max_seconds=max_seconds
     )
     return {"simulator": circuit.simulator, "compile_s": compile_s, **timing}
+
+
+def gemm_rate(seconds: float = 1.0) -> float:
+    """This machine's float32 GEMM rate through XLA (GFLOP/s, a jitted 1024^2 matmul, best
+    of the calls in ``seconds``): the rate an arithmetic bound divides by."""
+    a = jnp.ones((1024, 1024), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(mm(a))
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
+
+
+def arithmetic_bound(wires: int, layers: int, gflops: float) -> dict[str, Any]:
+    """A per-circuit floor of value_and_grad on a state vector: each RX layer is n 2x2 gates,
+    a real cosine and an imaginary sine per pair, 6 flops per output amplitude (2^n
+    amplitudes, 12 n 2^(n-1) flops); the adjoint backward undoes each gate, carries the
+    cotangent back and takes one inner product per gate: ~3x the forward. The encoding
+    layer acts on |0> (a product state, free). At the machine's GEMM rate, memory and
+    overhead not counted: a floor, not an estimate."""
+    forward = 12 * wires * 2 ** (wires - 1) * layers
+    flops = 4 * forward
+    return {"flops": flops, "gemm_gflops": gflops, "bound_us_per_circuit": flops / gflops / 1e3}
 
 
 # PennyLane's backprop keeps a complex state per gate: a row of n qubits costs ~2^n * 8 bytes
@@ -202,7 +235,7 @@ def run_bench(
     tokens = num_tokens(image_shape, qvit.patch_size)
     rows = layer_rows or batch * tokens
     out: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(kernel=True),
         "uptime_start": uptime(),
         "setup": {
             "image_shape": list(image_shape),
@@ -239,9 +272,31 @@ def run_bench(
             qvit.hidden_size, rows, circuit, steps=steps, max_seconds=max_seconds
         )
         print(f"quantum layer ({sim}) {layers[sim]['median_ms']:.3f} ms", flush=True)
+    if qvit.circuit.layers > 1:  # the real phase-polynomial formulation beside it (opt-in)
+        layers["fast_phase"] = bench_layer(
+            qvit.hidden_size,
+            rows,
+            replace(qvit.circuit, simulator="fast"),
+            steps=steps,
+            max_seconds=max_seconds,
+            phase=True,
+        )
+        print(f"quantum layer (fast, phase polynomial) {layers['fast_phase']['median_ms']:.3f} ms")
     out["layer"] = layers
     out["pennylane_over_fast"] = layers["pennylane"]["median_ms"] / layers["fast"]["median_ms"]
     print(f"PennyLane / fast = {out['pennylane_over_fast']:.1f}x (target >= 30x)", flush=True)
+    bound = arithmetic_bound(qvit.hidden_size, qvit.circuit.layers, gemm_rate())
+    bound["fast_us_per_circuit"] = layers["fast"]["median_ms"] * 1e3 / rows
+    bound["x_bound"] = bound["fast_us_per_circuit"] / bound["bound_us_per_circuit"]
+    print(
+        f"per circuit (d={qvit.hidden_size}, {qvit.circuit.layers} layers): "
+        f"{bound['fast_us_per_circuit']:.3f} us; arithmetic bound "
+        f"{bound['bound_us_per_circuit']:.3f} us ({bound['flops']:.0f} flops at "
+        f"{bound['gemm_gflops']:.0f} GFLOP/s, this machine's GEMM rate): "
+        f"{bound['x_bound']:.1f}x the bound",
+        flush=True,
+    )
+    out["arithmetic_bound"] = bound
     out["uptime_end"] = uptime()
     print(f"load: {out['uptime_end']}", flush=True)
     return out
@@ -256,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--circuit-layers", type=int, default=1)
+    parser.add_argument(
+        "--hidden-size", type=int, default=None, help="QViT hidden size = qubits per circuit"
+    )
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per timed case")
     parser.add_argument(
         "--circuits",
@@ -267,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = qvit_preset()
     cfg = replace(cfg, circuit=replace(cfg.circuit, layers=args.circuit_layers))
+    if args.hidden_size:
+        cfg = replace(cfg, hidden_size=args.hidden_size)
     if args.circuits:
         wires = tuple(int(w) for w in args.circuits.split(","))
         result: dict[str, Any] = {"machine": machine_info(), "uptime_start": uptime()}

@@ -22,6 +22,10 @@ Why it is fast, and still exact:
 - when nothing but single-qubit gates comes before that last network (one variational layer,
   as in the QViT's quantum layers), the state is a product state and a parity's expectation is
   the product of per-wire <Z>: O(n^2) work per example, no 2^n state at all;
+- a circuit of RX gates and CNOTs only (the QViT's, at two or more layers) is a real phase
+  polynomial in the Hadamard frame (:mod:`qtl.quantum.phase`, ``phase=True``): one GEMM and
+  n 2^(n-1) cosines per example, no complex state (exact; slower through XLA's cosines, so
+  opt-in);
 - the batch goes through the circuit in chunks whose states fit a bound (cache-sized on a
   CPU, which is faster; memory-sized on a GPU), each rematerialised in the backward pass.
 
@@ -636,6 +640,7 @@ def fast_circuit(
     max_state_mb: float | None = None,
     layout: str | None = None,
     native: bool | str = True,
+    phase: bool = False,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta) -> (B, n)`` <Z_i>; the circuit of :func:`dqc_ansatz` for ``spec``.
 
@@ -651,6 +656,9 @@ def fast_circuit(
     state at a time, in cache; ``max_state_mb`` and ``layout`` then do not apply) and falls
     back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
     keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
+    ``phase``: RX + CNOT circuits with a state run as a real phase polynomial
+    (:mod:`qtl.quantum.phase`): exact, but through XLA:CPU's cosines measured 2-4x slower than
+    the complex path at the QViT's sizes (docs/simulator.md), so off by default.
     """
     if native not in (True, False, "gram"):
         raise ValueError(f"fast simulator: native={native!r} is not one of True, False, 'gram'")
@@ -708,6 +716,13 @@ def fast_circuit(
 
     state_bytes = 2**n * (4 if plan.real else 8)
 
+    # RX + CNOT circuits with a state (the QViT's at 2+ layers): a real phase polynomial
+    from qtl.quantum.phase import phase_circuit
+
+    phase = phase_circuit(spec) if plan.steps and phase else None
+    if phase is not None:  # per example: the phases (2^n) and n 2^(n-1) cosines and differences
+        state_bytes = 4 * 2**n * (2 + n)
+
     state_fits = native is True and _state_kernel_fits(plan)
     state_kernel: list = []  # built at the first float32 CPU call (after the kernels load)
     layers = [gates for kind, gates in plan.steps if kind == "local"]
@@ -730,20 +745,29 @@ def fast_circuit(
             z = whole_circuit(x2, theta.astype(jnp.float32))
             return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
-        index = {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}
+        index = (
+            {i: (gf2_index(n, g), gf2_index(n, inv)) for i, (g, inv) in perms.items()}
+            if phase is None
+            else {}
+        )
         budget = max_state_mb if max_state_mb is not None else default_state_mb()
         chunk = max(1, int(budget * 2**20 // state_bytes))
+        fn = phase if phase is not None else partial(_with_index, core, index)
         if batch <= chunk:
-            z = core(x2, theta, index)
+            z = fn(x2, theta)
         else:
             chunks = -(-batch // chunk)
             padded = jnp.pad(x2, ((0, chunks * chunk - batch), (0, 0)))
-            step = jax.checkpoint(lambda xc: core(xc, theta, index))
+            step = jax.checkpoint(lambda xc: fn(xc, theta))
             z = lax.map(step, padded.reshape(chunks, chunk, n)).reshape(-1, n)[:batch]
         z = z.astype(x.dtype)
         return z[0] if squeeze else z
 
     return run
+
+
+def _with_index(core: Callable, index: dict, x: jax.Array, theta: jax.Array) -> jax.Array:
+    return core(x, theta, index)
 
 
 def native_ok() -> bool:

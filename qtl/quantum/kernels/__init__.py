@@ -9,10 +9,17 @@ pool through one loop that cannot deadlock when called from that pool (``common.
 
 Why built on first use rather than shipped: they are two small files against the installed
 jaxlib's FFI headers, built into one library in seconds wherever JAX runs, with no wheel per
-platform. The library is cached under ``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``),
-keyed by the sources, jaxlib version, compiler and machine type, and written atomically, so
-concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the
-simulator keeps its XLA path: same results, slower; a warning says why.
+platform, and built for the machine they run on: the kernels are written with the compiler's
+portable vector types (no intrinsics), and ``-march=native`` (``-mcpu=native`` on ARM) lets one
+source become AVX-512, AVX2+FMA or NEON code, with the hardware gathers the network
+permutations need where the compiler's tuning for the CPU says they pay. ``$QTL_ISA`` forces the
+instruction set down (``avx512``, ``avx2``, ``baseline``: SSE2 on x86-64, NEON on ARM64), so any
+machine can test every path (see :data:`ISAS`). The library is cached under
+``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed by the sources, jaxlib
+version, compiler, instruction-set flags, and for a native build the CPU model and its feature
+flags, and written atomically, so concurrent sweep jobs share one build. Without a compiler
+(or with ``QTL_NATIVE=0``) the simulator keeps its XLA path: same results, slower; a warning
+says why.
 
 Loading a shared object runs its code, so a cached one is trusted only as built: each build
 writes a manifest (``wire_gram-<key>.json``: the cache key, the library's file name and its
@@ -25,6 +32,7 @@ copy where Linux allows), so a file swapped in between is never run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -41,15 +49,22 @@ from pathlib import Path
 from qtl.utils.files import atomic_write_bytes
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "wire_gram.cc", HERE / "statevector.cc")  # compiled into one library
+SOURCES = (HERE / "wire_gram.cc", HERE / "statevector.cc", HERE / "stream.cc")  # one library
 HEADERS = (HERE / "common.h",)
 TARGET = "qtl_wire_gram"
 FORWARD = "qtl_statevector_forward"
 BACKWARD = "qtl_statevector_backward"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# QTL_ISA: the instruction set the kernels are built for. "native": whatever this CPU has
+# (the default); the others force it down (for tests and A/B): on x86-64 "avx512"
+# (Skylake-SP's set and tuning), "avx2" (Haswell's: AVX2 + FMA, hardware gathers) and
+# "baseline" (x86-64: SSE2); on ARM64 "baseline" is ARMv8-A with NEON.
+ISAS = ("native", "avx512", "avx2", "baseline")
+_ISA_CPU_FLAG = {"avx512": "avx512f", "avx2": "avx2"}  # /proc/cpuinfo flag each one needs
 
 
 _MEMFDS: list[int] = []  # in-memory copies of the loaded libraries (see _dlopen)
+_BUILT: dict[str, str] = {}  # library file name -> the ISA level it was built for
 
 
 class KernelUnavailable(RuntimeError):
@@ -72,13 +87,71 @@ def compiler() -> str:
     raise KernelUnavailable("no C++ compiler found ($CXX, c++, g++ or clang++)")
 
 
-def _key() -> tuple[str, str, str]:
-    """(compiler, FFI include dir, cache key of a build from this source with them)."""
+@functools.cache
+def cpu_info() -> dict:
+    """This CPU's model name, core count and the vector ISA flags that matter here (from
+    /proc/cpuinfo on Linux; the model from ``platform`` elsewhere)."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    machine = platform.machine()
+    return {
+        "model": fields.get("model name") or fields.get("CPU part") or platform.processor(),
+        "machine": machine,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "fma": "fma" in flags,
+        "avx512f": "avx512f" in flags,
+        "neon": "asimd" in flags or machine in ("aarch64", "arm64"),
+        "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+    }
+
+
+def isa() -> str:
+    """The requested instruction set: ``$QTL_ISA`` or "native"."""
+    want = os.environ.get("QTL_ISA", "native").strip().lower() or "native"
+    if want not in ISAS:
+        raise KernelUnavailable(f"QTL_ISA={want!r} is not one of {', '.join(ISAS)}")
+    return want
+
+
+def isa_flags(level: str, machine: str | None = None) -> tuple[str, ...]:
+    """Compiler flags that build the kernels for ``level`` on ``machine`` (default: this one)."""
+    machine = machine or platform.machine()
+    x86 = machine in ("x86_64", "AMD64")
+    arm = machine in ("aarch64", "arm64")
+    if level == "native":
+        return ("-march=native",) if x86 else ("-mcpu=native",) if arm else ()
+    if level == "baseline":
+        return ("-march=x86-64",) if x86 else ("-march=armv8-a",) if arm else ()
+    if not x86:
+        raise KernelUnavailable(f"QTL_ISA={level} is an x86-64 instruction set; this is {machine}")
+    return ("-march=skylake-avx512",) if level == "avx512" else ("-march=haswell",)
+
+
+def _check_cpu(level: str) -> None:
+    # code built for a set the CPU lacks dies of SIGILL at its first vector instruction
+    flag = _ISA_CPU_FLAG.get(level)
+    if flag and not cpu_info()[flag]:
+        raise KernelUnavailable(f"QTL_ISA={level}: this CPU ({cpu_info()['model']}) has no {flag}")
+
+
+def _key(level: str) -> tuple[str, str, str, tuple[str, ...]]:
+    """(compiler, FFI include dir, cache key of a build from this source, ISA flags)."""
     import jax
     import jaxlib
 
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    flags = isa_flags(level)
+    # -march=native means this CPU: its model and feature flags are part of what was built
+    cpu = cpu_info()
+    machine_id = [cpu["model"], cpu["flags_sha"]] if level == "native" else []
     key = hashlib.sha256(
         "\n".join(
             [
@@ -87,10 +160,12 @@ def _key() -> tuple[str, str, str]:
                 version,
                 platform.machine(),
                 *FLAGS,
+                *flags,
+                *machine_id,
             ]
         ).encode()
     ).hexdigest()[:16]
-    return cxx, jax.ffi.include_dir(), key
+    return cxx, jax.ffi.include_dir(), key, flags
 
 
 def _untrusted(path: Path) -> str | None:
@@ -136,8 +211,28 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _ensure(cache: Path | None) -> tuple[Path, bytes]:
-    """The verified library (built now if it is missing or fails verification)."""
-    cxx, include, key = _key()
+    """The verified library (built now if it is missing or fails verification), for the
+    requested ISA; a native build that the compiler refuses falls back to the baseline."""
+    level = isa()
+    _check_cpu(level)
+    try:
+        found = _ensure_level(cache, level)
+    except KernelUnavailable as err:
+        if level != "native" or not isa_flags("native"):
+            raise
+        warnings.warn(
+            f"qtl: the native-ISA kernel build failed; building the baseline one: {err}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        level = "baseline"
+        found = _ensure_level(cache, level)
+    _BUILT[found[0].name] = level
+    return found
+
+
+def _ensure_level(cache: Path | None, level: str) -> tuple[Path, bytes]:
+    cxx, include, key, flags = _key(level)
     cache = cache or cache_dir()
     manifest = cache / f"wire_gram-{key}.json"
     found = _verified(manifest, key)
@@ -151,8 +246,13 @@ def _ensure(cache: Path | None) -> tuple[Path, bytes]:
         )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".wire_gram-{key}.{os.getpid()}.tmp"
-    cmd = [cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", str(tmp)]
-    print(f"qtl: building the native CPU kernel (once) in {cache}", file=sys.stderr, flush=True)
+    cmd = [cxx, *FLAGS, *flags, "-DQTL_ISA_BUILD", f"-I{include}", *map(str, SOURCES)]
+    cmd += ["-o", str(tmp)]
+    print(
+        f"qtl: building the native CPU kernel (once, ISA {level}) in {cache}",
+        file=sys.stderr,
+        flush=True,
+    )
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -163,7 +263,15 @@ def _ensure(cache: Path | None) -> tuple[Path, bytes]:
     # named by its content: a concurrent build never changes the bytes a manifest points at
     lib = cache / f"wire_gram-{key}-{digest[:16]}.so"
     _write(lib, data, 0o755)
-    meta = {"key": key, "library": lib.name, "sha256": digest, "compiler": cxx}
+    meta = {
+        "key": key,
+        "library": lib.name,
+        "sha256": digest,
+        "compiler": cxx,
+        "isa": level,
+        "flags": list(flags),
+        "cpu": cpu_info()["model"],
+    }
     _write(manifest, (json.dumps(meta, indent=1) + "\n").encode(), 0o644)
     return lib, data
 
@@ -201,13 +309,13 @@ def load(cache: Path | None = None) -> ctypes.CDLL:
 
 
 @functools.cache
-def _registered() -> bool:
-    """Register the kernels with XLA:CPU; False (with a warning) when they cannot be built
-    here or ``QTL_NATIVE=0``."""
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (with a warning) when it cannot be built here or
+    ``QTL_NATIVE=0``."""
     if os.environ.get("QTL_NATIVE", "1") == "0":
-        return False
+        return None
     try:
-        lib = load()
+        return load()
     except (KernelUnavailable, OSError) as err:
         warnings.warn(
             f"qtl: native CPU kernel unavailable, using XLA for the circuit "
@@ -215,6 +323,31 @@ def _registered() -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
+        return None
+
+
+def selected() -> dict:
+    """Which kernel runs here: the requested ISA, the vector instructions the loaded library
+    was compiled to (from its own preprocessor macros), and its flags; ``{"kernel": "xla"}``
+    where no native kernel loads."""
+    lib = _library()
+    if lib is None:
+        return {"kernel": "xla"}
+    try:
+        lib.qtl_kernel_isa.restype = ctypes.c_char_p
+        vector = lib.qtl_kernel_isa().decode()
+    except AttributeError:  # a library without the query (never one built from these sources)
+        vector = "unknown"
+    level = next(iter(_BUILT.values()), isa()) if len(_BUILT) <= 1 else isa()
+    return {"kernel": "native", "isa": level, "vector": vector, "flags": list(isa_flags(level))}
+
+
+@functools.cache
+def _registered() -> bool:
+    """Register the kernels with XLA:CPU; False (with a warning) when they cannot be built
+    here or ``QTL_NATIVE=0``."""
+    lib = _library()
+    if lib is None:
         return False
     import jax
 

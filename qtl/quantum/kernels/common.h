@@ -25,8 +25,9 @@ typedef int I __attribute__((vector_size(64)));
 #define QTL_SHUFFLE(v, ...) __builtin_shuffle(v, I{__VA_ARGS__})
 #endif
 
-// One compiled copy per x86 instruction set, picked at load time; elsewhere, one copy.
-#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 6)
+// Built for one instruction set (QTL_ISA_BUILD: -march=native or a forced level, see
+// kernels/__init__.py), one copy; built without it, one copy per x86 set, picked at load time.
+#if defined(__x86_64__) && !defined(QTL_ISA_BUILD) && (defined(__clang__) || __GNUC__ >= 6)
 #define QTL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define QTL_CLONES
@@ -92,6 +93,25 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t chunks, int64_t help
   Drain(*claims);
   std::unique_lock<std::mutex> lock(claims->mu);
   claims->cv.wait(lock, [&] { return claims->done == claims->chunks; });
+}
+
+// The vector instructions this library was compiled to (for the benchmarks' records).
+inline const char* VectorIsa() {
+#if defined(__AVX512F__)
+  return "avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__AVX__)
+  return "avx";
+#elif defined(__ARM_NEON)
+  return "neon";
+#elif defined(__SSE2__)
+  return "sse2";
+#else
+  return "scalar";
+#endif
 }
 
 }  // namespace qtl

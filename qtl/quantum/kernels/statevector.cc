@@ -27,10 +27,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -123,11 +119,29 @@ QTL_INLINE void GatesK(V* x, int64_t count, int64_t s, const Gate* g) {
     }
 }
 
-// Gates g[0 .. bits) on consecutive vector-index bits from log2(s) up, three at a time.
+// How many bits a group takes through registers (2^K vectors; for the Grams also 4K
+// accumulators). Three at a time spills registers with AVX2 and NEON, yet measured fastest
+// there too (AMD EPYC 7003, AVX2: 2 at a time +19% per example at n = 19, 1 for the Grams
+// +50%; docs/simulator.md): every group is another pass over the tile. QTL_GATE_GROUP and
+// QTL_GRAM_GROUP (1-3) override, for measuring on other CPUs.
+#if !defined(QTL_GATE_GROUP)
+#define QTL_GATE_GROUP 3
+#endif
+#if !defined(QTL_GRAM_GROUP)
+#define QTL_GRAM_GROUP 3
+#endif
+
+// Gates g[0 .. bits) on consecutive vector-index bits from log2(s) up, QTL_GATE_GROUP at a time.
+template <int K>
+QTL_INLINE void GatesBy(V* x, int64_t count, int64_t s, const Gate* g, int bits) {
+  for (; bits >= K; bits -= K, s <<= K, g += K) GatesK<K>(x, count, s, g);
+  if constexpr (K > 1) {
+    if (bits > 0) GatesBy<K - 1>(x, count, s, g, bits);
+  }
+}
+
 QTL_INLINE void Gates(V* x, int64_t count, int64_t s, const Gate* g, int bits) {
-  for (; bits >= 3; bits -= 3, s <<= 3, g += 3) GatesK<3>(x, count, s, g);
-  if (bits == 2) GatesK<2>(x, count, s, g);
-  if (bits == 1) GatesK<1>(x, count, s, g);
+  GatesBy<QTL_GATE_GROUP>(x, count, s, g, bits);
 }
 
 // c[j][p * 2 + q] += sum over the pairs on bit log2(s) + j of lam[..p..] * y[..q..], for
@@ -160,12 +174,19 @@ QTL_INLINE void GramsK(const V* lam, const V* y, int64_t count, int64_t s, doubl
     for (int q = 0; q < 4; ++q) c[j][q] += Sum(acc[j][q]);
 }
 
-// The Grams of consecutive vector-index bits from log2(s) up, three at a time.
+// The Grams of consecutive vector-index bits from log2(s) up, QTL_GRAM_GROUP at a time.
+template <int K>
+QTL_INLINE void GramsBy(const V* lam, const V* y, int64_t count, int64_t s, double (*c)[4],
+                        int bits) {
+  for (; bits >= K; bits -= K, s <<= K, c += K) GramsK<K>(lam, y, count, s, c);
+  if constexpr (K > 1) {
+    if (bits > 0) GramsBy<K - 1>(lam, y, count, s, c, bits);
+  }
+}
+
 QTL_INLINE void Grams(const V* lam, const V* y, int64_t count, int64_t s, double (*c)[4],
                       int bits) {
-  for (; bits >= 3; bits -= 3, s <<= 3, c += 3) GramsK<3>(lam, y, count, s, c);
-  if (bits == 2) GramsK<2>(lam, y, count, s, c);
-  if (bits == 1) GramsK<1>(lam, y, count, s, c);
+  GramsBy<QTL_GRAM_GROUP>(lam, y, count, s, c, bits);
 }
 
 // Every low bit's gate on one row of p vectors (lb >= 4 bits: 4 inside each vector).
@@ -243,72 +264,27 @@ QTL_INLINE void HighGates(const Problem& p, float* x, const std::vector<Gate>& g
   }
 }
 
-// The row gathers below have AVX-512 versions (vpgatherdd, ~5x the scalar loop's rate): the
-// compiler does not vectorise an indexed load on its own, and a target clone cannot hold
-// intrinsics, so they are separate functions, picked per row at run time.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define QTL_X86 1
-#define QTL_AVX512 __attribute__((target("avx512f"), noinline))
-
-bool HasAvx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
-
-QTL_AVX512 void GatherRow512(const float* src, int32_t h, const int32_t* lo, int64_t width,
-                             float* row) {
-  const __m512i hv = _mm512_set1_epi32(h);
-  for (int64_t i = 0; i < width; i += kLanes) {
-    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
-    _mm512_storeu_ps(row + i, _mm512_i32gather_ps(idx, src, 4));
-  }
-}
-
-QTL_AVX512 void ProductRow512(const float* a, const float* c, int32_t h, const int32_t* lo,
-                              int64_t width, int lb, float* row) {
-  const __m512i hv = _mm512_set1_epi32(h);
-  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(width - 1));
-  for (int64_t i = 0; i < width; i += kLanes) {
-    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
-    const __m512 av = _mm512_i32gather_ps(_mm512_srli_epi32(idx, lb), a, 4);
-    const __m512 cv = _mm512_i32gather_ps(_mm512_and_si512(idx, mask), c, 4);
-    _mm512_storeu_ps(row + i, _mm512_mul_ps(av, cv));
-  }
-}
-
-QTL_AVX512 void CotangentRow512(const float* y, int32_t h, const int32_t* lo,
-                                const float* orow, const float* ocol, int64_t width, int lb,
-                                float* row) {
-  const __m512i hv = _mm512_set1_epi32(h);
-  const __m512i mask = _mm512_set1_epi32(static_cast<int32_t>(width - 1));
-  const __m512 two = _mm512_set1_ps(2.0f);
-  for (int64_t i = 0; i < width; i += kLanes) {
-    const __m512i idx = _mm512_xor_si512(_mm512_loadu_si512(lo + i), hv);
-    const __m512 o = _mm512_add_ps(_mm512_i32gather_ps(_mm512_srli_epi32(idx, lb), orow, 4),
-                                   _mm512_i32gather_ps(_mm512_and_si512(idx, mask), ocol, 4));
-    _mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_mul_ps(two, _mm512_loadu_ps(y + i)), o));
-  }
-}
+// The row gathers below are plain loops: built for the machine (-march=native), the compiler
+// turns them into hardware gathers (vpgatherdd) where its tuning for the CPU says they pay
+// (AVX-512 parts, AMD Zen 3 and later, Intel since Haswell), and into scalar loads elsewhere.
+// Each is its own function so that its __restrict pointers stay known not to alias (inlined,
+// GCC loses that and keeps the loop scalar); in a build for one ISA that costs nothing, and
+// in a multi-ISA build (QTL_CLONES) it would get the baseline only, so there it is inlined.
+#if defined(QTL_ISA_BUILD)
+#define QTL_ROW __attribute__((noinline))
 #else
-#define QTL_X86 0
+#define QTL_ROW QTL_INLINE
 #endif
-
 // row[i] = src[h ^ lo[i]]: one row of a network's gather.
-QTL_INLINE void GatherRow(const float* __restrict src, int32_t h, const int32_t* __restrict lo,
+QTL_ROW void GatherRow(const float* __restrict src, int32_t h, const int32_t* __restrict lo,
                           int64_t width, float* __restrict row) {
-#if QTL_X86
-  if (HasAvx512()) return GatherRow512(src, h, lo, width, row);
-#endif
   for (int64_t i = 0; i < width; ++i) row[i] = src[h ^ lo[i]];
 }
 
 // row[i] = a[s >> lb] * c[s & mask], s = h ^ lo[i]: one row of the permuted product state.
-QTL_INLINE void ProductRow(const float* __restrict a, const float* __restrict c, int32_t h,
+QTL_ROW void ProductRow(const float* __restrict a, const float* __restrict c, int32_t h,
                            const int32_t* __restrict lo, int64_t width, int lb,
                            float* __restrict row) {
-#if QTL_X86
-  if (HasAvx512()) return ProductRow512(a, c, h, lo, width, lb, row);
-#endif
   const int32_t mask = static_cast<int32_t>(width - 1);
   for (int64_t i = 0; i < width; ++i) {
     const int32_t s = h ^ lo[i];
@@ -317,12 +293,9 @@ QTL_INLINE void ProductRow(const float* __restrict a, const float* __restrict c,
 }
 
 // row[i] = 2 y[i] O(j'), j' = h ^ lo[i]: the loss's cotangent at the last layer's output.
-QTL_INLINE void CotangentRow(const float* __restrict y, int32_t h, const int32_t* __restrict lo,
+QTL_ROW void CotangentRow(const float* __restrict y, int32_t h, const int32_t* __restrict lo,
                              const float* __restrict orow, const float* __restrict ocol,
                              int64_t width, int lb, float* __restrict row) {
-#if QTL_X86
-  if (HasAvx512()) return CotangentRow512(y, h, lo, orow, ocol, width, lb, row);
-#endif
   const int32_t mask = static_cast<int32_t>(width - 1);
   for (int64_t i = 0; i < width; ++i) {
     const int32_t j = h ^ lo[i];
@@ -583,6 +556,28 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, fl
         gram[(l * p.n + w) * 4 + k] = static_cast<float>(grams[(l * p.n + p.n - 1 - w) * 4 + k]);
 }
 
+// The circuit of p.n wires and p.m layers: mats (m, n, 2, 2), nets (m + 1, n), inv like nets
+// or null (forward only).
+void Build(const float* mats, const int32_t* nets, const int32_t* inv, Problem& p) {
+  p.lb = std::min(p.n, kLowBits);
+  p.width = int64_t{1} << p.lb;
+  p.rows = int64_t{1} << (p.n - p.lb);
+  for (int l = 0; l <= p.m; ++l) {
+    p.nets.push_back(MakeMap(nets + l * p.n, p.n, p.lb));
+    if (inv) p.inv.push_back(MakeMap(inv + l * p.n, p.n, p.lb));
+  }
+  p.gates.assign(p.m, std::vector<Gate>(p.n));
+  p.gates_t.assign(p.m, std::vector<Gate>(p.n));
+  for (int l = 0; l < p.m; ++l)
+    for (int b = 0; b < p.n; ++b) {
+      const float* u = mats + (l * p.n + (p.n - 1 - b)) * 4;
+      p.gates[l][b] = MakeGate(u, b, false);
+      p.gates_t[l][b] = MakeGate(u, b, true);
+    }
+  for (int lo = p.lb; lo < p.n; lo += kTileBits)
+    p.tiles.emplace_back(lo, std::min(p.n, lo + kTileBits));
+}
+
 // Checks the shapes and builds the circuit: vec (B, n, 2) every wire's state after the
 // prefix, mats (m, n, 2, 2), nets (m + 1, n); inv like nets, when given.
 ffi::Error Setup(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
@@ -603,23 +598,7 @@ ffi::Error Setup(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
   if (inv && (inv->dimensions().size() != 2 || inv->dimensions()[0] != p.m + 1 ||
               inv->dimensions()[1] != p.n))
     return ffi::Error::InvalidArgument("statevector: inv must be shaped like nets (m + 1, n)");
-  p.lb = std::min(p.n, kLowBits);
-  p.width = int64_t{1} << p.lb;
-  p.rows = int64_t{1} << (p.n - p.lb);
-  for (int l = 0; l <= p.m; ++l) {
-    p.nets.push_back(MakeMap(nets.typed_data() + l * p.n, p.n, p.lb));
-    if (inv) p.inv.push_back(MakeMap(inv->typed_data() + l * p.n, p.n, p.lb));
-  }
-  p.gates.assign(p.m, std::vector<Gate>(p.n));
-  p.gates_t.assign(p.m, std::vector<Gate>(p.n));
-  for (int l = 0; l < p.m; ++l)
-    for (int b = 0; b < p.n; ++b) {
-      const float* u = mats.typed_data() + (l * p.n + (p.n - 1 - b)) * 4;
-      p.gates[l][b] = MakeGate(u, b, false);
-      p.gates_t[l][b] = MakeGate(u, b, true);
-    }
-  for (int lo = p.lb; lo < p.n; lo += kTileBits)
-    p.tiles.emplace_back(lo, std::min(p.n, lo + kTileBits));
+  Build(mats.typed_data(), nets.typed_data(), inv ? inv->typed_data() : nullptr, p);
   return ffi::Error::Success();
 }
 
@@ -674,6 +653,37 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
 }
 
 }  // namespace
+
+// The same kernels without XLA, one example after another on the calling thread: for the
+// tests that compare builds for different instruction sets (and an ARM64 build run under an
+// emulator) on exactly the same inputs. Shapes as in Forward and Backward; 0 on success.
+extern "C" int qtl_statevector_forward_plain(int n, int m, int64_t batch, const float* vec,
+                                             const float* mats, const int32_t* nets,
+                                             float* z) {
+  if (m < 1 || n < 4 || n > 30) return 1;
+  Problem p;
+  p.n = n;
+  p.m = m;
+  Build(mats, nets, nullptr, p);
+  for (int64_t b = 0; b < batch; ++b) ForwardOne(p, vec + b * n * 2, z + b * n);
+  return 0;
+}
+
+extern "C" int qtl_statevector_backward_plain(int n, int m, int64_t batch, const float* vec,
+                                              const float* mats, const int32_t* nets,
+                                              const int32_t* inv, const float* g, float* dvec,
+                                              float* gram) {
+  if (m < 1 || n < 4 || n > 30) return 1;
+  Problem p;
+  p.n = n;
+  p.m = m;
+  Build(mats, nets, inv, p);
+  for (int64_t b = 0; b < batch; ++b)
+    BackwardOne(p, vec + b * n * 2, g + b * n, dvec + b * n * 2, gram + b * m * n * 4);
+  return 0;
+}
+
+extern "C" const char* qtl_kernel_isa() { return qtl::VectorIsa(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlStatevectorForward, Forward,
                               ffi::Ffi::Bind()

@@ -1,0 +1,50 @@
+// A command-line driver of the whole-circuit kernel's plain entries, for running a build for
+// another architecture under an emulator (tests/test_kernel_isa.py: an ARM64 build under
+// qemu-aarch64 gives the x86-64 build's results). Reads one little-endian binary case from
+// stdin: int32 n, m, batch; float vec (batch, n, 2); float mats (m, n, 2, 2); int32 nets and
+// inv (m + 1, n); float g (batch, n). Writes float z (batch, n), dvec (batch, n, 2) and
+// gram (batch, m, n, 4) to stdout, then the vector ISA it was built for on stderr.
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+extern "C" int qtl_statevector_forward_plain(int n, int m, int64_t batch, const float* vec,
+                                             const float* mats, const int32_t* nets, float* z);
+extern "C" int qtl_statevector_backward_plain(int n, int m, int64_t batch, const float* vec,
+                                              const float* mats, const int32_t* nets,
+                                              const int32_t* inv, const float* g, float* dvec,
+                                              float* gram);
+extern "C" const char* qtl_kernel_isa();
+
+template <typename T>
+static bool Read(std::vector<T>& v, size_t count) {
+  v.resize(count);
+  return std::fread(v.data(), sizeof(T), count, stdin) == count;
+}
+
+template <typename T>
+static void Write(const std::vector<T>& v) {
+  std::fwrite(v.data(), sizeof(T), v.size(), stdout);
+}
+
+int main() {
+  std::vector<int32_t> head, nets, inv;
+  std::vector<float> vec, mats, g;
+  if (!Read(head, 3)) return 2;
+  const int n = head[0], m = head[1];
+  const int64_t batch = head[2];
+  if (!Read(vec, batch * n * 2) || !Read(mats, size_t(m) * n * 4) ||
+      !Read(nets, size_t(m + 1) * n) || !Read(inv, size_t(m + 1) * n) || !Read(g, batch * n))
+    return 2;
+  std::vector<float> z(batch * n), dvec(batch * n * 2), gram(batch * m * n * 4);
+  if (qtl_statevector_forward_plain(n, m, batch, vec.data(), mats.data(), nets.data(), z.data()))
+    return 3;
+  if (qtl_statevector_backward_plain(n, m, batch, vec.data(), mats.data(), nets.data(),
+                                     inv.data(), g.data(), dvec.data(), gram.data()))
+    return 3;
+  Write(z);
+  Write(dvec);
+  Write(gram);
+  std::fprintf(stderr, "%s\n", qtl_kernel_isa());
+  return 0;
+}
