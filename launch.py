@@ -20,7 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jobs may shar
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from qtl.config import register_configs  # noqa: E402
+from qtl.studies import register_configs  # noqa: E402
 
 register_configs()
 

@@ -24,6 +24,7 @@ a run directory nor renames a cache keyed by the fingerprint.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -384,10 +385,6 @@ class ModelConfig:
         "cnn_depths": [2, 2, 2, 2],
     }
 
-    @property
-    def is_medmnist_model(self) -> bool:
-        return self.name != ModelName.resnet_dqc
-
 
 @dataclass
 class DistillConfig:
@@ -488,7 +485,7 @@ class BenchCircuitConfig:
     warmup: int = 2  # untimed steps after compilation
     max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow
     rounds: int = 2  # every case again in a fresh process per round: the table shows the spread
-    out: str = "bench/circuit.json"  # JSON results (relative to the working directory)
+    out: str = "${paths.bench_dir}/circuit.json"  # JSON results
     jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
 
 
@@ -510,7 +507,7 @@ class BenchStepConfig:
     max_seconds: float = 600.0  # per-case budget: fewer warm-up (<= 1/3 of it) and timed (>= 3)
     case_timeout_s: float = 1800.0  # a case still running then is killed and recorded
     max_rss_gb: float = 16.0  # a case whose processes exceed this RSS is killed: out of memory
-    out: str = "bench/step.json"  # JSON results (relative to the working directory); .md beside
+    out: str = "${paths.bench_dir}/step.json"  # JSON results, the Markdown table beside (.md)
     dry_run: bool = False  # list the cases (after every check) and exit without running them
 
 
@@ -548,7 +545,7 @@ class BenchFeaturesConfig:
     dqc_qubits: list[int] = field(default_factory=lambda: [19])  # DQC sizes timed (8, 14, 19)
     extract_images: int = 256  # ResNet-50 images timed for the extraction rate (after warm-up)
     extract_px: int = 224  # their side
-    out: str = "bench/features.json"  # JSON results
+    out: str = "${paths.bench_dir}/features.json"  # JSON results
 
 
 @dataclass
@@ -580,6 +577,7 @@ class PathsConfig:
 @dataclass
 class QtlConfig:
     mode: Mode = Mode.train
+    study: str | None = None  # cxr | medmnist | a registered study; null = data.name's study
     name: str = "default"  # experiment name: groups run directories under outputs/<name>
     seed: int = 0  # one seed drives init, batch order and augmentation
     task: TaskConfig = MISSING
@@ -602,6 +600,7 @@ class QtlConfig:
     bench_features: BenchFeaturesConfig = field(default_factory=BenchFeaturesConfig)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
+        "study",
         "seed",
         "task",
         "head",
@@ -627,6 +626,8 @@ class QtlConfig:
         "search",  # how a search scores a run, not what the run computes
         "bench_features",
     )
+    # null: the study data.name selects, which is what a qtl without the field ran
+    LEGACY: ClassVar[dict[str, Any]] = {"study": None}
 
 
 def check_identity_declarations(cls: type = QtlConfig) -> None:
@@ -654,22 +655,9 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
             check_identity_declarations(hints[name])
 
 
-def run_subdir(root: Any) -> str:
-    """A training run's folder under its experiment: ``<task>-<head>/seed<seed>``, or for a
-    MedMNIST run ``<flag>-<model>[-kd_<distill>]/seed<seed>``.
-
-    Deterministic, so the same command finds (and resumes) the same run.
-    """
-    if str(root.data.name) == DataName.medmnist:
-        return f"{run_label(root)}/seed{root.seed}"
-    return f"{root.task.name}-{root.head.name}/seed{root.seed}"
-
-
-def run_label(root: Any) -> str:
-    """``<flag>-<model>[-kd_<mode>]`` of a MedMNIST run (its folder and its W&B name)."""
-    distill = str(root.distill.mode)
-    kd = "" if distill == DistillMode.none else f"-kd_{distill}"
-    return f"{root.data.flag}-{root.model.name}{kd}"
+# the run's folder under its experiment (``<run label>/seed<n>``): the study's, given to
+# :func:`register_configs` by ``qtl.studies`` (the layer that knows the studies)
+_run_subdir: Callable[[Any], str] | None = None
 
 
 @functools.cache
@@ -682,19 +670,24 @@ def _run_dir(*, _root_: Any) -> str:
     """``hydra.run.dir``: a training run's own folder; any other mode gets a folder of its own
     (``<output_dir>/_<mode>/<time>``), so a benchmark or a report never writes into a run."""
     if str(_root_.mode) == Mode.train:
-        return f"{_root_.paths.output_dir}/{_root_.name}/{run_subdir(_root_)}"
+        assert _run_subdir is not None, "register the configs through qtl.studies"
+        return f"{_root_.paths.output_dir}/{_root_.name}/{_run_subdir(_root_)}"
     return f"{_root_.paths.output_dir}/_{_root_.mode}/{_process_stamp()}"
 
 
 def _sweep_subdir(*, _root_: Any) -> str:
     """``hydra.sweep.subdir``: the run's folder in a multirun (other modes: ``_<mode>/<job>``)."""
     if str(_root_.mode) == Mode.train:
-        return run_subdir(_root_)
+        assert _run_subdir is not None, "register the configs through qtl.studies"
+        return _run_subdir(_root_)
     return f"_{_root_.mode}/{_root_.hydra.job.num}"
 
 
-def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can extend it, and the run-dir resolvers."""
+def register_configs(run_subdir: Callable[[Any], str]) -> None:
+    """Register the schema so ``conf/config.yaml`` can extend it, and the run-dir resolvers
+    (``run_subdir``: a training run's folder under its experiment, the study's)."""
+    global _run_subdir
+    _run_subdir = run_subdir
     check_identity_declarations()  # a field added without saying whether it is identity
     cs = ConfigStore.instance()
     cs.store(name="qtl_schema", node=QtlConfig)
@@ -764,7 +757,7 @@ def validate(cfg: QtlConfig) -> None:
             "miccai2023_nih-cxr-lt_labels_{train,val,test}.csv>. "
             "Use data=synthetic to try qtl without data."
         )
-    _validate_study(cfg)
+    # the run's study checks its own fields (qtl.studies: Study.validate)
 
 
 def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
@@ -781,11 +774,6 @@ def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
     if not (fc.cache or needed):
         return
     why = "features.cache=true" if fc.cache else f"mode={cfg.mode}"
-    if cfg.data.name == DataName.medmnist:
-        raise ConfigError(
-            f"{why} caches the CXR study's frozen backbone features; data=medmnist models "
-            "(ViT, QViT, ResNet-18) train end to end on images: use features.cache=false."
-        )
     if not cfg.backbone.freeze:
         raise ConfigError(
             f"{why} needs backbone.freeze=true: the features of a backbone that trains change "
@@ -803,60 +791,3 @@ def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
             "need the features of freshly flipped and rotated images). Set data.augment=false "
             "(experiment=frozen does), or features.cache=false to train on augmented images."
         )
-
-
-_MEDMNIST_MODELS = "model=vit | model=qvit | model=resnet18"
-
-
-def _validate_study(cfg: QtlConfig) -> None:
-    """Which model, data and distillation go together (the two studies share the trainer)."""
-    medmnist = cfg.data.name == DataName.medmnist
-    if medmnist and not cfg.model.is_medmnist_model:
-        raise ConfigError(
-            f"data=medmnist needs a MedMNIST model ({_MEDMNIST_MODELS}); model=resnet_dqc is "
-            "the CXR study's backbone + head. E.g. python launch.py data=medmnist model=qvit"
-        )
-    if not medmnist and cfg.model.is_medmnist_model:
-        raise ConfigError(
-            f"model={cfg.model.name} trains on data=medmnist only (data={cfg.data.name} is the "
-            "CXR study's data, trained by model=resnet_dqc with the backbone and head groups)."
-        )
-    if not medmnist and cfg.distill.mode != DistillMode.none:
-        raise ConfigError(
-            f"distill={cfg.distill.mode} is for data=medmnist runs; use distill=none with "
-            f"data={cfg.data.name}."
-        )
-    if not medmnist:
-        return
-    m, d = cfg.model, cfg.distill
-    checks: list[tuple[str, Any, bool]] = [
-        ("data.size", cfg.data.size, cfg.data.size in (28, 64, 128, 224)),
-        ("data.binary_logits", cfg.data.binary_logits, cfg.data.binary_logits in (1, 2)),
-        ("data.synth_noise", cfg.data.synth_noise, cfg.data.synth_noise >= 0),
-        ("distill.temperature", d.temperature, d.temperature > 0),
-        ("distill.alpha", d.alpha, 0.0 <= d.alpha <= 1.0),
-        ("distill.pretrain_epochs", d.pretrain_epochs, d.pretrain_epochs >= 0),
-        ("distill.teacher_epochs", d.teacher_epochs, (d.teacher_epochs or 1) > 0),
-        ("model.cnn_stem", m.cnn_stem, m.cnn_stem > 0),
-    ]
-    for key, value, ok in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value} is out of range.")
-    if cfg.data.augment:
-        raise ConfigError(
-            "data.augment=true is not available with data=medmnist (the flip + rotation path is "
-            "the CXR study's; MedMNIST v2 and the public QViT train without augmentation): "
-            "use data.augment=false."
-        )
-    if d.mode == DistillMode.pretrain and d.pretrain_epochs >= cfg.train.max_epochs:
-        raise ConfigError(
-            f"distill.pretrain_epochs={d.pretrain_epochs} leaves no label fine-tuning within "
-            f"train.max_epochs={cfg.train.max_epochs}; use fewer KD epochs or more epochs."
-        )
-    if len(m.cnn_widths) != len(m.cnn_depths) or not m.cnn_widths:
-        raise ConfigError(
-            "model.cnn_widths and model.cnn_depths need one entry per stage "
-            f"(got {m.cnn_widths} and {m.cnn_depths})."
-        )
-    if d.mode != DistillMode.none and not d.teacher:
-        raise ConfigError("distill.teacher is empty: name a preset (resnet18) or a run folder.")

@@ -22,7 +22,7 @@ def collect(root: Path) -> list[Results]:
         for p in sorted(Path(root).rglob("results.json"))
         if "wandb" not in p.parent.parts
     ]
-    return sorted((r for r in runs if r), key=lambda r: (r.task, r.head, r.seed))
+    return sorted((r for r in runs if r), key=lambda r: (r.label or f"{r.task}-{r.head}", r.seed))
 
 
 def not_finished(root: Path) -> list[tuple[Path, str, str]]:
@@ -51,7 +51,7 @@ def table(runs: list[Results], split: str) -> str:
     labels: list[str] = []
     for r in runs:
         labels += [x for x in r.labels if x not in labels]
-    cols = [f"{r.task}/{r.head}/s{r.seed}" for r in runs]
+    cols = [f"{r.task}/{r.head}/s{r.seed}" for r in runs]  # runs with per-label AUROC: CXR
     width = max(len(x) for x in [*labels, "mean AUROC"])
     cw = max(10, *(len(c) for c in cols))
     out = [f"{split} AUROC".ljust(width) + "  " + "  ".join(c.rjust(cw) for c in cols)]

@@ -24,7 +24,8 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from qtl.config import register_configs, to_schema
+    from qtl.config import to_schema
+    from qtl.studies import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

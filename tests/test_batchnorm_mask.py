@@ -146,7 +146,8 @@ def test_inference_mode_and_eval_mode_ignore_the_mask(real_rows):
 
 def test_a_padded_train_step_equals_one_on_the_real_rows():
     """The jitted step: BN statistics and SGD-updated weights as if padding did not exist."""
-    from qtl.apps.pretrain import build_pretrained_model
+    from qtl.studies.cxr import CxrStudy
+    from qtl.studies.pretrain import build_pretrained_model
     from qtl.train.step import init_state, make_steps
 
     cfg = compose(
@@ -158,7 +159,7 @@ def test_a_padded_train_step_equals_one_on_the_real_rows():
         "train.optimizer=sgd",
         "train.lr=0.05",
     )
-    model = build_pretrained_model(cfg, 0)
+    model = build_pretrained_model(cfg, 0, CxrStudy())
     steps = make_steps(model, cfg)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 255, (REAL, 32, 32), dtype=np.uint8)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import compose, launch
 
-from qtl.apps.describe import describe
+from qtl.studies.cxr import CxrStudy
+
+describe = CxrStudy().describe
 
 BACKBONE = 23_508_032
 PRE = {"cxr8": 16_392, "cxr14": 28_686, "cxr19": 38_931}

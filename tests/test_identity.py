@@ -304,8 +304,8 @@ def weights_dir(tmp_path_factory) -> Path:
     """A tiny backbone saved as transformers' ResNetModel would (model.safetensors)."""
     from flax import nnx
 
-    from qtl.apps.pretrain import save_hf_backbone
     from qtl.models.resnet import ResNet
+    from qtl.studies.pretrain import save_hf_backbone
 
     cfg = _cfg()
     return save_hf_backbone(
@@ -318,8 +318,9 @@ def _sha(path: Path) -> str:
 
 
 def test_local_weights_are_recorded_by_hash(tmp_path, weights_dir):
-    from qtl.apps.pretrain import build_pretrained_model
     from qtl.models.hf_import import load_pretrained
+    from qtl.studies.cxr import CxrStudy
+    from qtl.studies.pretrain import build_pretrained_model
 
     cfg = _cfg(f"backbone.pretrained={weights_dir}")
     run_dir, path = _start(tmp_path, cfg)
@@ -334,7 +335,9 @@ def test_local_weights_are_recorded_by_hash(tmp_path, weights_dir):
         }
     ]
     assert weights["config_json_sha256"] == _sha(weights_dir / "config.json")
-    report = load_pretrained(build_pretrained_model(_cfg(), 0).backbone, str(weights_dir))
+    report = load_pretrained(
+        build_pretrained_model(_cfg(), 0, CxrStudy()).backbone, str(weights_dir)
+    )
     assert report["provenance"] == weights  # the same resolution the loader used
 
 

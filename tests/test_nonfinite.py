@@ -35,7 +35,8 @@ def test_nan_stops_at_its_batch_and_keeps_the_last_good_checkpoint(
 ):
     """A NaN label in batch 3 of epoch 2 makes the real step's loss and gradients NaN."""
     import qtl.train.loop as loop
-    from qtl.apps.pretrain import build_pretrained_model
+    from qtl.studies.cxr import CxrStudy
+    from qtl.studies.pretrain import build_pretrained_model
     from qtl.train.checkpoint import Checkpoints
     from qtl.train.step import init_state, make_steps
 
@@ -68,7 +69,7 @@ def test_nan_stops_at_its_batch_and_keeps_the_last_good_checkpoint(
 
     # the bad update was never saved: what is on disk is epoch 1's state, all finite
     assert _steps(run_dir, "last") == [6] and _steps(run_dir, "best") == [1]
-    model = build_pretrained_model(cfg, cfg.seed)
+    model = build_pretrained_model(cfg, cfg.seed, CxrStudy())
     steps = make_steps(model, cfg)
     ckpts = Checkpoints(run_dir / "checkpoints")
     try:

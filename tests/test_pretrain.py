@@ -12,12 +12,13 @@ import pytest
 from conftest import TINY, compose
 from flax import nnx
 
-from qtl.apps.pretrain import pretrain_config, save_hf_backbone, synthetic_pretrained
 from qtl.config import ConfigError
 from qtl.data.source import load_splits
 from qtl.data.synthetic import MARKER
 from qtl.models.hf_import import load_pretrained
 from qtl.models.resnet import ResNet
+from qtl.studies.cxr import CxrStudy
+from qtl.studies.pretrain import pretrain_config, save_hf_backbone, synthetic_pretrained
 
 
 def test_export_import_roundtrip_is_exact(tmp_path):
@@ -48,11 +49,14 @@ def test_pretrained_once_then_cached(synth_root):
     cfg = compose(*TINY, f"data.root={synth_root}")
     load_splits(cfg.data, cfg.task.labels)  # the target set exists before pretraining
     target_marker = json.loads((Path(synth_root) / MARKER).read_text())
-    out = synthetic_pretrained(cfg)
+    out = synthetic_pretrained(cfg, CxrStudy())
     weights = out / "model.safetensors"
     assert weights.exists() and (out / "run" / "results.json").exists()
     stamp = weights.stat().st_mtime_ns
-    assert synthetic_pretrained(compose(*TINY, f"data.root={synth_root}", "head=cdl")) == out
+    assert (
+        synthetic_pretrained(compose(*TINY, f"data.root={synth_root}", "head=cdl"), CxrStudy())
+        == out
+    )
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
     assert json.loads((Path(synth_root) / MARKER).read_text()) == target_marker  # untouched
 

@@ -81,3 +81,23 @@ def test_summary_prints_every_run(tmp_path, capsys):
     assert f"| breastmnist | qvit | joint | 3 | 1 | {auc:.3f} | {acc:.3f} |" in out
     with pytest.raises(SystemExit, match="no finished MedMNIST runs"):
         main([str(tmp_path / "empty")])
+
+
+def test_every_results_json_is_read_once(tmp_path, monkeypatch):
+    """One pipeline: the report collects the sweep once and every section reads from it."""
+    from collections import Counter
+
+    from qtl.config import ReportConfig
+    from qtl.report.build import write_report
+
+    _sweep(tmp_path / "sweep", np.random.default_rng(0))
+    reads: Counter = Counter()
+    original = RunFiles.read_results
+
+    def counting(self):
+        reads[self.dir] += 1
+        return original(self)
+
+    monkeypatch.setattr(RunFiles, "read_results", counting)
+    write_report(ReportConfig(sweep=str(tmp_path / "sweep")))
+    assert len(reads) == 32 and set(reads.values()) == {1}

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from helpers import compose
 
-from qtl.config import ConfigError, run_subdir, validate
+from qtl.config import ConfigError, validate
+from qtl.studies import run_subdir, study_for
 
 TINY_MED = ["debug=tiny_medmnist"]
 
@@ -24,7 +25,7 @@ TINY_MED = ["debug=tiny_medmnist"]
     [
         (["model=qvit"], "trains on data=medmnist only"),
         (["data=medmnist"], "data=medmnist needs a MedMNIST model"),
-        (["distill=joint"], "distill=joint is for data=medmnist runs"),
+        (["distill=joint"], "distill.mode=joint has no meaning in the cxr study"),
         (["experiment=qvit", "distill=pretrain", "distill.pretrain_epochs=40"], "leaves no label"),
         (["experiment=qvit", "data.size=32"], "data.size=32 is out of range"),
         (["experiment=qvit", "distill=joint", "distill.alpha=1.5"], "distill.alpha=1.5"),
@@ -33,7 +34,9 @@ TINY_MED = ["debug=tiny_medmnist"]
 )
 def test_invalid_study_combinations_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose(*overrides))
+        cfg = compose(*overrides)
+        validate(cfg)
+        study_for(cfg).validate(cfg)
 
 
 def test_cxr_grid_still_composes_and_medmnist_runs_get_their_own_folders():

@@ -52,7 +52,7 @@ def test_search_preset_composes_with_demo():
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from qtl.config import register_configs
+    from qtl.studies import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

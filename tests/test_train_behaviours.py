@@ -15,9 +15,10 @@ import pytest
 from conftest import TINY, compose
 from helpers import read_metrics as _metrics
 
-from qtl.apps.pretrain import build_pretrained_model
 from qtl.apps.train import train_and_evaluate
 from qtl.evaluate.predict import predict
+from qtl.studies.cxr import CxrStudy
+from qtl.studies.pretrain import build_pretrained_model
 from qtl.train.checkpoint import Checkpoints
 from qtl.train.step import init_state, make_steps
 
@@ -35,7 +36,7 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def _template(cfg):
-    model = build_pretrained_model(cfg, cfg.seed)
+    model = build_pretrained_model(cfg, cfg.seed, CxrStudy())
     steps = make_steps(model, cfg)
     return model, init_state(model, cfg, steps.tx)
 
@@ -145,7 +146,7 @@ def _steps(*extra: str):
         "train.backbone_lr=null",  # one rate for every parameter
         *extra,
     )
-    model = build_pretrained_model(cfg, 0)
+    model = build_pretrained_model(cfg, 0, CxrStudy())
     steps = make_steps(model, cfg)
 
     def fresh():  # the train step donates its state

@@ -9,7 +9,8 @@ import optax
 import pytest
 from conftest import TINY, compose
 
-from qtl.apps.pretrain import build_pretrained_model
+from qtl.studies.cxr import CxrStudy
+from qtl.studies.pretrain import build_pretrained_model
 from qtl.train.checkpoint import CheckpointError, Checkpoints
 from qtl.train.step import init_state, make_steps, masked_bce
 
@@ -24,7 +25,7 @@ def test_masked_bce_ignores_padding_rows():
 
 def _state(*overrides):
     cfg = compose(*TINY, "backbone.pretrained=null", *overrides)
-    model = build_pretrained_model(cfg, 0)
+    model = build_pretrained_model(cfg, 0, CxrStudy())
     steps = make_steps(model, cfg)
     return cfg, steps, init_state(model, cfg, steps.tx)
 

@@ -14,17 +14,18 @@ from qtl.config import QtlConfig, validate, validate_features
 
 
 def main(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    from qtl.apps.pretrain import resolve_weights
     from qtl.data.source import load_splits
     from qtl.models.classifier import build_model
     from qtl.progress import want_progress
+    from qtl.studies import study_for
+    from qtl.studies.pretrain import resolve_weights
     from qtl.train.features import feature_sets
     from qtl.utils import paths
 
     validate(cfg)
     validate_features(cfg, needed=True)  # fails before any weights or images are loaded
     show = want_progress(cfg.progress)
-    model = build_model(cfg, cfg.seed, weights=resolve_weights(cfg))
+    model = build_model(cfg, cfg.seed, weights=resolve_weights(cfg, study_for(cfg)))
     splits = load_splits(
         cfg.data,
         list(cfg.task.labels),

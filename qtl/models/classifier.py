@@ -28,19 +28,17 @@ class Classifier(nnx.Module):
         return self.head(features)
 
 
-SYNTHETIC = "synthetic"  # backbone.pretrained=synthetic: weights qtl trains (qtl.apps.pretrain)
+SYNTHETIC = "synthetic"  # backbone.pretrained=synthetic: weights qtl trains (qtl.studies.pretrain)
 
 
 def _source(cfg: QtlConfig, weights: str | None) -> str | None:
     """The weights to load: ``weights`` (resolved by the application) or the configured ones."""
-    if cfg.model.is_medmnist_model:  # a MedMNIST model starts from its seed (or a teacher's KD)
-        return None
     if weights is not None:
         return weights
     if cfg.backbone.pretrained == SYNTHETIC:
         raise ConfigError(
             "backbone.pretrained=synthetic names weights that qtl trains itself; build the "
-            "model through qtl.apps.pretrain.build_pretrained_model (or pass weights=<folder>)."
+            "model through qtl.studies.pretrain.build_pretrained_model (or pass weights=<folder>)."
         )
     return cfg.backbone.pretrained or None
 

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +42,7 @@ from omegaconf import MISSING, OmegaConf
 
 from qtl.config import AugmentOn, ConfigError, HeadName, QtlConfig, Simulator
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3  # 3: the identity holds only the fields of the run's study
 _PACKAGES = ("qtl", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pennylane")
 _UNKNOWN = object()  # a key with no legacy value (e.g. task.labels): its absence never matches
 
@@ -69,8 +70,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def identity(cfg: QtlConfig) -> dict[str, Any]:
-    """The schema's IDENTITY fields of ``cfg``, flat, with ``data.augment_on`` resolved."""
+def identity(cfg: QtlConfig, study: Any = None) -> dict[str, Any]:
+    """The schema's IDENTITY fields of ``cfg``, flat, with ``data.augment_on`` resolved;
+    with ``study`` (a :class:`qtl.studies.base.Study`), only those that define its runs."""
     from qtl.data.augment import resolve_augment_on
 
     flat: dict[str, Any] = {}
@@ -84,7 +86,9 @@ def identity(cfg: QtlConfig) -> dict[str, Any]:
 
     walk(cfg, config_dict(cfg), "")
     flat["data.augment_on"] = resolve_augment_on(cfg.data).value
-    return flat
+    if study is None:
+        return flat
+    return {key: flat[key] for key in study.identity_keys(list(flat))}
 
 
 def _legacy(cfg: QtlConfig, key: str) -> tuple[Any, bool]:
@@ -119,13 +123,15 @@ def _legacy(cfg: QtlConfig, key: str) -> tuple[Any, bool]:
     return _UNKNOWN, False
 
 
-def fingerprint(cfg: QtlConfig) -> str:
-    """Hash of everything that determines a run's result.
+def fingerprint(cfg: QtlConfig, study: Any = None) -> str:
+    """Hash of everything that determines a run's result (of ``study``: its identity keys).
 
     Fields at their declared LEGACY value are left out, so adding a field that keeps the old
-    behaviour leaves every fingerprint (and every cache keyed by one) as it was.
+    behaviour leaves every fingerprint (and every cache keyed by one) as it was. Without
+    ``study``, every schema identity field counts: the fingerprint qtl computed before studies
+    chose their identity (record version 2), which caches keyed then are found by.
     """
-    ident = identity(cfg)
+    ident = identity(cfg, study)
     kept = {}
     for key, value in ident.items():
         legacy, declared = _legacy(cfg, key)
@@ -283,10 +289,20 @@ def _weights_note(first: dict[str, Any], now: dict[str, Any], restarting: bool) 
     )
 
 
-def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | None = None) -> None:
+def check_run_dir(
+    cfg: QtlConfig,
+    run_dir: Path,
+    path: Path,
+    *,
+    weights: str | None = None,
+    study: Any = None,
+    provenance: Callable[[], dict[str, Any]] | None = None,
+) -> None:
     """Refuse a run directory started with another config; record the run otherwise.
 
-    ``weights``: the backbone's starting weights as the application resolved them (for
+    ``study``: whose identity keys define the run (None: every schema identity field).
+    ``provenance``: what the run's weights start from (the study's); without it, the
+    backbone's starting weights ``weights`` as the application resolved them (for
     ``backbone.pretrained=synthetic``, the folder qtl pretrained), recorded with their hash.
 
     Resolves ``data.augment_on=auto`` in ``cfg`` in place (the recorded placement on a
@@ -294,15 +310,20 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | N
     the placement it records.
     """
     from qtl.data.augment import resolve_augment_on
-    from qtl.models.classifier import weights_provenance
+
+    if provenance is None:
+        from qtl.models.classifier import weights_provenance
+
+        def provenance() -> dict[str, Any]:
+            return weights_provenance(cfg, weights)
 
     run_dir = Path(run_dir)
     if not path.exists():
         cfg.data.augment_on = resolve_augment_on(cfg.data)
-        loaded = weights_provenance(cfg, weights)  # first: a weights problem records nothing
+        loaded = provenance()  # first: a weights problem records nothing
         record = {
-            "fingerprint": fingerprint(cfg),
-            "identity": identity(cfg),
+            "fingerprint": fingerprint(cfg, study),
+            "identity": identity(cfg, study),
             "config": config_dict(cfg),
             "record_version": RECORD_VERSION,
             "runtime": runtime_settings(cfg),
@@ -314,7 +335,7 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | N
     theirs = dict(record.get("identity", {}))
     notes: list[str] = []
     placement_unknown = _pin_augmentation(cfg, theirs, notes)
-    mine = identity(cfg)
+    mine = identity(cfg, study)
     diffs = identity_diffs(cfg, theirs, mine)
     if diffs:
         raise ConfigError(
@@ -326,7 +347,7 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | N
     if (run_dir / "results.json").exists():
         return  # finished: nothing runs, nothing to record
     runtime = runtime_settings(cfg)
-    loaded = weights_provenance(cfg, weights)
+    loaded = provenance()
     restarting = not _has_checkpoint(run_dir)
     recorded_weights = (record.get("provenance") or {}).get("weights")
     update: dict[str, Any] = {}
@@ -343,7 +364,7 @@ def check_run_dir(cfg: QtlConfig, run_dir: Path, path: Path, *, weights: str | N
     if placement_unknown or set(mine) - set(record.get("identity", {})):
         # an older record: write what this qtl checks, keeping what the run started with
         update |= {
-            "fingerprint": fingerprint(cfg),
+            "fingerprint": fingerprint(cfg, study),
             "identity": mine,
             "upgrades": [
                 *record.get("upgrades", []),

@@ -50,7 +50,15 @@ def _wandb_mode(mode: WandbMode) -> str:
 class WandbLogger:
     """A W&B run in ``<run_dir>/wandb``; resumes the run whose id is in ``wandb_run_id``."""
 
-    def __init__(self, cfg: QtlConfig, run_dir: Path, config: dict[str, Any], run_name: str):
+    def __init__(
+        self,
+        cfg: QtlConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        run_name: str,
+        group: str,
+        tags: list[str],
+    ):
         import wandb
 
         from qtl.record.wandb_file import last_steps
@@ -65,9 +73,9 @@ class WandbLogger:
         self._run = wandb.init(
             project=wcfg.project,
             entity=wcfg.entity,
-            group=f"{cfg.task.name}-{cfg.head.name.value}",
+            group=group,
             name=run_name,
-            tags=[cfg.task.name, cfg.head.name.value, f"seed{cfg.seed}", *wcfg.tags],
+            tags=[*tags, *wcfg.tags],
             config=config,
             dir=str(run_dir),
             id=run_id,
@@ -115,17 +123,14 @@ class WandbLogger:
 
 
 def make_logger(
-    cfg: QtlConfig, run_dir: Path, config: dict[str, Any], run_name: str
+    cfg: QtlConfig,
+    run_dir: Path,
+    config: dict[str, Any],
+    run_name: str,
+    group: str,
+    tags: list[str],
 ) -> NullLogger | WandbLogger:
+    """``logger=``'s logger; ``group`` and ``tags`` come from the run's study (its run label)."""
     if cfg.logger.name == LoggerName.wandb:
-        return WandbLogger(cfg, run_dir, config, run_name)
+        return WandbLogger(cfg, run_dir, config, run_name, group, tags)
     return NullLogger()
-
-
-def _group(cfg: QtlConfig) -> str:
-    """The W&B group: ``<task>-<head>``, or a MedMNIST run's ``<flag>-<model>[-kd_<mode>]``."""
-    from qtl.config import DataName, run_label
-
-    if cfg.data.name == DataName.medmnist:
-        return run_label(cfg)
-    return f"{cfg.task.name}-{cfg.head.name.value}"

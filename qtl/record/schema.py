@@ -16,8 +16,9 @@ it, so a renamed field cannot leave one of them reading stale keys.
       wandb/                 W&B offline run files (logger=wandb)
 
 ``results.json`` carries ``schema_version``; records written before versioning (no such key)
-are version 1 and read the same, since versions 2 and 3 only added fields with defaults
-(3: the MedMNIST study's ``study``, ``model``, ``dataset``, ``metrics``, ``teacher``, ``costs``).
+are version 1 and read the same, since versions 2 to 4 only added fields with defaults
+(3: the MedMNIST study's ``study``, ``model``, ``dataset``, ``metrics``, ``teacher``, ``costs``;
+4: ``label``, and ``task``, ``head``, ``auroc`` left empty by studies other than CXR).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 
 
 class RecordError(ValueError):
@@ -103,8 +104,6 @@ class Results:
     """results.json: everything the report needs about one finished run."""
 
     run: str
-    task: str
-    head: str
     seed: int
     labels: list[str]
     fingerprint: str
@@ -116,7 +115,13 @@ class Results:
     best_val_loss: float | None
     final_val_loss: float | None
     loss: dict[str, float]
-    auroc: dict[str, SplitScores]
+    # the CXR study's: its task and head, and AUROC per label per split (None / empty for a
+    # study whose runs are named and scored otherwise; records before version 4 of MedMNIST
+    # runs hold the dataset, the model and the AUC there too)
+    task: str | None = None
+    head: str | None = None
+    auroc: dict[str, SplitScores] = field(default_factory=dict)
+    label: str = ""  # the study's run label (the folder before /seed<n>, the W&B group)
     split_sizes: dict[str, int] = field(default_factory=dict)
     train_label_counts: dict[str, int] = field(default_factory=dict)
     skipped_images: dict[str, list[str]] = field(default_factory=dict)
@@ -136,8 +141,13 @@ class Results:
     schema_version: int = RESULTS_VERSION
 
     def mean_auroc(self, split: str) -> float | None:
+        """The split's headline AUC: the mean AUROC over labels, or the study's own AUC
+        (``metrics[split]["auc"]``, MedMNIST's definition) for a study that records one."""
         block = self.auroc.get(split)
-        return None if block is None else block.mean
+        if block is not None:
+            return block.mean
+        auc = self.metrics.get(split, {}).get("auc")
+        return None if auc is None else float(auc)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +162,7 @@ class Results:
             )
         try:
             known = _known(cls, data)
-            known["auroc"] = {s: SplitScores(**b) for s, b in data["auroc"].items()}
+            known["auroc"] = {s: SplitScores(**b) for s, b in data.get("auroc", {}).items()}
             known["schema_version"] = RESULTS_VERSION
             return cls(**known)
         except (KeyError, TypeError) as err:

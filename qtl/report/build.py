@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from qtl.config import ConfigError, LoggerConfig, LoggerName, ReportConfig
 from qtl.report import figures as figs
 from qtl.report import markdown
-from qtl.report.collect import collect
+from qtl.report.collect import Sweep, collect
 from qtl.report.stats import compare
 from qtl.report.tables import (
     comparison_table,
@@ -32,7 +33,13 @@ def _check(cfg: ReportConfig) -> None:
 
 
 def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
-    """Write report.md, tables/ and figures/ for ``cfg.sweep``; returns report.md's path."""
+    """Write report.md, tables/ and figures/ for ``cfg.sweep``; returns report.md's path.
+
+    The sweep is collected once (every results.json read once); each study found in it gets
+    its section from the writer registered under its name in :data:`SECTIONS` (a study
+    without one gets the generic per-run table). With runs of several studies, each
+    section goes to ``<out>/<study>/``.
+    """
     _check(cfg)
     root = Path(cfg.sweep)  # type: ignore[arg-type]
     out = Path(cfg.out) if cfg.out else root / "report"
@@ -40,11 +47,30 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
 
     if is_search(root):  # an Optuna search (experiment=search): its trials, not a head comparison
         return write_search_report(root, out, cfg.dpi)
-    from qtl.report.qvit import is_medmnist_sweep, write_qvit_report
-
-    if is_medmnist_sweep(root):  # the second study: models x distillation per dataset
-        return write_qvit_report(root, out, cfg.alpha, cfg.dpi)
     sweep = collect(root, skip=out)
+    studies = sweep.studies
+    paths = []
+    for study in studies:
+        where = out if len(studies) == 1 else out / study
+        section = SECTIONS.get(study, generic_section)
+        paths.append(section(sweep.of_study(study), where, cfg, logger))
+    return paths[0] if len(paths) == 1 else _index(out, studies, paths)
+
+
+def _index(out: Path, studies: list[str], paths: list[Path]) -> Path:
+    lines = ["# Report", ""] + [
+        f"- [{s}]({p.relative_to(out)})" for s, p in zip(studies, paths, strict=True)
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cxr_section(
+    sweep: Sweep, out: Path, cfg: ReportConfig, logger: LoggerConfig | None = None
+) -> Path:
+    """The CXR study's head comparison: AUROC tables, paired t-tests, figures, report.md."""
+    root = sweep.root
     comps = compare(sweep)
     tables = {
         "headline": headline_table(comps, cfg.alpha),
@@ -69,3 +95,30 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
     )
     print(tables["headline"].markdown())
     return path
+
+
+def medmnist_section(
+    sweep: Sweep, out: Path, cfg: ReportConfig, logger: LoggerConfig | None = None
+) -> Path:
+    """The MedMNIST study's models x distillation section (:mod:`qtl.report.qvit`)."""
+    from qtl.report.qvit import write_qvit_report
+
+    return write_qvit_report(sweep, out, cfg.alpha, cfg.dpi)
+
+
+def generic_section(
+    sweep: Sweep, out: Path, cfg: ReportConfig, logger: LoggerConfig | None = None
+) -> Path:
+    """Any other study: one row per run with its record's mean score per evaluated split."""
+    table = runs_table(sweep)
+    table.write(out / "tables")
+    path = out / "report.md"
+    title = f"# Runs of {sweep.root}"
+    path.write_text(f"{title}\n\n{table.markdown()}\n")
+    print(f"[qtl] report of {sweep.root}: {len(sweep.finished)} finished run(s) -> {path}")
+    return path
+
+
+Section = Callable[[Sweep, Path, ReportConfig, "LoggerConfig | None"], Path]
+# the report section of each study, by the study name its run records carry
+SECTIONS: dict[str, Section] = {"cxr": cxr_section, "medmnist": medmnist_section}

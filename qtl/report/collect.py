@@ -22,6 +22,7 @@ from qtl.record.files import FAILED, EpochRow, RecordError, Results, RunFiles
 
 # Evaluated splits that are test sets, in report order, with their display names.
 TEST_SETS: dict[str, str] = {"test": "internal test", "external": "external test"}
+_LABEL_DIR = re.compile(r"^(?P<label>[^/]+-[^/]+)/seed(?P<seed>-?\d+)$")
 _SUBDIR = re.compile(r"^(?P<task>[^/]+)-(?P<head>[^/-]+)/seed(?P<seed>-?\d+)$")
 
 
@@ -38,6 +39,7 @@ class Run:
     seed: int
     dir: Path
     results: Results | None = None  # results.json; None = failed or unfinished
+    study: str = "cxr"  # the run record's study (qtl.studies): which report section it is in
     history: list[EpochRow] = field(default_factory=list)  # metrics.jsonl rows
     problem: str = ""  # why there is no result, for report.md
     failed_run: bool = False  # a recorded failure (failed.json, job_error.txt), not a kill
@@ -77,6 +79,21 @@ class Sweep:
     @property
     def failed(self) -> list[Run]:
         return [r for r in self.runs if not r.finished]
+
+    def of_study(self, name: str) -> Sweep:
+        """The part of the sweep whose records name study ``name`` (its report section)."""
+        by_study: dict[str, list[Run]] = {}
+        for r in self.runs:
+            by_study.setdefault(r.study, []).append(r)
+        runs = by_study.get(name, [])
+        keys = {(r.task, r.head) for r in runs}
+        missing = [m for m in self.missing if (m[0], m[1]) in keys]
+        return Sweep(root=self.root, runs=runs, missing=missing)
+
+    @property
+    def studies(self) -> list[str]:
+        """The studies of the sweep's runs, in order of first appearance."""
+        return list(dict.fromkeys(r.study for r in self.runs))
 
     @property
     def tasks(self) -> list[str]:
@@ -127,39 +144,72 @@ def _task_key(task: str) -> tuple[int, str]:
     return (int(digits) if digits else 10**6, task)
 
 
-def _name(value: Any) -> str:
-    """results.json stores ``task: cxr8``; a config stores ``task: {name: cxr8, ...}``."""
-    return str(value["name"] if isinstance(value, dict) else value)
+def _split_label(label: str, seed: int) -> tuple[str, str, int]:
+    """A run label ``<task>-<arm>`` (the study's, e.g. cxr8-dqc, retinamnist-qvit-kd_joint)."""
+    task, _, head = label.partition("-")
+    return task, head, seed
 
 
-def _identify(job_dir: Path, root: Path) -> tuple[str, str, int] | None:
-    """(task, head, seed) of a job directory from its records, Hydra's config, or its path."""
-    files = RunFiles(job_dir, create=False)
+def _from_config(config: Any) -> tuple[str, str, int] | None:
+    """(task, arm, seed) from a recorded config: its study's run label."""
+    from omegaconf import OmegaConf
+
+    from qtl.studies import study_for
+
     try:
-        results = files.read_results()
-    except RecordError:
-        results = None
+        cfg = config if not isinstance(config, dict) else OmegaConf.create(config)
+        return _split_label(study_for(cfg).run_label(cfg), int(cfg.seed))
+    except Exception:  # noqa: BLE001 - an unreadable config falls back to the next source
+        return None
+
+
+def _identify(job_dir: Path, root: Path, results: Results | None) -> tuple[str, str, int] | None:
+    """(task, arm, seed) of a job directory from its records, Hydra's config, or its path."""
     if results is not None:
-        return results.task, results.head, results.seed
-    for payload in ((files.read_run_config() or {}).get("config"),):
-        if isinstance(payload, dict):
-            try:
-                return _name(payload["task"]), _name(payload["head"]), int(payload["seed"])
-            except (KeyError, TypeError, ValueError):
-                pass
+        if results.label:  # the study's run label (records from version 4 on)
+            return _split_label(results.label, results.seed)
+        if results.config and (key := _from_config(results.config)) is not None:
+            return key
+        match = _LABEL_DIR.match(job_dir.relative_to(root).as_posix())
+        if match and int(match["seed"]) == results.seed:
+            return _split_label(match["label"], results.seed)
+        parts = results.run.split("/")
+        if len(parts) >= 2 and parts[-1] == f"seed{results.seed}":
+            return _split_label(parts[-2], results.seed)
+        return str(results.task), str(results.head), results.seed
+    payload = (RunFiles(job_dir, create=False).read_run_config() or {}).get("config")
+    if isinstance(payload, dict) and (key := _from_config(payload)) is not None:
+        return key
     hydra_cfg = job_dir / ".hydra" / "config.yaml"
     if hydra_cfg.exists():
         from omegaconf import OmegaConf
 
         try:
-            cfg = OmegaConf.load(hydra_cfg)
-            return str(cfg.task.name), str(cfg.head.name), int(cfg.seed)
+            key = _from_config(OmegaConf.load(hydra_cfg))
         except Exception:  # noqa: BLE001 - an unreadable config falls back to the path
-            pass
+            key = None
+        if key is not None:
+            return key
     match = _SUBDIR.match(job_dir.relative_to(root).as_posix())
     if match:
         return match["task"], match["head"], int(match["seed"])
     return None
+
+
+def _study_of(files: RunFiles) -> str:
+    """The study of a run without results.json, from the config it recorded at its start."""
+    config = (files.read_run_config() or {}).get("config")
+    if isinstance(config, dict) and config.get("study"):
+        return str(config["study"])
+    data = config.get("data") if isinstance(config, dict) else None
+    name = data.get("name") if isinstance(data, dict) else None
+    if name:
+        from omegaconf import OmegaConf
+
+        from qtl.studies import study_for
+
+        return study_for(OmegaConf.create({"study": None, "data": {"name": name}})).name
+    return "cxr"
 
 
 def _why_no_result(job_dir: Path, history: list[EpochRow]) -> tuple[str, bool]:
@@ -209,17 +259,18 @@ def collect(root: Path | str, skip: Path | None = None) -> Sweep:
     runs: list[Run] = []
     seen: set[tuple[str, str, int]] = set()
     for job in _job_dirs(root, skip.resolve() if skip else None):
-        key = _identify(job, root)
+        files = RunFiles(job, create=False)
+        try:
+            results = files.read_results()  # the one read of this job's results.json
+        except RecordError:
+            results = None  # not a qtl record: reported as a run without a result
+        key = _identify(job, root, results)
         if key is None or key in seen:
             continue
         seen.add(key)
-        files = RunFiles(job, create=False)
-        try:
-            results = files.read_results()
-        except RecordError:
-            results = None  # not a qtl record: reported as a run without a result
         history = files.read_metrics()
-        run = Run(*key, dir=job, results=results, history=history)
+        study = results.study if results is not None else _study_of(files)
+        run = Run(*key, dir=job, results=results, history=history, study=study)
         if results is None:
             run.problem, run.failed_run = _why_no_result(job, history)
         runs.append(run)

@@ -1,4 +1,4 @@
-"""The second study's report (MedMNIST sweeps: ``experiment=qvit``): per dataset, AUC and ACC
+"""The MedMNIST study's section of the report (``experiment=qvit`` sweeps): per dataset, AUC and ACC
 mean +- sd per model and distillation, paired t-tests over seeds (QViT vs ViT at each
 distillation; KD vs scratch for each model), parameters and per-image FLOPs, the teachers'
 scores, beside the paper's headline numbers and the MedMNIST v2 ResNet-18 anchors.
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qtl.record.files import RunFiles
-from qtl.record.schema import RecordError, Results
+from qtl.record.schema import Results
+from qtl.report.collect import ReportError, Sweep, collect
 from qtl.report.stats import mean_sd, paired, stars
+
+STUDY = "medmnist"  # the run records this section reports (qtl.studies.medmnist)
 
 # REFERENCE §10: MedMNIST v2, ResNet-18 at 28 px, test AUC / ACC (None: not given there)
 RESNET18_ANCHORS: dict[str, tuple[float, float | None]] = {
@@ -53,28 +55,27 @@ class QRun:
         return None if value is None or not math.isfinite(value) else float(value)
 
 
-def is_medmnist_sweep(root: Path) -> bool:
-    """True when the sweep's finished runs are MedMNIST runs."""
-    return any(r.results.study == "medmnist" for r in collect_runs(root))
-
-
 def collect_runs(root: Path | str, skip: Path | None = None) -> list[QRun]:
     """Every finished MedMNIST run under ``root`` (teachers' own folders included if there)."""
-    runs = []
-    for path in sorted(Path(root).rglob("results.json")):
-        job = path.parent
-        if "wandb" in job.parts or (skip is not None and (job == skip or skip in job.parents)):
-            continue
-        try:
-            res = RunFiles(job, create=False).read_results()
-        except RecordError:
-            continue
-        if res is None or res.study != "medmnist":
-            continue
-        runs.append(
-            QRun(job, res.dataset or res.task, res.model or res.head, res.distill, res.seed, res)
+    try:
+        sweep = collect(root, skip=skip)
+    except ReportError:
+        return []
+    return runs_of(sweep)
+
+
+def runs_of(sweep: Sweep) -> list[QRun]:
+    """The finished MedMNIST runs of a collected sweep, as this report reads them."""
+    out = []
+    for run in sweep.of_study(STUDY).finished:
+        res = run.results
+        assert res is not None
+        out.append(
+            QRun(
+                run.dir, res.dataset or res.task, res.model or res.head, res.distill, res.seed, res
+            )
         )
-    return runs
+    return out
 
 
 def _fmt(mean: float, sd: float) -> str:
@@ -135,9 +136,10 @@ def _teachers(runs: list[QRun]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_qvit_report(root: Path, out: Path, alpha: float = 0.05, dpi: int = 100) -> Path:
+def write_qvit_report(sweep: Sweep, out: Path, alpha: float = 0.05, dpi: int = 100) -> Path:
     """report.md, tables/*.md and figures/ for a MedMNIST sweep; returns report.md's path."""
-    runs = collect_runs(root, skip=out)
+    root = sweep.root
+    runs = runs_of(sweep)
     groups: dict[tuple[str, str, str], list[QRun]] = defaultdict(list)
     for r in runs:
         groups[(r.dataset, r.model, r.distill)].append(r)

@@ -1,6 +1,6 @@
 """A training run's life - identity check, train (or resume), evaluate, record.
 
-``train_and_evaluate(cfg, run_dir)`` is the whole life of a run and is safe to call again
+``train_and_evaluate(cfg, run_dir, study)`` is the whole life of a run and is safe to call again
 on the same directory: a finished run is reported, not retrained; an interrupted one resumes
 from its last checkpoint; a directory that belongs to a different config is refused.
 """
@@ -12,68 +12,51 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from qtl.config import DataName, QtlConfig, validate
+from qtl.config import QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
 
 
-def format_auroc_table(results: Results) -> str:
-    """Per-label AUROC per evaluated split, as a fixed-width text table."""
-    splits = [s for s in ("val", "test", "external") if s in results.auroc]
-    labels = results.labels
-    width = max(len(x) for x in [*labels, "mean"])
-    lines = [f"{'label':<{width}}  " + "  ".join(f"{s:>8}" for s in splits)]
-    for name in [*labels, "mean"]:
-        cells = []
-        for s in splits:
-            block = results.auroc[s]
-            value = block.mean if name == "mean" else block.per_label.get(name)
-            cells.append(f"{value:8.3f}" if value is not None else f"{'n/a':>8}")
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
+class Study(Protocol):
+    """What the driver asks of a run's study (:class:`qtl.studies.base.Study` implements it;
+    the driver never asks which study it is)."""
+
+    name: str
+
+    def validate(self, cfg: QtlConfig) -> None: ...
+    def identity_keys(self, keys: list[str]) -> list[str]: ...
+    def provenance(self, cfg: QtlConfig, **start: Any) -> dict[str, Any]: ...
+    def inputs(self, cfg: QtlConfig, run_dir: Path, show: bool, **start: Any) -> RunInputs: ...
+    def run_label(self, cfg: Any) -> str: ...
+    def wandb_tags(self, cfg: QtlConfig) -> list[str]: ...
+    def format_scores(self, results: Results) -> str: ...
 
 
-def format_medmnist_table(results: Results) -> str:
-    """AUC and ACC per evaluated split of a MedMNIST run."""
-    lines = [f"{'split':<6}  {'AUC':>7}  {'ACC':>7}"]
-    for split, m in results.metrics.items():
-        auc = "n/a" if m.get("auc") is None else f"{m['auc']:.3f}"
-        lines.append(f"{split:<6}  {auc:>7}  {m['acc']:7.3f}")
-    return "\n".join(lines)
+def train_and_evaluate(cfg: QtlConfig, run_dir: Path, study: Study, **start: Any) -> dict[str, Any]:
+    """Train (or resume) a run of ``study`` in ``run_dir``, evaluate its best checkpoint,
+    write records.
 
-
-def format_scores(results: Results) -> str:
-    """The finished run's scores as printed at its end."""
-    if results.study == "medmnist":
-        return format_medmnist_table(results)
-    return format_auroc_table(results)
-
-
-def train_and_evaluate(
-    cfg: QtlConfig, run_dir: Path, *, weights: str | None = None, teacher: Any = None
-) -> dict[str, Any]:
-    """Train (or resume) a run in ``run_dir``, evaluate its best checkpoint, write records.
-
-    ``weights``: the backbone's starting weights as the application resolved them (a hub id
-    or a folder; ``backbone.pretrained`` when None). ``teacher``: for ``distill`` other than
-    none, the teacher's logits (:class:`qtl.train.medmnist.TeacherLogits`), resolved by the
-    application like the weights.
+    ``start``: what the run starts from as the study resolved it before (``study.start``:
+    the backbone's weights, a teacher's logits); passed on to ``study.inputs``.
     """
     validate(cfg)
+    study.validate(cfg)
     from qtl.record.files import RunFiles
 
     run_dir = Path(run_dir)
     files = RunFiles(run_dir)
-    check_run_dir(cfg, run_dir, files.config, weights=weights)
+    check_run_dir(
+        cfg, run_dir, files.config, study=study, provenance=lambda: study.provenance(cfg, **start)
+    )
     done = files.read_results()
     if done is not None:
         print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
-        print(format_scores(done))
+        print(study.format_scores(done))
         return done.to_json()
     failed = files.read_failure()
     if failed is not None:  # deterministic: the same command would fail the same way
@@ -86,12 +69,12 @@ def train_and_evaluate(
             f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes from "
             "its last good checkpoint."
         )
-    return _train(cfg, run_dir, files, weights, teacher)
+    return _train(cfg, run_dir, files, study, start)
 
 
 @dataclass
-class _Inputs:
-    """What one study's data and model give the common part of a run."""
+class RunInputs:
+    """What a study's data and model give the common part of a run (``Study.inputs``)."""
 
     model: Any
     table: list[tuple[str, int]]
@@ -106,97 +89,13 @@ class _Inputs:
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _cxr_inputs(cfg: QtlConfig, run_dir: Path, weights: str | None, show: bool) -> _Inputs:
-    from qtl.data.cache import cached_splits, write_skipped
-    from qtl.data.source import load_splits
-    from qtl.models.classifier import build_model, parameter_table
-    from qtl.utils import paths
-
-    labels = list(cfg.task.labels)
-    model = build_model(cfg, cfg.seed, weights=weights)  # a weights problem: before data work
-    table = parameter_table(model, cfg)
-    splits = load_splits(
-        cfg.data, labels, progress=show, check_files=False, data_dir=paths.data_dir(cfg.paths)
-    )
-    t_data = time.perf_counter()
-    if cfg.features.cache:  # frozen backbone: the head trains on features computed once
-        from qtl.train.features import cached_features
-
-        cached = cached_features(cfg, model.backbone, splits, progress=show)
-    else:
-        cached = cached_splits(cfg.data, splits, progress=show)  # fills what the cache lacks
-    splits = cached.splits  # without the images skipped by data.on_bad_image=skip
-    if cached.skipped_ids():
-        write_skipped(run_dir / "skipped_images.json", cached)
-    arrays: dict[str, tuple[Any, np.ndarray]] = {
-        name: (cached.images[name], split.labels.astype(np.float32))
-        for name, split in splits.items()
-    }
-    return _Inputs(
-        model=model,
-        table=table,
-        arrays=arrays,
-        labels={name: y for name, (_, y) in arrays.items()},
-        ids={name: split.ids for name, split in splits.items()},
-        label_names=labels,
-        score_names=None,
-        objective=None,
-        data_seconds=time.perf_counter() - t_data,
-        record={
-            "task": cfg.task.name,
-            "head": cfg.head.name.value,
-            # positives per label in train: the report sorts labels by this frequency
-            "train_label_counts": dict(
-                zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
-            ),
-        },
-        skipped=cached.skipped_ids(),
-    )
-
-
-def _medmnist_inputs(cfg: QtlConfig, teacher: Any) -> _Inputs:
-    from qtl.train.medmnist import label_names, medmnist_inputs, score_names
-    from qtl.utils import paths
-
-    t_data = time.perf_counter()
-    got = medmnist_inputs(cfg, paths.data_dir(cfg.paths), teacher)
-    names = label_names(got.info)
-    return _Inputs(
-        model=got.model,
-        table=got.table,
-        arrays=got.arrays,
-        labels=got.labels,
-        ids=got.ids,
-        label_names=names,
-        score_names=score_names(got.info, got.outputs),
-        objective=got.objective,
-        data_seconds=time.perf_counter() - t_data,
-        record={
-            "task": cfg.data.flag,
-            "head": str(cfg.model.name),
-            "study": "medmnist",
-            "model": str(cfg.model.name),
-            "dataset": cfg.data.flag,
-            "task_type": got.info.task.value,
-            "distill": str(cfg.distill.mode),
-            "teacher": dict(teacher.record) if teacher is not None else {},
-            "costs": got.costs,
-            "train_label_counts": {
-                n: int(c) for n, c in zip(names, got.labels["train"].sum(axis=0), strict=True)
-            },
-        },
-    )
-
-
-def run_name(cfg: QtlConfig) -> str:
-    """``<name>/<task>-<head>/seed<seed>`` (MedMNIST: ``<name>/<flag>-<model>[-kd_*]/...``)."""
-    from qtl.config import run_subdir
-
-    return f"{cfg.name}/{run_subdir(cfg)}"
+def run_name(cfg: QtlConfig, study: Study) -> str:
+    """``<name>/<the study's run label>/seed<seed>``: the run's folder under the outputs."""
+    return f"{cfg.name}/{study.run_label(cfg)}/seed{cfg.seed}"
 
 
 def _train(
-    cfg: QtlConfig, run_dir: Path, files: Any, weights: str | None, teacher: Any
+    cfg: QtlConfig, run_dir: Path, files: Any, study: Study, start: dict[str, Any]
 ) -> dict[str, Any]:
     import jax
 
@@ -209,10 +108,7 @@ def _train(
 
     show = want_progress(cfg.progress)
     t_start = time.perf_counter()
-    if cfg.data.name == DataName.medmnist:
-        inputs = _medmnist_inputs(cfg, teacher)
-    else:
-        inputs = _cxr_inputs(cfg, run_dir, weights, show)
+    inputs = study.inputs(cfg, run_dir, show, **start)
     model, table, arrays = inputs.model, inputs.table, inputs.arrays
     data_seconds = inputs.data_seconds
 
@@ -239,8 +135,10 @@ def _train(
             f"(best epoch {progress.best_epoch}, val loss {progress.best_val_loss:.4f})"
         )
 
-    name = run_name(cfg)
-    logger = make_logger(cfg, run_dir, config_dict(cfg), name)
+    name = run_name(cfg, study)
+    logger = make_logger(
+        cfg, run_dir, config_dict(cfg), name, study.run_label(cfg), study.wandb_tags(cfg)
+    )
     exit_code = 1
     try:
         state, progress = fit(
@@ -266,9 +164,10 @@ def _train(
                 progress=show,
             )
             mean, per_label, extra = steps.objective.score(y, probs, inputs.label_names)
-            auroc[split] = SplitScores(mean=mean, per_label=per_label)
-            if extra:
+            if extra:  # the study's own metrics (its AUC among them)
                 metrics[split] = extra
+            else:  # AUROC per label and its mean
+                auroc[split] = SplitScores(mean=mean, per_label=per_label)
             losses[split] = loss
             files.write_predictions(
                 split, inputs.ids[split], y, probs, inputs.label_names, inputs.score_names
@@ -278,7 +177,7 @@ def _train(
             run=name,
             seed=cfg.seed,
             labels=inputs.label_names,
-            fingerprint=fingerprint(cfg),
+            fingerprint=fingerprint(cfg, study),
             config=config_dict(cfg),
             parameters=dict(table),
             epochs=progress.epoch,
@@ -305,6 +204,8 @@ def _train(
             },
             wandb_run_id=getattr(logger, "run_id", None),
             provenance=run_provenance(cfg, files.config),  # weights loaded, sessions' runtime
+            study=study.name,
+            label=study.run_label(cfg),
             **inputs.record,
         )
         files.write_results(results)
@@ -322,5 +223,5 @@ def _train(
         f"[qtl] {name}: best epoch {progress.best_epoch}/{progress.epoch} "
         f"({progress.stopped}); results in {run_dir}"
     )
-    print(format_scores(results))
+    print(study.format_scores(results))
     return results.to_json()

@@ -15,7 +15,7 @@ import numpy as np
 
 from qtl.config import ConfigError, DistillMode, QtlConfig
 from qtl.data.medmnist_info import FlagInfo, Task
-from qtl.train.objectives import Objective, n_outputs
+from qtl.train.objectives import TaskObjective, n_outputs
 
 
 @dataclass
@@ -68,12 +68,11 @@ def open_data(cfg: QtlConfig, data_dir: Path | None) -> Any:
     return open_medmnist(medmnist_config(cfg.data, data_dir))
 
 
-def objective(cfg: QtlConfig, info: FlagInfo, n_train: int) -> Objective:
+def objective(cfg: QtlConfig, info: FlagInfo, n_train: int) -> TaskObjective:
     """The task type's loss, with the KD term of ``distill`` (pretrain: KD for its epochs)."""
     d = cfg.distill
     batches = -(-n_train // cfg.train.batch_size)
-    return Objective(
-        study="medmnist",
+    return TaskObjective(
         task=info.task,
         n_labels=info.label_columns,
         distill=str(d.mode),
@@ -93,7 +92,7 @@ class MedMNISTInputs:
     arrays: dict[str, tuple[np.ndarray, np.ndarray]]  # what the loop trains/validates on
     labels: dict[str, np.ndarray]  # per split, the labels alone (N, L)
     ids: dict[str, list[str]]
-    objective: Objective
+    objective: TaskObjective
     outputs: int
     costs: dict[str, Any]
     synthetic: dict | None

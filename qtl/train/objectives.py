@@ -153,28 +153,13 @@ def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
 class Objective:
     """What one run's jitted steps optimise and how its evaluation scores a split.
 
-    The CXR study: one sigmoid per label, BCE, mean AUROC. MedMNIST: the task type's loss
-    (:func:`label_loss`), MedMNIST's AUC and ACC, and with distillation the teacher's logits
-    carried in the training targets after the ``n_labels`` label columns, so they follow every
-    example through shuffling, padding and resume without a second input stream.
+    This base is the CXR study's: one sigmoid per label, BCE, mean AUROC. A study with another
+    loss or other scores subclasses it (:class:`TaskObjective`); the steps and the loop only
+    call these four methods.
     """
-
-    study: str = "cxr"  # cxr | medmnist
-    task: Task | None = None  # MedMNIST task type
-    n_labels: int = 1  # label columns of the targets
-    distill: str = "none"  # none | joint | pretrain
-    temperature: float = 4.0
-    alpha: float = 0.0
-    kd_steps: int = 0  # pretrain: optimiser steps of pure KD before the label loss only
-
-    @property
-    def medmnist(self) -> bool:
-        return self.study == "medmnist"
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """uint8-valued float images -> the model's input."""
-        if self.medmnist:  # MedMNIST's transform: mean 0.5, std 0.5, channels as stored
-            return images * (2.0 / 255.0) - 1.0
         from qtl.data.preprocess import normalize
 
         return normalize(images)
@@ -183,8 +168,45 @@ class Objective:
         self, logits: jax.Array, targets: jax.Array, mask: jax.Array, step: jax.Array
     ) -> jax.Array:
         """The training loss of one padded batch (``step``: the optimiser step before it)."""
-        if not self.medmnist:
-            return masked_bce(logits, targets, mask)
+        return masked_bce(logits, targets, mask)
+
+    def eval_outputs(
+        self, logits: jax.Array, labels: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(scores, summed label loss over the real rows) of one padded eval batch."""
+        per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
+        return jax.nn.sigmoid(logits), per_row.sum()
+
+    def score(self, labels, scores, names) -> tuple[float | None, dict, dict[str, Any]]:
+        """(the split's AUC, AUC per label, extra metrics) on host arrays: mean and per-label
+        AUROC."""
+        from qtl.evaluate.metrics import mean_auroc, per_label_auroc
+
+        per_label = per_label_auroc(labels, scores, names)
+        return mean_auroc(per_label), per_label, {}
+
+
+@dataclass(frozen=True)
+class TaskObjective(Objective):
+    """MedMNIST: the task type's loss (:func:`label_loss`), MedMNIST's AUC and ACC, and with
+    distillation the teacher's logits carried in the training targets after the ``n_labels``
+    label columns, so they follow every example through shuffling, padding and resume without
+    a second input stream."""
+
+    task: Task | None = None  # MedMNIST task type
+    n_labels: int = 1  # label columns of the targets
+    distill: str = "none"  # none | joint | pretrain
+    temperature: float = 4.0
+    alpha: float = 0.0
+    kd_steps: int = 0  # pretrain: optimiser steps of pure KD before the label loss only
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """MedMNIST's transform: mean 0.5, std 0.5, channels as stored."""
+        return images * (2.0 / 255.0) - 1.0
+
+    def train_loss(
+        self, logits: jax.Array, targets: jax.Array, mask: jax.Array, step: jax.Array
+    ) -> jax.Array:
         labels = targets[:, : self.n_labels]
         hard = label_loss(self.task, logits, labels, mask)
         if self.distill == DistillMode.none:
@@ -198,23 +220,13 @@ class Objective:
     def eval_outputs(
         self, logits: jax.Array, labels: jax.Array, mask: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """(scores, summed label loss over the real rows) of one padded eval batch."""
-        if not self.medmnist:
-            per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
-            return jax.nn.sigmoid(logits), per_row.sum()
         loss = label_loss(self.task, logits, labels, mask) * jnp.maximum(mask.sum(), 1.0)
         return probabilities(self.task, logits), loss
 
     def score(self, labels, scores, names) -> tuple[float | None, dict, dict[str, Any]]:
-        """(the split's AUC, AUC per label, extra metrics) on host arrays: the CXR study's
-        mean and per-label AUROC; MedMNIST's AUC and ACC (its ``Evaluator``'s definitions)."""
+        """MedMNIST's AUC and ACC (its ``Evaluator``'s definitions); no per-label AUROC."""
         import numpy as np
 
-        if not self.medmnist:
-            from qtl.evaluate.metrics import mean_auroc, per_label_auroc
-
-            per_label = per_label_auroc(labels, scores, names)
-            return mean_auroc(per_label), per_label, {}
         from qtl.evaluate.medmnist_metrics import evaluate
 
         m = evaluate(labels, scores, self.task)

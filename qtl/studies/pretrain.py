@@ -32,6 +32,7 @@ from qtl.config import (
 )
 from qtl.labels import CXR19
 from qtl.models.classifier import SYNTHETIC
+from qtl.studies.base import Study
 from qtl.utils import paths
 from qtl.utils.files import atomic_write_bytes, atomic_write_text, file_lock
 
@@ -103,24 +104,27 @@ def save_hf_backbone(backbone: ResNet, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_weights(cfg: QtlConfig) -> str | None:
+def resolve_weights(cfg: QtlConfig, study: Study) -> str | None:
     """What ``backbone.pretrained`` names, as a hub id or a folder the model layer can load:
-    ``synthetic`` becomes its cached folder (pretrained here first if it is not there yet)."""
+    ``synthetic`` becomes its cached folder (pretrained here first, as a run of ``study``,
+    if it is not there yet)."""
     source = cfg.backbone.pretrained
     if source == SYNTHETIC:
-        return str(synthetic_pretrained(cfg))
+        return str(synthetic_pretrained(cfg, study))
     return source or None
 
 
-def build_pretrained_model(cfg: QtlConfig, seed: int) -> Classifier:
+def build_pretrained_model(cfg: QtlConfig, seed: int, study: Study) -> Classifier:
     """The run's model with its starting weights resolved (what the train app builds)."""
     from qtl.models.classifier import build_model
 
-    return build_model(cfg, seed, weights=resolve_weights(cfg))
+    return build_model(cfg, seed, weights=resolve_weights(cfg, study))
 
 
-def synthetic_pretrained(cfg: QtlConfig) -> Path:
-    """Folder with the pretrained backbone for ``cfg`` (trained on first use, then cached)."""
+def synthetic_pretrained(cfg: QtlConfig, study: Study) -> Path:
+    """Folder with the pretrained backbone for ``cfg`` (trained on first use as a run of
+    ``study``, the CXR study, then cached; keyed by every schema identity field, as before
+    studies chose their identity, so existing folders are found)."""
     from qtl.record.identity import fingerprint
     from qtl.train.driver import train_and_evaluate
 
@@ -136,7 +140,7 @@ def synthetic_pretrained(cfg: QtlConfig) -> Path:
             f"separate synthetic source set (19 labels, synth_seed={src.data.synth_seed}); "
             f"cached in {out}"
         )
-        train_and_evaluate(src, out / "run", weights=None)
+        train_and_evaluate(src, out / "run", study, weights=None)
         save_hf_backbone(_best_backbone(src, out / "run"), out)
     return out
 

@@ -1,5 +1,5 @@
-"""The knowledge-distillation teacher of a MedMNIST run (an application of the trainer, like
-``qtl.apps.pretrain``): ``distill.teacher`` names a preset (``resnet18``), trained here once
+"""The knowledge-distillation teacher of a MedMNIST run (a run of the trainer, like
+``qtl.studies.pretrain``): ``distill.teacher`` names a preset (``resnet18``), trained here once
 on the student's data as an ordinary qtl run and shared by every student, or the folder of a
 finished run. Its logits per split are cached by ``qtl.train.teacher``.
 """
@@ -22,6 +22,7 @@ from qtl.config import (
     QtlConfig,
     to_schema,
 )
+from qtl.studies.base import Study
 from qtl.utils import paths
 from qtl.utils.files import file_lock
 
@@ -53,18 +54,27 @@ def teacher_config(cfg: QtlConfig) -> QtlConfig:
     return t
 
 
-def preset_teacher_dir(cfg: QtlConfig) -> tuple[QtlConfig, Path]:
-    """The preset teacher's config and its run folder (keyed by its fingerprint)."""
+def preset_teacher_dir(cfg: QtlConfig, study: Study) -> tuple[QtlConfig, Path]:
+    """The preset teacher's config and its run folder, keyed by its fingerprint over the
+    study's identity fields. A folder written before the identity was per study (keyed by
+    every schema field, CXR ones included) is reused when it holds a finished teacher."""
+    from qtl.record.files import RunFiles
     from qtl.record.identity import fingerprint
 
     t = teacher_config(cfg)
-    folder = f"teacher-{cfg.data.flag}-{cfg.distill.teacher}-{fingerprint(t)}"
-    return t, paths.pretrained_dir(cfg.paths) / folder / "run"
+    root = paths.pretrained_dir(cfg.paths)
+    prefix = f"teacher-{cfg.data.flag}-{cfg.distill.teacher}"
+    run_dir = root / f"{prefix}-{fingerprint(t, study)}" / "run"
+    legacy = root / f"{prefix}-{fingerprint(t)}" / "run"
+    if not run_dir.parent.exists() and RunFiles(legacy, create=False).read_results() is not None:
+        return t, legacy
+    return t, run_dir
 
 
-def resolve_teacher(cfg: QtlConfig):  # -> TeacherLogits | None
+def resolve_teacher(cfg: QtlConfig, study: Study):  # -> TeacherLogits | None
     """The teacher's logits for ``cfg`` (None without distillation); a preset teacher is
-    trained first when it is not there yet (one process at a time: a file lock)."""
+    trained first (a run of ``study``) when it is not there yet (one process at a time: a
+    file lock)."""
     if cfg.distill.mode == DistillMode.none:
         return None
     from qtl.record.files import RunFiles
@@ -72,11 +82,11 @@ def resolve_teacher(cfg: QtlConfig):  # -> TeacherLogits | None
     from qtl.train.teacher import teacher_logits
 
     if cfg.distill.teacher in PRESETS:
-        tcfg, run_dir = preset_teacher_dir(cfg)
+        tcfg, run_dir = preset_teacher_dir(cfg, study)
         if RunFiles(run_dir, create=False).read_results() is None:
             with file_lock(run_dir.parent.with_suffix(".lock")):
                 print(f"[qtl] distill: training the teacher ({cfg.distill.teacher}) in {run_dir}")
-                train_and_evaluate(tcfg, run_dir)
+                train_and_evaluate(tcfg, run_dir, study)
     else:
         run_dir = Path(cfg.distill.teacher)
         saved = RunFiles(run_dir, create=False).read_results()

@@ -1,0 +1,119 @@
+"""The ``Study`` interface: everything that differs between the studies qtl runs.
+
+A study owns its fields' checks, what defines a run (identity), what a run trains on (data,
+model, objective), the fields it adds to the run record, the run's label (its folder and W&B
+group), ``mode=describe``'s table. Its section of a sweep's report is found by the study name
+its run records carry (``qtl.report.build.SECTIONS``; the per-run table for a study without
+one), as the report sits above this layer. The driver, loop,
+checkpoints, identity, loggers and report take a ``Study`` and never ask which one it is; the
+study is chosen once from the config (:func:`qtl.studies.study_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qtl.config import ConfigError, QtlConfig
+
+if TYPE_CHECKING:
+    from qtl.record.schema import Results
+    from qtl.train.driver import RunInputs
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted field (``backbone.freeze``); MISSING when it has none."""
+    cls: Any = QtlConfig
+    *groups, name = key.split(".")
+    for group in groups:
+        cls = {f.name: f for f in dataclasses.fields(cls)}[group].type
+        cls = cls if isinstance(cls, type) else _resolve(cls)
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _resolve(name: str) -> type:
+    import qtl.config as config
+
+    return getattr(config, name)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+class Study(ABC):
+    """One study: subclass it, set the class fields, implement the methods (see module doc)."""
+
+    name: ClassVar[str]  # the record's ``study`` and the ``study=`` config value
+    data_names: ClassVar[tuple[str, ...]] = ()  # data=<name> values that select it by default
+    # dotted fields that belong to another study: set away from their schema default, a run
+    # of this study refuses them (they would act silently or not at all)
+    foreign: ClassVar[tuple[str, ...]] = ()
+    # flat identity keys (or prefixes ending in ".") that do not define this study's runs
+    not_identity: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ config and identity
+
+    def validate(self, cfg: QtlConfig) -> None:
+        """This study's own cross-field checks (the shared ones ran already); refuses the
+        other study's fields with a one-line error naming the field and the study."""
+        for key in self.foreign:
+            value, default = _get(cfg, key), schema_default(key)
+            if value != default:
+                shown = str(value).lower() if isinstance(value, bool) else value
+                shown = getattr(shown, "value", shown)
+                raise ConfigError(
+                    f"{key}={shown} has no meaning in the {self.name} study (this run's "
+                    f"study, from data={cfg.data.name}); remove it (default {default!r})."
+                )
+
+    def identity_keys(self, keys: list[str]) -> list[str]:
+        """Which of the schema's flat identity keys define a run of this study."""
+
+        def dropped(key: str) -> bool:
+            return any(
+                key == p or (p.endswith(".") and key.startswith(p)) for p in self.not_identity
+            )
+
+        return [k for k in keys if not dropped(k)]
+
+    # ---------------------------------------------------------------------- the run
+
+    @abstractmethod
+    def run_label(self, cfg: Any) -> str:
+        """The run's folder under its experiment, before ``/seed<n>``; also its W&B group.
+        ``cfg`` may be the composed DictConfig (Hydra's run-dir resolver calls this)."""
+
+    def wandb_tags(self, cfg: QtlConfig) -> list[str]:
+        """W&B tags (the config's extra tags are added by the logger)."""
+        return [*self.run_label(cfg).split("-"), f"seed{cfg.seed}"]
+
+    def start(self, cfg: QtlConfig) -> dict[str, Any]:
+        """What the run starts from, resolved by the application before training (pretrained
+        weights, a teacher's logits): keyword arguments of :meth:`inputs`."""
+        return {}
+
+    @abstractmethod
+    def inputs(self, cfg: QtlConfig, run_dir: Path, show: bool, **start: Any) -> RunInputs:
+        """Splits, model, objective and the study's record fields of one run."""
+
+    def provenance(self, cfg: QtlConfig, **start: Any) -> dict[str, Any]:
+        """What the run's weights start from (recorded in run_config.json)."""
+        return {"source": None, "kind": "random_init", "seed": cfg.seed}
+
+    @abstractmethod
+    def format_scores(self, results: Results) -> str:
+        """The finished run's scores as printed at its end."""
+
+    # ----------------------------------------------------------------------- describe
+
+    @abstractmethod
+    def describe(self, cfg: QtlConfig) -> list[tuple[str, int]]:
+        """``mode=describe``: print the parameter table (and costs); return its rows."""
