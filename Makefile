@@ -1,20 +1,33 @@
 # qtl: two commands do all set-up on a fresh machine.
-#   make demo   -> creates .venv, trains CDL and DQC on the built-in synthetic CXR-LT, prints AUROCs
+#   make demo   -> creates .venv with the core package (JAX; no PyTorch, no TensorFlow), trains
+#                  CDL and DQC on the built-in synthetic CXR-LT, prints AUROCs
 #   make demo-qvit -> the same set-up, then ViT and QViT (with and without KD) on synthetic RetinaMNIST
-#   make test   -> creates .venv (with the torch and tf extras the tests need), runs the test suite
+#   make test   -> adds the test extra (PyTorch, TensorFlow, pytest, ruff) to .venv, runs the tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
+# The PyTorch build the test extra gets, installed before the extras so they keep it. For a
+# CPU-only build from PyPI's default index on Linux: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 
-.PHONY: demo demo-qvit test test-fast lint venv clean-demo wandb-sync
+.PHONY: demo demo-qvit test test-fast lint venv venv-test clean-demo wandb-sync
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PIP) -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) -e ".[test]"
+	touch $(TEST_STAMP)
+
 venv: $(STAMP)
+venv-test: $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python launch.py -m experiment=demo task=cxr8 head=cdl,dqc seed=0
@@ -24,14 +37,14 @@ demo-qvit: $(STAMP)
 	$(BIN)/python launch.py -m experiment=demo_qvit model=vit,qvit distill=none,joint seed=0
 	$(BIN)/python -m qtl.report.qvit multirun/demo_qvit
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
 clean-demo:

@@ -94,6 +94,29 @@ def test_a_missing_extra_is_named(monkeypatch):
     check_installed("jax")
 
 
+def test_torch_without_transformers_names_the_extra(monkeypatch):
+    """transformers comes with the torch extra, not the core: its absence names that extra."""
+    import importlib
+    import importlib.util
+
+    real_find, real_import = importlib.util.find_spec, importlib.import_module
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "transformers" else real_find(name),
+    )
+
+    def no_transformers(name, *a):
+        if name == "transformers":
+            raise ModuleNotFoundError("No module named 'transformers'")
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", no_transformers)
+    for call in (check_installed, require):
+        with pytest.raises(ConfigError, match=r"extra 'torch'.*transformers.*\.\[torch\]"):
+            call("torch")
+
+
 @pytest.mark.slow
 def test_torch_compile_step_equals_eager():
     """torch.compile compiles the Linear layers (and the backbone in the benchmark); the

@@ -125,6 +125,45 @@ def test_only_when_and_best_command_helpers():
     assert _without_search_preset("task=cxr8") == "task=cxr8"
 
 
+def test_search_space_from_the_preset_on_current_optuna():
+    """The preset's override grammar maps to Optuna >= 4 distributions; trials draw from them."""
+    import optuna
+    from omegaconf import OmegaConf
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.qtl_optuna._space import describe, grid_choices, parse
+
+    preset = OmegaConf.load(ROOT / "conf/experiment/search.yaml").hydra.sweeper.params
+    args = [f"{k}={v}" for k, v in preset.items()] + ["train.epochs=3", "head.width=range(2,8,2)"]
+    space, fixed = parse(args)
+    assert fixed == {"train.epochs": "3"}
+    assert space["train.lr"] == FloatDistribution(1e-5, 1e-2, log=True)
+    assert space["head.depth"] == IntDistribution(1, 6)
+    assert space["head.entangler"] == CategoricalDistribution(["ring", "chain", "even_odd"])
+    assert space["head.width"] == IntDistribution(2, 8, step=2)
+    assert describe(space["train.lr"]) == "log-uniform [1e-05, 0.01]"
+    assert describe(space["head.depth"]) == "int uniform [1, 6]"
+    assert grid_choices("head.width", space["head.width"]) == [2, 4, 6, 8]
+    assert grid_choices("head.rotation", space["head.rotation"]) == ["ry", "rx", "rz_ry"]
+    with pytest.raises(ValueError, match="GridSampler needs discrete values"):
+        grid_choices("train.lr", space["train.lr"])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    from hydra_plugins.qtl_optuna._impl import QtlOptunaSweeperImpl
+
+    sweeper = QtlOptunaSweeperImpl(
+        sampler=OmegaConf.create({}), direction=None, storage=None, study_name=None,
+        n_trials=1, n_jobs=1, max_failure_rate=0.0, params=None, only_when=None,
+    )  # fmt: skip
+    (overrides,) = sweeper._configure_trials([study.ask()], space, fixed)
+    drawn = dict(o.split("=", 1) for o in overrides)
+    assert set(drawn) == {*space, "train.epochs"} and drawn["train.epochs"] == "3"
+    assert 1e-5 <= float(drawn["train.lr"]) <= 1e-2
+    assert drawn["head.entangler"] in {"ring", "chain", "even_odd"}
+    assert int(drawn["head.depth"]) in range(1, 7)
+
+
 # -- end to end (slow) ----------------------------------------------------------------------
 def _search_cmd(folder: Path, *extra: str) -> list[str]:
     return ["-m", *SEARCH, "head=dqc", f"hydra.sweep.dir={folder}", *extra]

@@ -1,7 +1,7 @@
 """The search loop of ``hydra/sweeper=qtl_optuna`` (see the package docstring).
 
-Reuses the released plugin's override parsing and trial configuration (``OptunaSweeperImpl``)
-and replaces its loop, which on a reloaded study would number jobs from 0 again (their run
+The override grammar is hydra-optuna-sweeper's (``_space.py``); the loop is qtl's own,
+because that plugin's would, on a reloaded study, number jobs from 0 again (their run
 directories collide with the first trials') and run ``n_trials`` more.
 
 How a search continues after a kill:
@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    OptunaSweeperImpl,
-    create_params_from_overrides,
-)
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
@@ -46,6 +45,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from qtl.sweep.objective import finite
 from qtl.utils.files import write_json_atomic
+
+from ._space import describe, grid_choices, parse, suggest
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +75,6 @@ def ended_trials(study: optuna.Study) -> list[FrozenTrial]:
     ]
 
 
-def describe(dist: BaseDistribution) -> str:
-    """A distribution as a reader would write it: ``log-uniform [1e-05, 0.01]``."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        IntLogUniformDistribution,
-        LogUniformDistribution,
-    )
-
-    if isinstance(dist, CategoricalDistribution):
-        return "{" + ", ".join(map(str, dist.choices)) + "}"
-    low, high = getattr(dist, "low", "?"), getattr(dist, "high", "?")
-    log_scale = isinstance(dist, LogUniformDistribution | IntLogUniformDistribution)
-    kind = "int " if "Int" in type(dist).__name__ else ""
-    return f"{kind}{'log-uniform' if log_scale else 'uniform'} [{low:g}, {high:g}]"
-
-
 def _first_line(err: Any) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}".strip()[:300]
@@ -114,8 +99,8 @@ def _holds(config: DictConfig, condition: str, name: str) -> bool:
     return same != negate
 
 
-class QtlOptunaSweeperImpl(OptunaSweeperImpl):
-    """The released sweeper's parsing, with a loop that continues a stored study."""
+class QtlOptunaSweeperImpl(Sweeper):
+    """An Optuna search whose loop continues a stored study."""
 
     def __init__(
         self,
@@ -138,12 +123,27 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
             raise SearchError(
                 f"hydra.sweeper.max_failure_rate={max_failure_rate}: expected a fraction in [0, 1]"
             )
-        super().__init__(
-            sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-            None, None, params,
-        )  # fmt: skip
+        self.sampler = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = params
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
         self.only_when = {str(k): str(v) for k, v in (only_when or {}).items()}
         self._lock_handle: Any = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     # -- the loop -------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
@@ -233,9 +233,9 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
         self, arguments: list[str]
     ) -> tuple[dict[str, BaseDistribution], dict[str, Any], dict[str, str]]:
         """Distributions to search, fixed overrides, and parameters ``only_when`` left out."""
-        params_conf = self._parse_sweeper_params_config()
+        params_conf = [f"{k!s}={v}" for k, v in (self.params or {}).items()]
         params_conf.extend(arguments)
-        space, fixed = create_params_from_overrides(params_conf)
+        space, fixed = parse(params_conf)
         for name in fixed:  # set on the command line: not searched
             space.pop(name, None)
         not_searched: dict[str, str] = {}
@@ -313,7 +313,7 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
             kwargs["seed"] = int(seed) + len(study.get_trials(deepcopy=False))
         sampler = instantiate(conf, **kwargs)
         if isinstance(sampler, functools.partial):  # GridSampler: needs the space
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+            grid = {name: grid_choices(name, d) for name, d in space.items()}
             sampler = sampler(grid)
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
             log.info(f"GridSampler: n_trials is the grid's size at most, {self.n_trials}")
@@ -368,6 +368,23 @@ class QtlOptunaSweeperImpl(OptunaSweeperImpl):
                 "told FAIL (not counted in n_trials)"
             )
         return sorted(resume, key=lambda t: t.number)
+
+    def _configure_trials(
+        self, trials: list[Trial], space: dict[str, BaseDistribution], fixed: dict[str, Any]
+    ) -> list[tuple[str, ...]]:
+        """Each trial's overrides: its drawn parameters, then the fixed command-line ones.
+
+        A continued trial already holds its parameters: ``suggest`` returns them as stored.
+        The fixed overrides are kept as user attributes, so the storage shows the whole run.
+        """
+        overrides = []
+        for trial in trials:
+            params = {name: suggest(trial, name, dist) for name, dist in space.items()}
+            for name, value in fixed.items():
+                trial.set_user_attr(name, value)
+            params.update(fixed)
+            overrides.append(tuple(f"{name}={value}" for name, value in params.items()))
+        return overrides
 
     def _launch(self, trials: list[Trial], overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
         """Job number = trial number: one launch per run of consecutive numbers."""

@@ -12,8 +12,73 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper.config import SamplerConfig
 from omegaconf import MISSING, DictConfig
+
+
+# Samplers (hydra/sweeper/sampler=<name>): Optuna's constructors with the arguments whose
+# meaning and default are the same in Optuna 4 and 5 (the rest keep Optuna's defaults);
+# `seed` is offset on a resumed study (_impl.py).
+@dataclass
+class SamplerConfig:
+    _target_: str = MISSING
+
+
+@dataclass
+class TPESamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.TPESampler"
+    seed: int | None = None
+    n_startup_trials: int = 10  # random trials before the model is used
+    n_ei_candidates: int = 24
+
+
+@dataclass
+class RandomSamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.RandomSampler"
+    seed: int | None = None
+
+
+@dataclass
+class CmaEsSamplerConfig(SamplerConfig):  # needs the `cmaes` package
+    _target_: str = "optuna.samplers.CmaEsSampler"
+    seed: int | None = None
+    sigma0: float | None = None
+    n_startup_trials: int = 1
+
+
+@dataclass
+class NSGAIISamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    seed: int | None = None
+    population_size: int = 50
+    mutation_prob: float | None = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+
+@dataclass
+class QMCSamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.QMCSampler"
+    seed: int | None = None
+    qmc_type: str = "sobol"  # sobol | halton
+    scramble: bool = False
+
+
+@dataclass
+class GridSamplerConfig(SamplerConfig):
+    # built once the search space is known (every value of each choice/range, n_trials capped)
+    _target_: str = "optuna.samplers.GridSampler"
+    _partial_: bool = True
+    seed: int | None = None
+
+
+SAMPLERS = {
+    "tpe": TPESamplerConfig,
+    "random": RandomSamplerConfig,
+    "cmaes": CmaEsSamplerConfig,
+    "nsgaii": NSGAIISamplerConfig,
+    "qmc": QMCSamplerConfig,
+    "grid": GridSamplerConfig,
+}
 
 
 @dataclass
@@ -21,7 +86,7 @@ class QtlOptunaSweeperConf:
     _target_: str = "hydra_plugins.qtl_optuna.optuna_sweeper.QtlOptunaSweeper"
     # the sampler stays a config until the study is loaded: a resumed study reseeds it
     _recursive_: bool = False
-    # samplers are the released plugin's: tpe | random | cmaes | nsgaii | motpe | grid
+    # hydra/sweeper/sampler=tpe | random | cmaes | nsgaii | qmc | grid
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     sampler: SamplerConfig = MISSING
     # minimize | maximize; null = from search.objective (val_loss: minimize, val_auroc: maximize)
@@ -47,6 +112,10 @@ class QtlOptunaSweeperConf:
 ConfigStore.instance().store(
     group="hydra/sweeper", name="qtl_optuna", node=QtlOptunaSweeperConf, provider="qtl"
 )
+for _name, _node in SAMPLERS.items():
+    ConfigStore.instance().store(
+        group="hydra/sweeper/sampler", name=_name, node=_node, provider="qtl"
+    )
 
 
 class QtlOptunaSweeper(Sweeper):

@@ -21,9 +21,11 @@ from qtl.config import Backend, ConfigError, QtlConfig
 
 # backend -> (module to import, pip extra that installs it, what the extra contains)
 _EXTRAS: dict[Backend, tuple[str, str, str]] = {
-    Backend.torch: ("torch", "torch", "PyTorch 2.13 CPU build"),
-    Backend.tf: ("tensorflow", "tf", "tensorflow-cpu 2.21"),
+    Backend.torch: ("torch", "torch", "PyTorch and transformers"),
+    Backend.tf: ("tensorflow", "tf", "TensorFlow 2.21"),
 }
+# modules the backend's model also needs (the PyTorch ResNet is transformers')
+_ALSO: dict[Backend, tuple[str, ...]] = {Backend.torch: ("transformers",)}
 
 PURPOSE = (
     "backend=torch and backend=tf run the study's model in PyTorch and TensorFlow for the "
@@ -47,12 +49,13 @@ def check_installed(backend: Backend | str) -> None:
     backend = Backend(backend)
     if backend not in _EXTRAS:
         return
-    try:
-        found = importlib.util.find_spec(_EXTRAS[backend][0]) is not None
-    except (ImportError, ValueError) as err:
-        raise _missing(backend, err) from err
-    if not found:
-        raise _missing(backend, None)
+    for module in (_EXTRAS[backend][0], *_ALSO.get(backend, ())):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as err:
+            raise _missing(backend, err) from err
+        if not found:
+            raise _missing(backend, ModuleNotFoundError(f"No module named '{module}'"))
 
 
 def require(backend: Backend | str) -> ModuleType:
@@ -61,9 +64,12 @@ def require(backend: Backend | str) -> ModuleType:
     if backend not in _EXTRAS:
         return importlib.import_module("jax")
     try:
-        return importlib.import_module(_EXTRAS[backend][0])
+        framework = importlib.import_module(_EXTRAS[backend][0])
+        for module in _ALSO.get(backend, ()):
+            importlib.import_module(module)
     except ImportError as err:
         raise _missing(backend, err) from err
+    return framework
 
 
 def refuse_training(cfg: QtlConfig) -> None:

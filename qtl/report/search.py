@@ -96,11 +96,7 @@ def load_search(folder: Path | str) -> SearchTrials:
     """Read the study's trials and each trial's run record."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up logs at INFO on import
     import optuna
-    from optuna.distributions import (
-        CategoricalDistribution,
-        IntLogUniformDistribution,
-        LogUniformDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution
 
     folder = Path(folder)
     info = json.loads((folder / SEARCH_FILE).read_text())
@@ -131,14 +127,13 @@ def load_search(folder: Path | str) -> SearchTrials:
                 "_params": dict(t.params),
             }
         )
-    log_types = (LogUniformDistribution, IntLogUniformDistribution)
     return SearchTrials(
         folder=folder,
         info=info,
         storage=storage,
         rows=sorted(rows, key=lambda r: r["trial"]),
         params=sorted(dists),
-        log_params={k for k, d in dists.items() if isinstance(d, log_types)},
+        log_params={k for k, d in dists.items() if getattr(d, "log", False)},
         categorical={
             k: list(d.choices) for k, d in dists.items() if isinstance(d, CategoricalDistribution)
         },

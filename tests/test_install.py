@@ -1,0 +1,41 @@
+"""The core install is JAX only: training and search never import PyTorch, TensorFlow or
+transformers, even where the test extra has installed them (they serve mode=bench_step only),
+so `make demo` works in an environment without them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY
+from helpers import _env
+
+OTHER_FRAMEWORKS = ("torch", "tensorflow", "keras", "transformers")
+
+# launch.py as `python launch.py ...` runs it, reporting at exit which frameworks were imported
+PROBE = f"""
+import atexit, runpy, sys
+atexit.register(lambda: print("QTL_IMPORTED=" + ",".join(
+    m for m in {OTHER_FRAMEWORKS!r} if m in sys.modules), flush=True))
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path({str(ROOT / "launch.py")!r}, run_name="__main__")
+"""
+
+
+def _imported(*args: str, cwd) -> list[str]:
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        cwd=cwd, env=_env(None), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("QTL_IMPORTED=")]
+    return [m for m in line.removeprefix("QTL_IMPORTED=").split(",") if m]
+
+
+@pytest.mark.slow
+def test_training_and_search_import_no_other_framework(tmp_path):
+    assert _imported("-m", *TINY, "head=cdl,dqc", f"hydra.sweep.dir={tmp_path / 'demo'}",
+                     cwd=tmp_path) == []  # fmt: skip
+    search = ["experiment=search", *TINY, "head=cdl", "hydra.sweeper.n_trials=1"]
+    assert _imported("-m", *search, f"hydra.sweep.dir={tmp_path / 'search'}", cwd=tmp_path) == []
