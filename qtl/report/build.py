@@ -18,6 +18,7 @@ from qtl.report.tables import (
     per_label_table,
     runs_table,
 )
+from qtl.report.uncertainty import interval_table, roc_figures
 
 
 def _check(cfg: ReportConfig) -> None:
@@ -79,10 +80,12 @@ def cxr_section(
         "comparison": comparison_table(comps, cfg.alpha),
         "convergence": convergence_table(sweep),
         "runs": runs_table(sweep),
+        "auroc_intervals": interval_table(sweep),
     }
     table_files = {name: t.write(out / "tables") for name, t in tables.items()}
     which = [getattr(f, "value", f) for f in cfg.figures]
     figures = figs.draw(which, sweep, comps, cfg.alpha, out / "figures", cfg.dpi)
+    figures["roc"] = roc_figures(sweep, out / "figures", cfg.dpi)
     path = out / "report.md"
     path.write_text(markdown.render(sweep, out, tables, table_files, figures, comps, cfg.alpha))
     if logger is not None and logger.name == LoggerName.wandb:
@@ -103,7 +106,34 @@ def medmnist_section(
     """The MedMNIST study's models x distillation section (:mod:`qtl.report.qvit`)."""
     from qtl.report.qvit import write_qvit_report
 
-    return write_qvit_report(sweep, out, cfg.alpha, cfg.dpi)
+    path = write_qvit_report(sweep, out, cfg.alpha, cfg.dpi)
+    append_intervals(sweep, out, path, cfg.dpi)
+    return path
+
+
+def append_intervals(sweep: Sweep, out: Path, report: Path, dpi: int) -> None:
+    """Add the DeLong intervals (every run; the best run per arm shown) and the ROC curves
+    to a section's report.md."""
+    table = interval_table(sweep)
+    if not table.rows:
+        return
+    csv_path, _ = table.write(out / "tables")
+    rocs = roc_figures(sweep, out / "figures", dpi)
+    cols = ["task", "head", "seed", "split", "label", "auroc", "low", "high", "positives"]
+    lines = [
+        "",
+        "## How sure each AUC is",
+        "",
+        "DeLong 95% intervals over the test images per class (one-vs-rest) or label, for each "
+        f"arm's best run (lowest validation loss); every run's: `{csv_path.relative_to(out)}`.",
+        "",
+        table.where(best_run=True).markdown(cols),
+        "",
+        *(f"![{p.stem}]({p.relative_to(out)})" for p in rocs),
+        "",
+    ]
+    with report.open("a") as f:
+        f.write("\n".join(lines))
 
 
 def generic_section(

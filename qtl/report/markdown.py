@@ -12,7 +12,8 @@ from qtl.report.stats import Key, Paired
 from qtl.report.tables import Table, device
 
 # Columns report.md shows (the CSV files keep all of them).
-_LABEL_COLS = ["label", "n_pairs", "cdl", "dqc", "diff", "pct_diff", "p", "stars"]
+_LABEL_COLS = ["label", "n_pairs", "cdl", "dqc", "diff", "pct_diff", "p", "stars", "p_holm", "q_bh"]
+_INTERVAL_COLS = ["task", "head", "seed", "split", "label", "auroc", "low", "high", "positives"]
 _CONVERGENCE_COLS = ["task", "head", "n_seeds", "best_epoch", "epochs", "final_val_loss",
                      "best_val_loss", "train_seconds"]  # fmt: skip
 _RUN_COLS = ["task", "head", "seed", "status", "best_epoch", "epochs", "test_mean_auroc",
@@ -85,7 +86,10 @@ def render(
         *_pairs_note(sweep, comps),
         "",
         f"Stars: `*` p < {alpha:g}, `**` p < 0.01, `***` p < 0.001, `ns` not significant; "
-        "– = undefined (fewer than two pairs).",
+        "– = undefined (fewer than two pairs). The labels of one task and test set are tested "
+        "together, so the per-label tables add Holm's adjusted p (`p_holm`: the chance of any "
+        "false call among them) and Benjamini–Hochberg's (`q_bh`: the expected share of false "
+        "calls); stars are the unadjusted p's.",
         "",
     ]
     if not comps:
@@ -113,6 +117,20 @@ def render(
             f"p = {alpha:g}. Labels above it are named.",
             "",
             *_figure_lines(figures["volcano"], out),
+            "",
+        ]
+    if "auroc_intervals" in tables:
+        lines += [
+            "## How sure each AUROC is",
+            "",
+            "DeLong 95% intervals over the test images, per label, for each arm's best run "
+            "(lowest validation loss); every run's are in the table file below. The interval "
+            "is the spread another test set of the same size would give; the paired tests "
+            "above are the spread over seeds.",
+            "",
+            tables["auroc_intervals"].where(best_run=True).markdown(_INTERVAL_COLS),
+            "",
+            *_figure_lines(figures.get("roc", []), out),
             "",
         ]
     lines += [

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qtl.report.collect import TEST_SETS, Sweep
-from qtl.report.stats import Key, Paired, mean_sd, per_seed
+from qtl.report.stats import Key, Paired, adjust_pvalues, mean_sd, per_seed
 
 
 def _num(fmt: str) -> Callable[[Any], str]:
@@ -147,11 +147,25 @@ def comparison_table(
         f"{a.upper()} vs {b.upper()}: paired t-test over matched seeds "
         f"(% diff = 2({a.upper()} − {b.upper()})/({a.upper()} + {b.upper()}); "
         f"* p<{alpha:g}, ** p<0.01, *** p<0.001)",
-        ["task", "test_set", "label", "n_pairs", a, b, "diff", "pct_diff", "t", "p", "stars"],
+        ["task", "test_set", "label", "n_pairs", a, b, "diff", "pct_diff", "t", "p", "stars",
+         "p_holm", "q_bh"],
         formats={a: AUROC, b: AUROC, "diff": _num("+.4f"), "pct_diff": PCT, "t": _num(".2f"),
-                 "p": P},
+                 "p": P, "p_holm": P, "q_bh": P},
     )  # fmt: skip
-    for (task, split, label), c in comparisons.items():
+    # one family per task and test set: its labels, tested at once (the mean is its own test)
+    families: dict[tuple[str, str], list[Key]] = {}
+    for key in comparisons:
+        if key[2] is not None:
+            families.setdefault(key[:2], []).append(key)
+    adjusted: dict[Key, tuple[float, float]] = {}
+    for keys in families.values():
+        ps = [comparisons[k].p for k in keys]
+        for k, holm, bh in zip(
+            keys, adjust_pvalues(ps, "holm"), adjust_pvalues(ps, "bh"), strict=True
+        ):
+            adjusted[k] = (holm, bh)
+    for key, c in comparisons.items():
+        task, split, label = key
         table.rows.append(
             {
                 "task": task,
@@ -165,6 +179,8 @@ def comparison_table(
                 "t": c.t,
                 "p": c.p,
                 "stars": c.stars(alpha),
+                "p_holm": adjusted.get(key, (None, None))[0],
+                "q_bh": adjusted.get(key, (None, None))[1],
             }
         )
     return table
