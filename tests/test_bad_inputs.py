@@ -344,7 +344,8 @@ def test_medmnist_files_cut_short_or_damaged_inside(medmnist, tmp_path):
 
 def test_bad_teacher_folders_are_one_line(tmp_path):
     """distill.teacher= a folder that is not a finished qtl run, or whose checkpoint is gone."""
-    from qtl.apps.teacher import resolve_teacher
+    from qtl.studies import study_for
+    from qtl.studies.teacher import resolve_teacher
 
     for name, make in {
         "empty folder": lambda d: d.mkdir(),
@@ -355,7 +356,7 @@ def test_bad_teacher_folders_are_one_line(tmp_path):
         cfg = compose("debug=tiny_medmnist", "model=vit", "distill=joint",
                       f"distill.teacher={folder}")  # fmt: skip
         with pytest.raises(QtlUserError) as err:
-            resolve_teacher(cfg)
+            resolve_teacher(cfg, study_for(cfg))
         code, line = one_line(err.value)
         assert code == EXIT_INPUT and "\n" not in line and str(folder) in line, (name, line)
 

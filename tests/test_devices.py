@@ -141,6 +141,9 @@ def test_a_run_resumes_on_another_device_count(tmp_path):
     assert not (split / "results.json").exists()  # killed after epoch 1's commit
     _run(tmp_path, "split", *TINY, "head=cdl", "train.devices=1")
     _assert_same_run(whole, split)
+    attempts = json.loads((split / "run_config.json").read_text())["attempts"]
+    assert [a["devices"] for a in attempts] == [2, 1]  # the topology of every attempt
+    assert all(a["platform"] == "cpu" and a["processes"] == 1 for a in attempts)
 
 
 @pytest.mark.slow

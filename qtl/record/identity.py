@@ -189,6 +189,26 @@ def runtime_settings(cfg: QtlConfig) -> dict[str, Any]:
     return out
 
 
+def attempt(cfg: QtlConfig) -> dict[str, Any]:
+    """This start's topology, appended to the record's ``attempts`` (a run may resume on
+    another number of devices: that is how it is computed, not which run it is). Resolving
+    ``train.devices`` here refuses, before any work, more devices than this process sees."""
+    import platform as _platform
+
+    from qtl.utils.mesh import resolve
+
+    tc = cfg.train
+    topology = resolve(
+        tc.devices,
+        [("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)],
+    )
+    return {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": _platform.node(),
+        **topology.describe(),
+    }
+
+
 def read_record(path: Path) -> dict[str, Any]:
     """run_config.json, or a ConfigError that says what to do with an unreadable one."""
     try:
@@ -328,6 +348,7 @@ def check_run_dir(
             "record_version": RECORD_VERSION,
             "runtime": runtime_settings(cfg),
             "provenance": {"weights": loaded},
+            "attempts": [attempt(cfg)],
         }
         _write(path, record)
         return
@@ -349,8 +370,9 @@ def check_run_dir(
     runtime = runtime_settings(cfg)
     loaded = provenance()
     restarting = not _has_checkpoint(run_dir)
+    update_attempts = [*record.get("attempts", []), attempt(cfg)]
     recorded_weights = (record.get("provenance") or {}).get("weights")
-    update: dict[str, Any] = {}
+    update: dict[str, Any] = {"attempts": update_attempts}
     if recorded_weights is None:
         update["provenance"] = {**(record.get("provenance") or {}), "weights": loaded}
     elif note := _weights_note(recorded_weights, loaded, restarting):
