@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -200,3 +201,47 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, 
     segments = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(segments) == 2
     assert {read_run_file(p)["run"]["id"] for p in segments} == {run_id}
+
+
+def test_a_stopped_sweep_cancels_its_slurm_jobs_and_the_rerun_resumes(
+    slurm_cluster, workdir, synth_root
+):
+    """SIGTERM to the sweep while its jobs train: every job is cancelled (scancel: SIGTERM,
+    a checkpoint), none keeps running, and the same command resumes both to the end."""
+    args = [
+        "-m", *TINY, f"data.root={synth_root}", "train.max_epochs=25", "train.patience=25",
+        "head=cdl", "seed=0,1", "hydra.sweep.dir=multirun/slurm-stopped", "report.auto=false",
+        *SMALL_JOBS,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sweep = workdir / "multirun" / "slurm-stopped"
+    runs = [sweep / "cxr8-cdl" / f"seed{s}" for s in (0, 1)]
+    driver = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while not all((r / "metrics.jsonl").exists() for r in runs):
+        assert driver.poll() is None and time.time() < deadline, driver.stdout.read()[-3000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode != 0
+    found = re.search(r"cancelled 2 job\(s\) \(([^)]*)\)", out)
+    assert found, out[-3000:]
+    ids = found.group(1).split(", ")
+    for _ in range(300):  # SLURM ends them (SIGTERM, then SIGKILL after KillWait)
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids)],
+                                capture_output=True, text=True).stdout  # fmt: skip
+        if not queued.strip():
+            break
+        time.sleep(0.5)
+    assert not queued.strip(), queued
+    for job in ids:
+        assert _final_rows(job, "State")[-1][0].startswith("CANCELLED")
+    assert not any((r / "results.json").exists() for r in runs)
+
+    again = launch(*args, cwd=workdir, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for run in runs:
+        assert [r["epoch"] for r in _metrics(run)] == list(range(1, 26))
