@@ -740,7 +740,12 @@ def validate(cfg: QtlConfig) -> None:
         ("train.backbone_lr", cfg.train.backbone_lr, (cfg.train.backbone_lr or 1.0) > 0),
         ("head.depth", cfg.head.depth, cfg.head.depth > 0),
         ("head.max_state_mb", cfg.head.max_state_mb, (cfg.head.max_state_mb or 1.0) > 0),
+        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0),
+        ("train.min_delta", cfg.train.min_delta, cfg.train.min_delta >= 0),
+        ("train.log_every", cfg.train.log_every, cfg.train.log_every > 0),
         ("data.hflip_p", cfg.data.hflip_p, 0.0 <= cfg.data.hflip_p <= 1.0),
+        ("data.max_rotation_deg", cfg.data.max_rotation_deg, 0 <= cfg.data.max_rotation_deg <= 180),
+        ("data.workers", cfg.data.workers, cfg.data.workers >= 0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
         ("bench_data.images", cfg.bench_data.images, cfg.bench_data.images > 0),
         ("bench_data.batch_size", cfg.bench_data.batch_size, cfg.bench_data.batch_size > 0),
@@ -749,6 +754,12 @@ def validate(cfg: QtlConfig) -> None:
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is out of range.")
+    devices = cfg.train.devices
+    if not (
+        str(devices).lower() == "all"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0)
+    ):
+        raise ConfigError(f"train.devices={devices!r}: expected a positive integer or 'all'.")
     if cfg.train.optimizer not in ("adam", "adamw", "sgd"):
         raise ConfigError(
             f"train.optimizer='{cfg.train.optimizer}' is not supported; use adam, adamw or sgd."
