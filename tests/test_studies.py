@@ -54,8 +54,9 @@ def test_own_fields_pass():
     _check("debug=tiny", "backbone.freeze=true", "train.backbone_lr=0.01", "head.depth=2")
 
 
-def test_cli_refuses_backbone_freeze_on_a_qvit_run_with_exit_2(tmp_path):
-    proc = launch("backbone.freeze=true", "model=qvit", "data=medmnist", cwd=tmp_path)
+@pytest.mark.parametrize("data", [["data=medmnist"], []])
+def test_cli_refuses_backbone_freeze_on_a_qvit_run_with_exit_2(tmp_path, data):
+    proc = launch("backbone.freeze=true", "model=qvit", *data, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "backbone.freeze" in proc.stderr and "medmnist study" in proc.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
@@ -64,6 +65,10 @@ def test_cli_refuses_backbone_freeze_on_a_qvit_run_with_exit_2(tmp_path):
 def test_study_is_chosen_from_data_or_named():
     assert study_for(compose("debug=tiny")).name == "cxr"
     assert study_for(compose(*TINY_QVIT)).name == "medmnist"
+    assert study_for(compose("model=qvit")).name == "medmnist"  # its model decides
+    assert study_for(compose("data=medmnist")).name == "medmnist"
+    with pytest.raises(ConfigError, match="data=synthetic is the cxr study's data"):
+        _check("model=qvit")
     assert study_for(compose("debug=tiny", "study=cxr")).name == "cxr"
     with pytest.raises(ConfigError, match="study='nope' is not a registered study"):
         study_for(compose("debug=tiny", "study=nope"))

@@ -198,18 +198,15 @@ def _identify(job_dir: Path, root: Path, results: Results | None) -> tuple[str, 
 
 def _study_of(files: RunFiles) -> str:
     """The study of a run without results.json, from the config it recorded at its start."""
+    from omegaconf import OmegaConf
+
+    from qtl.studies import study_for
+
     config = (files.read_run_config() or {}).get("config")
-    if isinstance(config, dict) and config.get("study"):
-        return str(config["study"])
-    data = config.get("data") if isinstance(config, dict) else None
-    name = data.get("name") if isinstance(data, dict) else None
-    if name:
-        from omegaconf import OmegaConf
-
-        from qtl.studies import study_for
-
-        return study_for(OmegaConf.create({"study": None, "data": {"name": name}})).name
-    return "cxr"
+    try:
+        return study_for(OmegaConf.create(config)).name
+    except Exception:  # noqa: BLE001 - no readable config: the first study's runs
+        return "cxr"
 
 
 def _why_no_result(job_dir: Path, history: list[EpochRow]) -> tuple[str, bool]:

@@ -1,7 +1,8 @@
 """The studies qtl runs, one module each, and the one place a run's study is chosen.
 
 ``study_for(cfg)``: the config's ``study`` when set (a registered name), else the study whose
-``data_names`` hold ``data.name`` (data=synthetic | nih_cxr_lt: cxr; data=medmnist: medmnist).
+``data_names`` hold ``data.name`` (data=synthetic | nih_cxr_lt: cxr; data=medmnist: medmnist),
+unless ``model`` is another study's own (model=qvit: medmnist), which then decides.
 A new study is a :class:`~qtl.studies.base.Study` subclass passed to :func:`register`.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from qtl.config import ConfigError
 from qtl.config import register_configs as _register_schema
-from qtl.studies.base import Study
+from qtl.studies.base import Study, schema_default
 from qtl.studies.cxr import CxrStudy
 from qtl.studies.medmnist import MedmnistStudy
 
@@ -43,11 +44,18 @@ def study_for(cfg: Any) -> Study:
     name = cfg.get("study") if hasattr(cfg, "get") else getattr(cfg, "study", None)
     if name:
         return get(str(name))
-    data = str(cfg.data.name)
-    for study in _STUDIES.values():
-        if data in study.data_names:
-            return study
-    raise ConfigError(f"data={data}: no study reads it; set study=<one of {sorted(_STUDIES)}>")
+    data, model = str(cfg.data.name), str(cfg.model.name)
+    by_data = next((s for s in _STUDIES.values() if data in s.data_names), None)
+    chosen = model != str(schema_default("model.name"))  # not the default model
+    if by_data is None or (chosen and model not in by_data.model_names):
+        # a model of another study (model=qvit with data=synthetic): that study's run, so
+        # its checks name what does not fit (the data, a field of the other study)
+        by_model = next((s for s in _STUDIES.values() if model in s.model_names), None)
+        if by_model is not None:
+            return by_model
+    if by_data is None:
+        raise ConfigError(f"data={data}: no study reads it; set study=<one of {sorted(_STUDIES)}>")
+    return by_data
 
 
 def run_subdir(cfg: Any) -> str:

@@ -53,6 +53,7 @@ class Study(ABC):
 
     name: ClassVar[str]  # the record's ``study`` and the ``study=`` config value
     data_names: ClassVar[tuple[str, ...]] = ()  # data=<name> values that select it by default
+    model_names: ClassVar[tuple[str, ...]] = ()  # model=<name> values that are its own
     # dotted fields that belong to another study: set away from their schema default, a run
     # of this study refuses them (they would act silently or not at all)
     foreign: ClassVar[tuple[str, ...]] = ()

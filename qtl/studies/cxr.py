@@ -35,6 +35,7 @@ def format_auroc_table(results: Results) -> str:
 class CxrStudy(Study):
     name: ClassVar[str] = "cxr"
     data_names: ClassVar[tuple[str, ...]] = ("synthetic", "nih_cxr_lt")
+    model_names: ClassVar[tuple[str, ...]] = ("resnet_dqc",)
     # the MedMNIST study's model and distillation fields (data.flag etc. are MedMNIST's too,
     # but conf/data/synthetic.yaml shares them with the schema defaults, so they are left out
     # of the identity below rather than refused)

@@ -28,6 +28,7 @@ def format_medmnist_table(results: Results) -> str:
 class MedmnistStudy(Study):
     name: ClassVar[str] = "medmnist"
     data_names: ClassVar[tuple[str, ...]] = ("medmnist",)
+    model_names: ClassVar[tuple[str, ...]] = ("vit", "qvit", "resnet18")
     # the CXR study's fields that would act silently (or not at all) on a ViT/QViT/ResNet-18;
     # fields whose default comes from the root's group choice (task.*, head.name, backbone's
     # shape and weights) cannot be told from a choice made here: they are left out of the
@@ -73,6 +74,12 @@ class MedmnistStudy(Study):
                 "cxr study's backbone + head. E.g. python launch.py data=medmnist model=qvit"
             )
         super().validate(cfg)
+        if str(cfg.data.name) not in self.data_names:
+            raise ConfigError(
+                f"model={cfg.model.name} trains on data=medmnist only (the medmnist study); "
+                f"data={cfg.data.name} is the cxr study's data, trained by model=resnet_dqc "
+                "with the backbone and head groups."
+            )
         m, d = cfg.model, cfg.distill
         checks: list[tuple[str, Any, bool]] = [
             ("data.size", cfg.data.size, cfg.data.size in (28, 64, 128, 224)),
