@@ -1,6 +1,6 @@
 """What MedMNIST's 2D sets are: task type, channels, classes, split sizes, label names.
 
-Facts from the ``medmnist`` package's ``INFO`` table (v3.0.2; REFERENCE §10), so qtl can check
+Facts from the ``medmnist`` package's ``INFO`` table (v3.0.2), so qtl can check
 a file and build a model without that package (which downloads at run time and pulls
 torchvision). The reader, the synthetic generator, the losses and the metrics all key off
 :class:`Task`.

@@ -21,7 +21,7 @@ from qtl.report.stats import mean_sd, paired, stars
 
 STUDY = "medmnist"  # the run records this section reports (qtl.studies.medmnist)
 
-# REFERENCE §10: MedMNIST v2, ResNet-18 at 28 px, test AUC / ACC (None: not given there)
+# Yang et al., MedMNIST v2 (Scientific Data 2023), Table 3: ResNet-18 at 28 px, test AUC / ACC (None: not given there)
 RESNET18_ANCHORS: dict[str, tuple[float, float | None]] = {
     "pathmnist": (0.983, 0.907),
     "dermamnist": (0.917, 0.735),
@@ -30,7 +30,7 @@ RESNET18_ANCHORS: dict[str, tuple[float, float | None]] = {
     "breastmnist": (0.901, 0.863),
     "chestmnist": (0.768, None),
 }
-# REFERENCE §6: the QViT paper's abstract (means over its eight datasets)
+# Boucher & Mazomenos, arXiv 2503.07294, abstract (means over its eight datasets)
 PAPER_HEADLINE = {
     "qvit": {"auc": 0.863, "acc": 0.710},
     "vit": {"auc": 0.846, "acc": 0.687},
