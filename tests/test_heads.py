@@ -1,4 +1,5 @@
-"""The heads are exactly the study's (Chan et al., §III and Table I): checked against an independent NumPy state vector."""
+"""The heads are exactly the study's (Chan et al., §III and Table I): checked against an
+independent NumPy state vector."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_dqc_gradients_reach_every_parameter():
 
 
 def test_cdl_head_gives_logits_of_one_linear_map():
-    """Logits, not probabilities: the loss applies the sigmoid (BCE on logits, Chan et al. §III-F)."""
+    """Logits, not probabilities: the loss applies the sigmoid (BCE on logits, as in Chan et
+    al. §III-F)."""
     head = CDLHead(16, 5, rngs=nnx.Rngs(0))
     feats = 10.0 * jax.random.normal(jax.random.key(3), (7, 16))
     expected = np.asarray(feats) @ np.asarray(head.fc.kernel[...]) + np.asarray(head.fc.bias[...])

@@ -45,7 +45,8 @@ def _abstract(cfg: ViTConfig, shape, n_out) -> ViT:
 
 def test_counts_reproduce_the_public_qvit_design():
     """Comajoan Cara et al.: hidden 8, 2 heads, 4 blocks, MLP 4, patch 10 on 125^2 x 3, two
-    classes -> 5,178 parameters classical, 4,170 with quantum Q/K/V/O and MLP (Comajoan Cara et al.'s public QuantumTransformers code)."""
+    classes -> 5,178 parameters classical, 4,170 with quantum Q/K/V/O and MLP (their public
+    QuantumTransformers code)."""
     cfg = ViTConfig(hidden_size=8, num_heads=2, num_blocks=4, mlp_size=4, patch_size=10)
     shape = (125, 125, 3)
     classical = replace(cfg, quantum=[])

@@ -1,6 +1,7 @@
 """Vision transformer with optional quantum projections (Flax NNX): ``model=vit | qvit``.
 
-Layout of the closest public QViT (Comajoan Cara et al.'s QuantumTransformers): patch embedding by a conv with kernel =
+Layout of the closest public QViT (Comajoan Cara et al.'s QuantumTransformers): patch
+embedding by a conv with kernel =
 stride = patch, learned positional embedding, pre-LayerNorm blocks (x + Attn(LN(x)), then
 x + MLP(LN(x))), a final LayerNorm, global-average pooling and a linear classifier. In the QViT
 the Q, K, V and attention-output projections are d-qubit quantum layers (d = hidden size,

@@ -1,6 +1,7 @@
 """Config dataclasses of the ViT / QViT (``model=vit`` | ``model=qvit``).
 
-Defaults are the closest public QViT design (Comajoan Cara et al.'s QuantumTransformers: hidden 8 = qubits per circuit,
+Defaults are the closest public QViT design (Comajoan Cara et al.'s QuantumTransformers:
+hidden 8 = qubits per circuit,
 2 heads, 4 blocks, MLP 4, one variational layer, Q/K/V/O and the MLP's middle layer quantum)
 with patch 4 for MedMNIST's 28 px images. The QViT paper's own sizes are not available; every
 choice is a field here. The classical preset is the same config with no quantum projections

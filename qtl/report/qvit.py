@@ -21,7 +21,8 @@ from qtl.report.stats import mean_sd, paired, stars
 
 STUDY = "medmnist"  # the run records this section reports (qtl.studies.medmnist)
 
-# Yang et al., MedMNIST v2 (Scientific Data 2023), Table 3: ResNet-18 at 28 px, test AUC / ACC (None: not given there)
+# Yang et al., MedMNIST v2 (Scientific Data 2023): ResNet-18 at 28 px, test AUC / ACC
+# (None: not given there)
 RESNET18_ANCHORS: dict[str, tuple[float, float | None]] = {
     "pathmnist": (0.983, 0.907),
     "dermamnist": (0.917, 0.735),
