@@ -66,8 +66,15 @@ def table(runs: list[Results], split: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    root = Path(args[0] if args else "multirun")
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qtl.summary",
+        description="Per-label test AUROC of every finished run under a folder, and the "
+        "runs that did not finish (read from the run records alone).",
+    )
+    parser.add_argument("root", nargs="?", default="multirun", help="sweep or output folder")
+    root = Path(parser.parse_args(sys.argv[1:] if argv is None else argv).root)
     runs = collect(root)
     others = not_finished(root)
     if runs:

@@ -346,12 +346,18 @@ def _figure(groups, datasets: list[str], folder: Path, dpi: int) -> Path | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Print every finished run's test AUC and ACC under a sweep (read from results.json)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m qtl.report.qvit <sweep folder>")
-    runs = collect_runs(Path(args[0]))
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qtl.report.qvit",
+        description="Every finished MedMNIST run's test AUC and ACC under a sweep, as a table "
+        "(the full report: python launch.py mode=report report.sweep=<folder>).",
+    )
+    parser.add_argument("sweep", help="the sweep folder, e.g. multirun/demo_qvit")
+    folder = parser.parse_args(sys.argv[1:] if argv is None else argv).sweep
+    runs = collect_runs(Path(folder))
     if not runs:
-        raise SystemExit(f"no finished MedMNIST runs under {args[0]}")
+        raise SystemExit(f"no finished MedMNIST runs under {folder}")
     print(
         _md_table(
             ["dataset", "model", "distill", "seed", "best epoch", "test AUC", "test ACC"],
