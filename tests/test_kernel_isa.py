@@ -10,6 +10,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,8 +128,11 @@ def test_the_float64_grid_passes_with_the_isa_forced_down(tmp_path):
 
     env = {**os.environ, "QTL_ISA": "baseline", "QTL_KERNEL_CACHE": str(tmp_path)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    cmd += ["tests/test_statevector_kernel.py", "-k", "matches_float64 and (4-2 or 12-3)"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    grid = Path(__file__).with_name("test_statevector_kernel.py")
+    cmd += [str(grid), "-k", "matches_float64 and (4-2 or 12-3)"]
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=grid.parent.parent
+    )
     assert done.returncode == 0, done.stdout[-2000:]
     assert "2 passed" in done.stdout
     [manifest] = tmp_path.glob("*.json")

@@ -216,6 +216,7 @@ def _ensure(cache: Path | None) -> tuple[Path, bytes]:
     requested ISA; a native build that the compiler refuses falls back to the baseline."""
     level = isa()
     _check_cpu(level)
+    compiler()  # no compiler: no point in a baseline retry
     try:
         found = _ensure_level(cache, level)
     except KernelUnavailable as err:
