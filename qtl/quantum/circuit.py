@@ -1,10 +1,10 @@
 """The circuit family of both studies, written once as a PennyLane quantum function.
 
-The chest X-ray study's DQC circuit (REFERENCE §1) is the default: on |0...0>, H then RY(x_i)
+The chest X-ray study's DQC circuit (Chan et al., §III) is the default: on |0...0>, H then RY(x_i)
 on every wire; then `depth` times a rotation layer RY(theta[l, i]) followed by a CNOT ring
 0->1, 1->2, ..., (n-1)->0; finally <Z_i> on every wire. Variants change the encoding
 (h_ry | rx | ry), the entangler (ring | chain | even_odd | qvit_ring) or the trainable
-rotation (ry | rx | rz_ry). The QViT's quantum layers (REFERENCE §10) are the member
+rotation (ry | rx | rz_ry). The QViT's quantum layers (Comajoan Cara et al.'s design) are the member
 encoding=rx, rotation=rx, entangler=qvit_ring: raw features as RX angles, no Hadamards, and a
 ring that is a single CNOT on two wires. Every simulator runs this one definition: PennyLane
 executes it, and ``qtl.quantum.fast`` compiles its recorded tape.

@@ -2,7 +2,7 @@
 
 Every feature is an RX angle as it is (no scaling), L variational layers (RX on every wire,
 then a CNOT ring j -> j+1 mod d, a single CNOT on two wires), <Z_j> per wire; weights (L, d),
-Xavier-normal (REFERENCE §10, after Comajoan Cara et al.'s public QViT). Encoding, rotation,
+Xavier-normal (after Comajoan Cara et al.'s public QViT code). Encoding, rotation,
 entangler and init are options. The layer takes any (..., d) input and runs the whole stack of
 leading axes (images x tokens) through the circuit as one (B*T, d) batch inside the caller's
 jit; ``simulator=pennylane`` is the reference, ``fast`` the simulator compiled from the same
