@@ -25,22 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qtl.config import ConfigError, DistillConfig, DistillMode
+from qtl.config import DistillMode
 from qtl.data.medmnist_info import FlagInfo, Task
-
-DISTILL_MODES = tuple(m.value for m in DistillMode)
-
-
-def validate_distill(cfg: DistillConfig) -> None:
-    """Field errors at build time."""
-    if cfg.mode not in DISTILL_MODES:
-        raise ConfigError(f"distill.mode='{cfg.mode}' is not one of: {', '.join(DISTILL_MODES)}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"distill.temperature={cfg.temperature}, expected > 0")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"distill.alpha={cfg.alpha}, expected a value in [0, 1]")
-    if cfg.pretrain_epochs < 0:
-        raise ConfigError(f"distill.pretrain_epochs={cfg.pretrain_epochs}, expected >= 0")
 
 
 def n_outputs(info: FlagInfo, binary_logits: int = 1) -> int:
@@ -208,14 +194,23 @@ class TaskObjective(Objective):
         self, logits: jax.Array, targets: jax.Array, mask: jax.Array, step: jax.Array
     ) -> jax.Array:
         labels = targets[:, : self.n_labels]
-        hard = label_loss(self.task, logits, labels, mask)
         if self.distill == DistillMode.none:
-            return hard
+            return label_loss(self.task, logits, labels, mask)
         teacher = targets[:, self.n_labels :]
-        soft = soft_term(self.task, logits, teacher, self.temperature, mask)
         if self.distill == DistillMode.pretrain:
-            return jnp.where(step < self.kd_steps, soft, hard)
-        return self.alpha * soft + (1.0 - self.alpha) * hard
+            soft = soft_term(self.task, logits, teacher, self.temperature, mask)
+            return jnp.where(
+                step < self.kd_steps, soft, label_loss(self.task, logits, labels, mask)
+            )
+        return distill_loss(
+            self.task,
+            logits,
+            teacher,
+            labels,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            mask=mask,
+        )
 
     def eval_outputs(
         self, logits: jax.Array, labels: jax.Array, mask: jax.Array
