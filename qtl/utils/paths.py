@@ -1,6 +1,6 @@
 """The one place that turns ``cfg.paths`` into folders.
 
-Code that holds a config asks here (``image_cache(cfg.paths)``); process-wide consumers that
+Code that holds a config asks here (``data_dir(cfg.paths)``); process-wide consumers that
 never see a config (the native-kernel loader, JAX's compilation cache, worker processes) get
 the same roots through :func:`export`, which the applications call first.
 """
@@ -28,10 +28,6 @@ def data_dir(paths: PathsConfig) -> Path:
     return _path(paths.data_dir)
 
 
-def image_cache(paths: PathsConfig) -> Path:
-    return _path(paths.image_cache)
-
-
 def feature_cache(paths: PathsConfig) -> Path:
     return _path(paths.feature_cache)
 
@@ -53,14 +49,6 @@ def jax_cache(paths: PathsConfig | None = None) -> Path:
         return _path(paths.jax_cache)
     env = os.environ.get(JAX_ENV)
     return _path(env) if env else _path(PathsConfig.jax_cache)
-
-
-def output_dir(paths: PathsConfig) -> Path:
-    return _path(paths.output_dir)
-
-
-def bench_dir(paths: PathsConfig) -> Path:
-    return _path(paths.bench_dir)
 
 
 def export(paths: PathsConfig) -> None:
