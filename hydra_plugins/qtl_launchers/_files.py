@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qtl.utils.errors import QtlUserError
+from qtl.utils.files import atomic_write_bytes
 
 JOB = "qtl-gpu-pool-job"
 RESULT = "qtl-gpu-pool-result"
@@ -67,11 +68,7 @@ def _sign(key: bytes, kind: str, body: dict[str, Any]) -> str:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` atomically, readable by this user only (a config may hold secrets)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def write_signed(path: Path, kind: str, body: dict[str, Any], key: bytes) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qtl.utils.files import write_json_atomic
+
 
 def rss_gb() -> float:
     """Peak resident memory of this process so far, in GiB."""
@@ -125,11 +127,8 @@ def time_calls(
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Atomic write (tmp + rename): a benchmark killed mid-write keeps the previous file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    """Atomic write: a benchmark killed mid-write keeps the previous file."""
+    write_json_atomic(path, payload)
 
 
 def record(result: dict, started: float, payload: dict, out: Path) -> None:
