@@ -1,6 +1,6 @@
-"""The core install is JAX only: training and search never import PyTorch, TensorFlow or
-transformers, even where the test extra has installed them (they serve mode=bench_step only),
-so `make demo` works in an environment without them."""
+"""The core install is JAX only: training (both studies) and search never import PyTorch,
+TensorFlow or transformers, even where the test extra has installed them (they serve
+mode=bench_step only), so `make demo` and `make demo-qvit` work in an environment without them."""
 
 from __future__ import annotations
 
@@ -39,3 +39,6 @@ def test_training_and_search_import_no_other_framework(tmp_path):
                      cwd=tmp_path) == []  # fmt: skip
     search = ["experiment=search", *TINY, "head=cdl", "hydra.sweeper.n_trials=1"]
     assert _imported("-m", *search, f"hydra.sweep.dir={tmp_path / 'search'}", cwd=tmp_path) == []
+    # the second study (make demo-qvit): a QViT distilled from its CNN teacher
+    qvit = ["debug=tiny_medmnist", "model=qvit", "distill=joint"]
+    assert _imported("-m", *qvit, f"hydra.sweep.dir={tmp_path / 'qvit'}", cwd=tmp_path) == []
