@@ -8,12 +8,31 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
+
+
+def _quiet_closed_loop(unraisable: Any) -> None:
+    """Drop one known-benign message, pass everything else to Python's default hook.
+
+    When Orbax's restore of a damaged checkpoint fails inside its asyncio loop, a tensorstore
+    callback can arrive after that loop closed; Python then prints "Exception ignored ...
+    RuntimeError: Event loop is closed" at some later moment (often at exit). qtl has already
+    handled the failure (the step is moved aside, a warning names it), so this traceback would
+    only break the one-line message a researcher gets.
+    """
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def configure_jax(cache_dir: str | os.PathLike | None = None) -> None:
     """Apply qtl's JAX defaults (environment variables set by the user win)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _quiet_closed_loop
     import logging
 
     import jax

@@ -142,7 +142,7 @@ def test_nothing_intact_is_one_line_and_exit_2(twin, synth_root, tmp_path, monke
             _damage_data(run2 / "checkpoints" / which / str(step))
     got = _launch(*ARGS, f"data.root={synth_root}", f"hydra.run.dir={run2}")
     assert got.returncode == 2, got.stderr[-2000:]
-    assert "Traceback" not in got.stderr
+    assert "Traceback" not in got.stderr, got.stderr
     lines = [x for x in got.stderr.splitlines() if x.strip() and "warning:" not in x]
     assert len(lines) == 1 and "no intact checkpoint" in lines[0], got.stderr
 
@@ -164,3 +164,31 @@ def test_a_damaged_best_at_evaluation_is_moved_aside_and_refused(
     assert (run_dir / "checkpoints" / "damaged" / f"best-{best}").is_dir()
     assert not (run_dir / "results.json").exists()
     assert os.path.exists(run_dir / "metrics.jsonl")
+
+
+def test_a_closed_event_loop_after_a_failed_restore_prints_nothing(capsys):
+    """Orbax's callbacks that arrive after a failed restore closed its loop are dropped; any
+    other unraisable exception is still printed by Python's hook."""
+    import sys
+
+    from qtl.runtime import _quiet_closed_loop
+
+    class Raises:  # an exception raised where no one can catch it: Python's unraisable hook
+        def __init__(self, exc: BaseException):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    got: list = []
+    old, sys.unraisablehook = sys.unraisablehook, got.append
+    try:
+        Raises(RuntimeError("Event loop is closed"))
+        Raises(RuntimeError("something else"))
+    finally:
+        sys.unraisablehook = old
+    assert len(got) == 2
+    _quiet_closed_loop(got[0])
+    assert capsys.readouterr().err == ""
+    _quiet_closed_loop(got[1])
+    assert "something else" in capsys.readouterr().err
