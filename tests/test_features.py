@@ -20,6 +20,7 @@ from qtl.data.features import (
     encode_chunk,
     features_for,
 )
+from qtl.studies import study_for
 from qtl.utils import faults
 
 PARTS = {"format": 1, "backbone": "b" * 8, "dtype": "float16"}
@@ -134,8 +135,9 @@ def test_config_refuses_what_cannot_be_cached():
         validate(compose(*TINY, "experiment=frozen", "backbone.freeze=false"))
     with pytest.raises(ConfigError, match="batch_norm=inference"):
         validate(compose(*TINY, "experiment=frozen", "backbone.batch_norm=batch"))
-    with pytest.raises(ConfigError, match="train end to end on images"):
-        validate(compose("data=medmnist", "model=qvit", "features.cache=true"))
+    medmnist = compose("data=medmnist", "model=qvit", "features.cache=true")
+    with pytest.raises(ConfigError, match="features.cache=true has no meaning in the medmnist"):
+        study_for(medmnist).validate(medmnist)
 
 
 def test_backbone_digest_follows_the_arrays_not_the_name():

@@ -12,6 +12,6 @@ def main(cfg: QtlConfig, run_dir: Path | None = None) -> list[tuple[str, int]]:
     from qtl.studies import study_for
 
     study = study_for(cfg)
+    study.validate(cfg)  # the other study's fields named as such, before the shared checks
     validate(cfg)
-    study.validate(cfg)
     return study.describe(cfg)

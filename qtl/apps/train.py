@@ -22,8 +22,11 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path) -> dict[str, Any]:
 
     refuse_training(cfg)  # backend=torch|tf are for the framework benchmark, not for training
     study = study_for(cfg)
-    validate(cfg)  # before a teacher is trained for a student that cannot run
+    # the study first: a field of the other study is named as such, before the shared checks
+    # (which may otherwise ask to change it); both before a teacher is trained for a student
+    # that cannot run
     study.validate(cfg)
+    validate(cfg)
     return driver.train_and_evaluate(cfg, run_dir, study, **study.start(cfg))
 
 

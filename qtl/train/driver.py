@@ -46,8 +46,8 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path, study: Study, **start: Any
     ``start``: what the run starts from as the study resolved it before (``study.start``:
     the backbone's weights, a teacher's logits); passed on to ``study.inputs``.
     """
+    study.validate(cfg)  # the other study's fields named as such, before the shared checks
     validate(cfg)
-    study.validate(cfg)
     from qtl.record.files import RunFiles
 
     run_dir = Path(run_dir)
