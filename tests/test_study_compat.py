@@ -147,7 +147,11 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
 
     before = yaml.safe_load((DATA / "cfg_job_v2" / f"{snapshot}.yaml").read_text())
     now = _job(overrides)
-    assert now.pop("study") is None  # the one new key: null selects data's study, as before
+    assert now.pop("study") is None  # a new key: null selects data's study, as before
+    # knobs added since, at the defaults that keep the old behaviour: one device, and a
+    # second process on a busy run directory refused rather than kept waiting
+    assert now["train"].pop("devices") == 1
+    assert now["train"].pop("wait_for_lock") is False
     resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
     then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
     for cfg in (resolved, then):  # ./bench/step.json now, bench/step.json then: one file
