@@ -34,6 +34,15 @@ def _interrupt(signum: int, frame: object) -> None:
 class _CancelOnStop:
     """Mixin for BaseSubmititLauncher: record the submitted jobs, cancel them on a stop."""
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs in the job's own process (submitit unpickles the launcher there), where
+        launch.py's module code never ran: register the schema and the run-dir resolvers
+        (the study's run label) before Hydra resolves the job's folder."""
+        from qtl.studies import register_configs
+
+        register_configs()
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
