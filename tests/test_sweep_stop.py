@@ -41,9 +41,8 @@ def _args(sweep: Path, synth_root: Path) -> list[str]:
     ]
 
 
-def _jobs_alive(sweep: Path) -> list[int]:
-    """Pids of processes running one of this sweep's pool jobs."""
-    marker = str(sweep / ".gpu_pool").encode()
+def _alive(*markers: bytes) -> list[int]:
+    """Pids of running processes whose command line holds every one of ``markers``."""
     alive = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -52,9 +51,14 @@ def _jobs_alive(sweep: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker in cmdline and b"_worker" in cmdline:
+        if all(m in cmdline for m in markers):
             alive.append(int(proc.name))
     return alive
+
+
+def _jobs_alive(sweep: Path) -> list[int]:
+    """Pids of processes running one of this sweep's pool jobs."""
+    return _alive(str(sweep / ".gpu_pool").encode(), b"_worker")
 
 
 def _logs(sweep: Path) -> str:
@@ -151,18 +155,7 @@ def test_a_killed_pool_sweep_stops_its_jobs_and_the_rerun_resumes_them(synth_roo
 
 def _submitit_alive(sweep: Path) -> list[int]:
     """Pids of processes running one of this sweep's submitit jobs."""
-    marker = str(sweep / ".submitit").encode()
-    alive = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker in cmdline:
-            alive.append(int(proc.name))
-    return alive
+    return _alive(str(sweep / ".submitit").encode())
 
 
 def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_root, tmp_path):
