@@ -19,6 +19,10 @@ reproduces what a qtl without the field computed. A record that lacks a field (w
 older qtl) matches a rerun whose value is that one (the schema default when not listed), and
 a field at its legacy value is left out of the fingerprint, so adding a field neither orphans
 a run directory nor renames a cache keyed by the fingerprint.
+
+``FORMER_IDENTITY`` names OPERATIONAL fields that were identity in older records (the data
+paths, before the data's content took their place): an older record is checked on them, and
+caches keyed then are still found by them.
 """
 
 from __future__ import annotations
@@ -238,10 +242,6 @@ class DataConfig:
     # agree only to rounding and at the border (qtl.data.augment)
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "name",
-        "root",
-        "image_dir",
-        "external_csv",
-        "external_root",
         "resize",
         "crop",
         "augment",
@@ -261,7 +261,24 @@ class DataConfig:
         "check_split_sizes",
         "binary_logits",
     )
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers", "cache_dir")
+    # where the data lies, not what it is: a run's identity names its data by content
+    # (qtl.data.content: label files' hashes, the image set's manifest), so it may move
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "workers",
+        "cache_dir",
+        "root",
+        "image_dir",
+        "external_csv",
+        "external_root",
+    )
+    # identity fields of record versions <= 3 (and of the caches keyed then): a record that
+    # names its data by these paths is checked on them until it records the data's content
+    FORMER_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "root",
+        "image_dir",
+        "external_csv",
+        "external_root",
+    )
     # the MedMNIST fields: what a CXR run computed before they existed (they do not apply)
     LEGACY: ClassVar[dict[str, Any]] = {
         "flag": "retinamnist",
@@ -655,6 +672,8 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
         problems.append(f"declared but not fields: {sorted(unknown)}")
     if stray := set(getattr(cls, "LEGACY", {})) - identity:
         problems.append(f"LEGACY fields that are not IDENTITY fields: {sorted(stray)}")
+    if stray := set(getattr(cls, "FORMER_IDENTITY", ())) - operational:
+        problems.append(f"FORMER_IDENTITY fields that are not OPERATIONAL: {sorted(stray)}")
     if problems:
         raise TypeError(f"qtl.config.{cls.__name__}: " + "; ".join(problems))
     hints = get_type_hints(cls)
