@@ -156,6 +156,11 @@ def fingerprint(cfg: QtlConfig, study: Any = None, *, by_path: bool | None = Non
     its content).
     """
     ident = identity(cfg, study, by_path=by_path)
+    if study is not None and not ident.keys() & _former_keys(cfg):
+        # the data's paths enter as null (as every run of generated data had them), so the
+        # fingerprints of such runs (and the caches keyed by them) are the ones recorded
+        # before the data's content took the paths' place
+        ident |= {key: None for key in study.identity_keys(sorted(_former_keys(cfg)))}
     kept = {}
     for key, value in ident.items():
         legacy, declared = _legacy(cfg, key)
