@@ -30,11 +30,23 @@ RECORDS = Path(__file__).parent / "data" / "records_v3"
 TINY_SIZES = {"train": 96, "val": 48, "test": 48, "external": 40}
 
 
-def _cxr_data(root: Path) -> Path:
-    """The debug=tiny synthetic set written in the NIH-CXR-LT / MIMIC-CXR-LT formats at root."""
+@pytest.fixture(scope="module")
+def _cxr_source(tmp_path_factory) -> Path:
+    """The debug=tiny synthetic set in the NIH-CXR-LT / MIMIC-CXR-LT formats, written once."""
     from qtl.data.synthetic import generate
 
-    return generate(root, sizes=TINY_SIZES, image_px=48, seed=0)
+    return generate(tmp_path_factory.mktemp("nih"), sizes=TINY_SIZES, image_px=48, seed=0)
+
+
+@pytest.fixture
+def cxr_data(_cxr_source):
+    """``cxr_data(root)``: a copy of that set at ``root`` (a test may move and edit it)."""
+
+    def copy_to(root: Path) -> Path:
+        shutil.copytree(_cxr_source, root)
+        return Path(root)
+
+    return copy_to
 
 
 def _cxr(root: Path, *extra: str):
@@ -115,8 +127,8 @@ def test_the_image_manifest_names_sizes_not_bytes(tmp_path):
     assert calls == [1]  # the second run does not list the images again
 
 
-def test_cxr_content_follows_the_labels_not_the_folder(tmp_path):
-    a = _cxr_data(tmp_path / "a")
+def test_cxr_content_follows_the_labels_not_the_folder(tmp_path, cxr_data):
+    a = cxr_data(tmp_path / "a")
     cfg = _cxr(a)
     before = cxr_digests(cfg.data, cfg.task.labels, tmp_path / "cache")
     assert set(before) == {
@@ -157,8 +169,8 @@ def test_npz_content_reads_labels_and_the_zip_directory(tmp_path):
 # --- a run's identity ---------------------------------------------------------------------------
 
 
-def test_paths_are_not_identity_the_content_is(tmp_path):
-    a = _cxr_data(tmp_path / "a")
+def test_paths_are_not_identity_the_content_is(tmp_path, cxr_data):
+    a = cxr_data(tmp_path / "a")
     cfg = _cxr(a)
     ident = identity(cfg, study_for(cfg))
     assert not {"data.root", "data.image_dir", "data.external_csv", "data.external_root"} & set(
@@ -174,8 +186,8 @@ def test_paths_are_not_identity_the_content_is(tmp_path):
     )
 
 
-def test_a_dropped_external_set_is_a_difference(tmp_path):
-    a = _cxr_data(tmp_path / "a")
+def test_a_dropped_external_set_is_a_difference(tmp_path, cxr_data):
+    a = cxr_data(tmp_path / "a")
     cfg = _cxr(a, f"paths.root={tmp_path}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -232,8 +244,8 @@ def _moved_run_resumes_and_a_changed_label_is_refused(
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_cxr_data_moves_and_a_changed_label_is_refused(tmp_path, capsys):
-    data = _cxr_data(tmp_path / "nih")
+def test_cxr_data_moves_and_a_changed_label_is_refused(tmp_path, capsys, cxr_data):
+    data = cxr_data(tmp_path / "nih")
     _moved_run_resumes_and_a_changed_label_is_refused(
         tmp_path,
         capsys,
@@ -263,7 +275,7 @@ def test_medmnist_data_moves_and_a_changed_label_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["cxr8-cdl", "retinamnist-qvit"])
 def test_a_previous_record_resumes_at_its_paths_and_then_may_move(
-    tmp_path, monkeypatch, name
+    tmp_path, monkeypatch, cxr_data, name
 ):
     monkeypatch.chdir(tmp_path)  # the records name data/nih and data/medmnist, relative
     run_dir = tmp_path / "run"
@@ -272,7 +284,7 @@ def test_a_previous_record_resumes_at_its_paths_and_then_may_move(
     old = json.loads(path.read_text())
     assert old["record_version"] == 3 and "data.root" in old["identity"]
     if name == "cxr8-cdl":
-        _cxr_data(Path("data/nih"))
+        cxr_data(tmp_path / "data" / "nih")
 
         def make(root):
             return compose(
