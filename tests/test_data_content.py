@@ -232,9 +232,10 @@ def _moved_run_resumes_and_a_changed_label_is_refused(
     assert (run_dir / "metrics.jsonl").read_text() == metrics
     for key in ("auroc", "metrics", "best_epoch", "epochs", "fingerprint", "loss"):
         assert resumed[key] == first[key], key
-    assert json.loads((run_dir / "run_config.json").read_text())["identity"] == json.loads(
-        record
-    )["identity"]
+    assert (
+        json.loads((run_dir / "run_config.json").read_text())["identity"]
+        == json.loads(record)["identity"]
+    )
     # one label changed: refused, naming the file's key; nothing in the run is touched
     flip(moved / label_file)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -309,7 +310,9 @@ def test_a_previous_record_resumes_at_its_paths_and_then_may_move(
         "data/nih" if name == "cxr8-cdl" else _medmnist_dir(cfg), tmp_path / "elsewhere"
     )
     with pytest.raises(ConfigError, match=r"data\.root: .*names the data by path: rerun once"):
-        check_run_dir(make(str(tmp_path / "elsewhere")), run_dir, path, study=study, provenance=dict)
+        check_run_dir(
+            make(str(tmp_path / "elsewhere")), run_dir, path, study=study, provenance=dict
+        )
     assert json.loads(path.read_text()) == old
     # at its own paths it resumes, and the record is upgraded with the data's content
     check_run_dir(copy.deepcopy(cfg), run_dir, path, study=study, provenance=dict)

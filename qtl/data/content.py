@@ -24,6 +24,7 @@ and a different size inside a subfolder does not touch its folder's mtime: delet
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import zipfile
@@ -59,10 +60,8 @@ def _cached(cache_dir: Path | None, key: dict[str, Any], compute: Callable[[], A
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     value = compute()
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache dir: correct, only slower next time
         write_json_atomic(entry, {"key": json.loads(blob), "value": value})
-    except OSError:  # a read-only cache dir: correct, only slower next time
-        pass
     return value
 
 
@@ -84,7 +83,11 @@ def file_digest(path: Path | str, cache_dir: Path | None = None) -> str:
 
 
 def image_manifest(
-    folder: Path, paths: Callable[[], Iterable[Path]], cache_dir: Path | None = None, *, key: Any = None
+    folder: Path,
+    paths: Callable[[], Iterable[Path]],
+    cache_dir: Path | None = None,
+    *,
+    key: Any = None,
 ) -> str:
     """sha256 of the sorted (name relative to ``folder``, size) of ``paths()`` (called only
     when the manifest is not cached); a missing image
@@ -200,6 +203,8 @@ def medmnist_digests(
             seed=mcfg.synth_seed,
             noise=mcfg.synth_noise,
         )
-    if not path.is_file():
-        open_medmnist(mcfg)  # the reader's own message for a missing file
-    return npz_digests(path, cache_dir)
+    try:
+        return npz_digests(path, cache_dir)
+    except DataError:
+        open_medmnist(mcfg)  # the reader's own message for a missing or damaged file
+        raise
