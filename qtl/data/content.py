@@ -34,7 +34,7 @@ from typing import Any
 
 from qtl.config import DataConfig, DataName
 from qtl.data.records import DataError
-from qtl.utils.files import write_json_atomic
+from qtl.utils.files import SaveError, write_json_atomic
 
 FORMAT = 1  # of the cache entries and of the digests: a change renames every entry
 _CHUNK = 1 << 20
@@ -60,7 +60,7 @@ def _cached(cache_dir: Path | None, key: dict[str, Any], compute: Callable[[], A
     except (OSError, ValueError, AttributeError, KeyError):
         pass
     value = compute()
-    with contextlib.suppress(OSError):  # a read-only cache dir: correct, only slower next time
+    with contextlib.suppress(SaveError):  # a read-only cache dir: correct, only slower next time
         write_json_atomic(entry, {"key": json.loads(blob), "value": value})
     return value
 
