@@ -23,7 +23,7 @@ from helpers import compose
 
 from qtl.config import ConfigError
 from qtl.data.content import cxr_digests, file_digest, image_manifest, npz_digests
-from qtl.record.identity import RECORD_VERSION, check_run_dir, identity
+from qtl.record.identity import RECORD_VERSION, check_run_dir, fingerprint, identity
 from qtl.studies import study_for
 
 RECORDS = Path(__file__).parent / "data" / "records_v3"
@@ -305,6 +305,8 @@ def test_a_previous_record_resumes_at_its_paths_and_then_may_move(
     cfg = make("data/nih" if name == "cxr8-cdl" else "data/medmnist")
     study = study_for(cfg)
     cfg.data.augment_on = type(cfg.data.augment_on)(old["identity"]["data.augment_on"])
+    # the key that release gave (teacher folders are found under it)
+    assert fingerprint(cfg, study, by_path=True) == old["fingerprint"]
     # the data moved before the record knew its content: refused, saying what to do
     shutil.copytree(
         "data/nih" if name == "cxr8-cdl" else _medmnist_dir(cfg), tmp_path / "elsewhere"
