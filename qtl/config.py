@@ -617,12 +617,14 @@ class QtlConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
     paths: PathsConfig = field(default_factory=PathsConfig)  # every cache and output root
-    bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
-    bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
-    bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
+    # a benchmark's settings exist in its own mode only (conf/mode/<mode>.yaml sets the section,
+    # these dataclasses hold its defaults): a training run's config does not carry them
+    bench_circuit: BenchCircuitConfig | None = None  # mode=bench_circuit
+    bench_data: BenchDataConfig | None = None  # mode=bench_data
+    bench_step: BenchStepConfig | None = None  # mode=bench_step
     search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # frozen-backbone cache
-    bench_features: BenchFeaturesConfig = field(default_factory=BenchFeaturesConfig)
+    bench_features: BenchFeaturesConfig | None = None  # mode=bench_features
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "study",
@@ -766,10 +768,13 @@ def validate(cfg: QtlConfig) -> None:
         ("data.max_rotation_deg", cfg.data.max_rotation_deg, 0 <= cfg.data.max_rotation_deg <= 180),
         ("data.workers", cfg.data.workers, cfg.data.workers >= 0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
-        ("bench_data.images", cfg.bench_data.images, cfg.bench_data.images > 0),
-        ("bench_data.batch_size", cfg.bench_data.batch_size, cfg.bench_data.batch_size > 0),
-        ("bench_data.warm_epochs", cfg.bench_data.warm_epochs, cfg.bench_data.warm_epochs > 0),
     ]
+    if (bd := cfg.bench_data) is not None:
+        checks += [
+            ("bench_data.images", bd.images, bd.images > 0),
+            ("bench_data.batch_size", bd.batch_size, bd.batch_size > 0),
+            ("bench_data.warm_epochs", bd.warm_epochs, bd.warm_epochs > 0),
+        ]
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is out of range.")

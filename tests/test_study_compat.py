@@ -144,11 +144,17 @@ def _job(overrides: list[str]) -> dict:
 )
 def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     """The same values, resolved (bench_step.out now follows paths.bench_dir as the other
-    benchmarks' outputs do; by default it is the same folder)."""
+    benchmarks' outputs do; by default it is the same folder), except that a benchmark's
+    section is there in its own mode only (conf/mode/): null in every other mode."""
     from omegaconf import OmegaConf
 
     before = yaml.safe_load((DATA / "cfg_job_v2" / f"{snapshot}.yaml").read_text())
     now = _job(overrides)
+    for section in ("bench_circuit", "bench_step", "bench_data", "bench_features"):
+        assert section in before  # then: every mode carried every benchmark's settings
+        if now["mode"] != section:
+            assert now.pop(section) is None
+            del before[section]
     assert now.pop("study") is None  # a new key: null selects data's study, as before
     # knobs added since, at the defaults that keep the old behaviour: one device, and a
     # second process on a busy run directory refused rather than kept waiting
@@ -157,5 +163,21 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
     then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
     for cfg in (resolved, then):  # ./bench/step.json now, bench/step.json then: one file
-        cfg["bench_step"]["out"] = os.path.normpath(cfg["bench_step"]["out"])
+        if "bench_step" in cfg:
+            cfg["bench_step"]["out"] = os.path.normpath(cfg["bench_step"]["out"])
     assert resolved == then
+
+
+@pytest.mark.parametrize("section", ["bench_circuit", "bench_step", "bench_data", "bench_features"])
+def test_a_benchmarks_settings_in_its_own_mode_are_the_ones_every_mode_showed_before(section):
+    from omegaconf import OmegaConf
+
+    before = yaml.safe_load((DATA / "cfg_job_v2" / "default.yaml").read_text())
+    now = _job([f"mode={section}"])
+    assert now["mode"] == section
+    resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
+    then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
+    if section == "bench_step":  # ./bench/step.json now, bench/step.json then: one file
+        for cfg in (resolved, then):
+            cfg[section]["out"] = os.path.normpath(cfg[section]["out"])
+    assert resolved[section] == then[section]
