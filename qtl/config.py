@@ -208,7 +208,7 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     name: DataName = MISSING
-    root: str | None = None  # NIH: folder with the label CSVs; synthetic: where to write it
+    root: str | None = None  # NIH: label CSVs' folder; synthetic, medmnist: null = paths.data_dir/.
     image_dir: str | None = None  # NIH image folder; null = <root>/images
     external_csv: str | None = None  # MIMIC-CXR-LT test label CSV; null = no external test
     external_root: str | None = None  # MIMIC-CXR-JPG root the CSV's `path` column is relative to
