@@ -236,6 +236,16 @@ def _moved_run_resumes_and_a_changed_label_is_refused(
         json.loads((run_dir / "run_config.json").read_text())["identity"]
         == json.loads(record)["identity"]
     )
+    if label_file.endswith(".npz"):  # as a KD teacher (distill.teacher=<run dir>) it still
+        # matches a student on the moved data: compared by the content its record holds
+        from omegaconf import OmegaConf
+
+        from qtl.config import to_schema
+        from qtl.train.teacher import _data_keys
+
+        teacher = to_schema(OmegaConf.create(first["config"]))
+        student, theirs = _data_keys(make_cfg(moved), teacher, run_dir)
+        assert student == theirs and "root" not in student
     # one label changed: refused, naming the file's key; nothing in the run is touched
     flip(moved / label_file)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
