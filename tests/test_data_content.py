@@ -321,7 +321,9 @@ def test_a_previous_record_resumes_at_its_paths_and_then_may_move(
     shutil.copytree(
         "data/nih" if name == "cxr8-cdl" else _medmnist_dir(cfg), tmp_path / "elsewhere"
     )
-    with pytest.raises(ConfigError, match=r"data\.root: .*names the data by path: rerun once"):
+    with pytest.raises(
+        ConfigError, match=r"data\.root: .*names the data by path, so the run is found only"
+    ):
         check_run_dir(
             make(str(tmp_path / "elsewhere")), run_dir, path, study=study, provenance=dict
         )

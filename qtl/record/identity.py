@@ -412,9 +412,9 @@ def check_run_dir(
             "there. Pick another experiment name (name=...) or hydra.run.dir=..., or delete "
             "that directory to start it over."
             + (
-                " Its record (written by an older qtl) names the data by path: rerun once "
-                "with the data where it was, which records the data's content; from then on "
-                "the data may move."
+                " Its record (written by an older qtl) names the data by path, so the run "
+                "is found only with the data where it was; an unfinished run rerun there "
+                "records the data's content, and from then on the data may move."
             )
             * moved
         )
