@@ -19,6 +19,10 @@ reproduces what a qtl without the field computed. A record that lacks a field (w
 older qtl) matches a rerun whose value is that one (the schema default when not listed), and
 a field at its legacy value is left out of the fingerprint, so adding a field neither orphans
 a run directory nor renames a cache keyed by the fingerprint.
+
+``FORMER_IDENTITY`` names OPERATIONAL fields that were identity in older records (the data
+paths, before the data's content took their place): an older record is checked on them, and
+caches keyed then are still found by them.
 """
 
 from __future__ import annotations
@@ -204,7 +208,7 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     name: DataName = MISSING
-    root: str | None = None  # NIH: folder with the label CSVs; synthetic: where to write it
+    root: str | None = None  # NIH: label CSVs' folder; synthetic, medmnist: null = paths.data_dir/.
     image_dir: str | None = None  # NIH image folder; null = <root>/images
     external_csv: str | None = None  # MIMIC-CXR-LT test label CSV; null = no external test
     external_root: str | None = None  # MIMIC-CXR-JPG root the CSV's `path` column is relative to
@@ -238,10 +242,6 @@ class DataConfig:
     # agree only to rounding and at the border (qtl.data.augment)
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "name",
-        "root",
-        "image_dir",
-        "external_csv",
-        "external_root",
         "resize",
         "crop",
         "augment",
@@ -261,7 +261,24 @@ class DataConfig:
         "check_split_sizes",
         "binary_logits",
     )
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("workers", "cache_dir")
+    # where the data lies, not what it is: a run's identity names its data by content
+    # (qtl.data.content: label files' hashes, the image set's manifest), so it may move
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "workers",
+        "cache_dir",
+        "root",
+        "image_dir",
+        "external_csv",
+        "external_root",
+    )
+    # identity fields of record versions <= 3 (and of the caches keyed then): a record that
+    # names its data by these paths is checked on them until it records the data's content
+    FORMER_IDENTITY: ClassVar[tuple[str, ...]] = (
+        "root",
+        "image_dir",
+        "external_csv",
+        "external_root",
+    )
     # the MedMNIST fields: what a CXR run computed before they existed (they do not apply)
     LEGACY: ClassVar[dict[str, Any]] = {
         "flag": "retinamnist",
@@ -600,12 +617,14 @@ class QtlConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     progress: bool | None = None  # progress bars; null = only when stderr is a terminal
     paths: PathsConfig = field(default_factory=PathsConfig)  # every cache and output root
-    bench_circuit: BenchCircuitConfig = field(default_factory=BenchCircuitConfig)  # its knobs
-    bench_data: BenchDataConfig = field(default_factory=BenchDataConfig)  # mode=bench_data
-    bench_step: BenchStepConfig = field(default_factory=BenchStepConfig)  # mode=bench_step
+    # a benchmark's settings exist in its own mode only (conf/mode/<mode>.yaml sets the section,
+    # these dataclasses hold its defaults): a training run's config does not carry them
+    bench_circuit: BenchCircuitConfig | None = None  # mode=bench_circuit
+    bench_data: BenchDataConfig | None = None  # mode=bench_data
+    bench_step: BenchStepConfig | None = None  # mode=bench_step
     search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # frozen-backbone cache
-    bench_features: BenchFeaturesConfig = field(default_factory=BenchFeaturesConfig)
+    bench_features: BenchFeaturesConfig | None = None  # mode=bench_features
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "study",
@@ -655,6 +674,8 @@ def check_identity_declarations(cls: type = QtlConfig) -> None:
         problems.append(f"declared but not fields: {sorted(unknown)}")
     if stray := set(getattr(cls, "LEGACY", {})) - identity:
         problems.append(f"LEGACY fields that are not IDENTITY fields: {sorted(stray)}")
+    if stray := set(getattr(cls, "FORMER_IDENTITY", ())) - operational:
+        problems.append(f"FORMER_IDENTITY fields that are not OPERATIONAL: {sorted(stray)}")
     if problems:
         raise TypeError(f"qtl.config.{cls.__name__}: " + "; ".join(problems))
     hints = get_type_hints(cls)
@@ -747,10 +768,13 @@ def validate(cfg: QtlConfig) -> None:
         ("data.max_rotation_deg", cfg.data.max_rotation_deg, 0 <= cfg.data.max_rotation_deg <= 180),
         ("data.workers", cfg.data.workers, cfg.data.workers >= 0),
         ("data.crop", cfg.data.crop, cfg.data.crop >= 16),
-        ("bench_data.images", cfg.bench_data.images, cfg.bench_data.images > 0),
-        ("bench_data.batch_size", cfg.bench_data.batch_size, cfg.bench_data.batch_size > 0),
-        ("bench_data.warm_epochs", cfg.bench_data.warm_epochs, cfg.bench_data.warm_epochs > 0),
     ]
+    if (bd := cfg.bench_data) is not None:
+        checks += [
+            ("bench_data.images", bd.images, bd.images > 0),
+            ("bench_data.batch_size", bd.batch_size, bd.batch_size > 0),
+            ("bench_data.warm_epochs", bd.warm_epochs, bd.warm_epochs > 0),
+        ]
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is out of range.")

@@ -26,6 +26,7 @@ TINY = (
 
 def test_cases_cover_frameworks_heads_and_tasks_with_the_study_protocol():
     cfg = compose(
+        "mode=bench_step",
         "experiment=demo",
         "bench_step.backends=[jax,torch,tf]",
         "bench_step.tasks=[cxr8,cxr19]",
@@ -58,7 +59,7 @@ def test_cases_cover_frameworks_heads_and_tasks_with_the_study_protocol():
 
 
 def test_case_config_swaps_the_head_and_keeps_the_model():
-    cfg = compose("experiment=paper", "head=dqc", "task=cxr19")
+    cfg = compose("mode=bench_step", "experiment=paper", "head=dqc", "task=cxr19")
     one = to_schema(case_config(cfg, cfg.task, HeadName.cdl, None))
     assert one.head.name == HeadName.cdl and one.backbone.pretrained is None
     assert one.backbone.hidden_sizes == cfg.backbone.hidden_sizes and one.data.crop == 224
@@ -74,7 +75,7 @@ def test_case_config_swaps_the_head_and_keeps_the_model():
     ],
 )
 def test_bad_knobs_are_refused(override, message):
-    cfg = compose("bench_step.backends=[jax,torch]", override)
+    cfg = compose("mode=bench_step", "bench_step.backends=[jax,torch]", override)
     with pytest.raises(ConfigError, match=re.escape(message)):
         _validate(cfg)
 
@@ -148,7 +149,9 @@ def test_tensorflow_is_compared_with_jax_fast_and_a_cut_short_protocol_is_said()
 
 @pytest.mark.slow
 def test_a_case_over_its_memory_or_time_cap_is_killed_and_recorded():
-    case = cases(compose(*TINY, "experiment=demo", "bench_step.steps=3", "head=cdl"))[0]
+    case = cases(
+        compose(*TINY, "mode=bench_step", "experiment=demo", "bench_step.steps=3", "head=cdl")
+    )[0]
     oom = run_case(case, timeout_s=300, max_rss_gb=0.15)  # importing JAX alone is more
     assert oom["status"].startswith("out of memory: its processes reached")
     assert "bench_step.max_rss_gb=0.15" in oom["status"] and oom["peak_tree_mb"] > 150

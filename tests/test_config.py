@@ -70,3 +70,19 @@ def test_cfg_job_shows_composed_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "name: cxr14" in proc.stdout and "Hernia" in proc.stdout
     assert (ROOT / "conf" / "config.yaml").exists()
+
+
+def test_every_mode_has_its_config_and_only_a_benchmark_carries_benchmark_settings():
+    """mode is a config group (conf/mode/): a Mode without its file could not be chosen."""
+    from qtl.config import Mode
+
+    assert {p.stem for p in (ROOT / "conf" / "mode").glob("*.yaml")} == {m.value for m in Mode}
+    benches = ("bench_circuit", "bench_step", "bench_data", "bench_features")
+    for mode in Mode:
+        cfg = compose(f"mode={mode.value}")
+        assert cfg.mode == mode
+        assert [b for b in benches if getattr(cfg, b) is not None] == (
+            [mode.value] if mode.value in benches else []
+        )
+    cfg = compose("mode=bench_circuit", "bench_circuit.qubits=[14,19]")
+    assert cfg.bench_circuit.qubits == [14, 19] and cfg.bench_circuit.out.endswith("circuit.json")

@@ -16,7 +16,7 @@ import yaml
 from helpers import ROOT, compose
 
 from qtl.config import ConfigError
-from qtl.record.identity import check_run_dir, fingerprint, identity
+from qtl.record.identity import RECORD_VERSION, check_run_dir, fingerprint, identity
 from qtl.record.schema import Results
 from qtl.studies import study_for
 from qtl.studies.cxr import CxrStudy
@@ -63,7 +63,9 @@ def test_unfinished_qvit_run_of_the_previous_record_resumes_and_a_real_change_is
     # the old identity held the CXR fields; the study's identity is a part of it, and agrees
     cfg = compose(*TINY_QVIT)
     mine = identity(cfg, MedmnistStudy())
-    assert set(mine) - {"study"} < set(old["identity"])  # study: new, null = as before
+    # study: new, null = as before; the data's content: new, recorded on this resume
+    content = {k for k in mine if k.startswith("data.content.")}
+    assert content and set(mine) - {"study"} - content < set(old["identity"])
     assert not any(k.startswith(("head.", "backbone.", "task.")) for k in mine)
     check_run_dir(cfg, run_dir, path, study=MedmnistStudy(), provenance=dict)
     # a CXR-only setting no longer orphans the QViT run ...
@@ -85,7 +87,7 @@ def test_unfinished_qvit_run_of_the_previous_record_resumes_and_a_real_change_is
         )
     # the resumed record is upgraded to this qtl's identity, keeping the one it started with
     now = json.loads(path.read_text())
-    assert now["record_version"] == 3 and now["identity"] == mine
+    assert now["record_version"] == RECORD_VERSION and now["identity"] == mine
     assert now["upgrades"][-1]["identity_before"] == old["identity"]
     assert now["upgrades"][-1]["from_record_version"] == 2
 
@@ -142,11 +144,17 @@ def _job(overrides: list[str]) -> dict:
 )
 def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     """The same values, resolved (bench_step.out now follows paths.bench_dir as the other
-    benchmarks' outputs do; by default it is the same folder)."""
+    benchmarks' outputs do; by default it is the same folder), except that a benchmark's
+    section is there in its own mode only (conf/mode/): null in every other mode."""
     from omegaconf import OmegaConf
 
     before = yaml.safe_load((DATA / "cfg_job_v2" / f"{snapshot}.yaml").read_text())
     now = _job(overrides)
+    for section in ("bench_circuit", "bench_step", "bench_data", "bench_features"):
+        assert section in before  # then: every mode carried every benchmark's settings
+        if now["mode"] != section:
+            assert now.pop(section) is None
+            del before[section]
     assert now.pop("study") is None  # a new key: null selects data's study, as before
     # knobs added since, at the defaults that keep the old behaviour: one device, and a
     # second process on a busy run directory refused rather than kept waiting
@@ -155,5 +163,21 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
     then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
     for cfg in (resolved, then):  # ./bench/step.json now, bench/step.json then: one file
-        cfg["bench_step"]["out"] = os.path.normpath(cfg["bench_step"]["out"])
+        if "bench_step" in cfg:
+            cfg["bench_step"]["out"] = os.path.normpath(cfg["bench_step"]["out"])
     assert resolved == then
+
+
+@pytest.mark.parametrize("section", ["bench_circuit", "bench_step", "bench_data", "bench_features"])
+def test_a_benchmarks_settings_in_its_own_mode_are_the_ones_every_mode_showed_before(section):
+    from omegaconf import OmegaConf
+
+    before = yaml.safe_load((DATA / "cfg_job_v2" / "default.yaml").read_text())
+    now = _job([f"mode={section}"])
+    assert now["mode"] == section
+    resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
+    then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
+    if section == "bench_step":  # ./bench/step.json now, bench/step.json then: one file
+        for cfg in (resolved, then):
+            cfg[section]["out"] = os.path.normpath(cfg[section]["out"])
+    assert resolved[section] == then[section]

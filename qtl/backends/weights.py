@@ -53,19 +53,6 @@ def export_jax(model: Any) -> dict[str, np.ndarray]:
     return state_to_torch_layout(nnx.state(model, (nnx.Param, nnx.BatchStat)))
 
 
-def hf_backbone(source: str) -> dict[str, np.ndarray]:
-    """Backbone weights from a ``microsoft/resnet-50``-layout checkpoint, canonically named.
-
-    The same resolution as ``backbone.pretrained`` (local folder, .safetensors file or hub id);
-    the torch and Keras models load the result, so all three frameworks run one checkpoint.
-    """
-    from qtl.models.hf_import import _read_tensors, _resolve
-
-    files, _ = _resolve(source)
-    tensors, _ = _read_tensors(files)
-    return {f"backbone.{k}": np.asarray(v, np.float32) for k, v in tensors.items()}
-
-
 def check_names(expected: dict[str, tuple[int, ...]], weights: dict[str, np.ndarray]) -> None:
     """Strict load: every expected tensor present with its shape, nothing left over."""
     missing = sorted(expected.keys() - weights.keys())

@@ -23,19 +23,23 @@ POOLS = ("gap", "token")
 
 @dataclass
 class ViTConfig:
+    """The model layer's view of ``model=vit | qvit``: the sizes' defaults are the schema's
+    (:class:`qtl.config.ModelConfig`, where each is documented); by default every projection
+    is quantum (the QViT: ``conf/model/qvit.yaml``)."""
+
     name: str = "qvit"  # vit | qvit (a label; what is quantum is `quantum`)
-    hidden_size: int = 8  # token width = qubits of every attention circuit
-    num_heads: int = 2  # attention heads (hidden_size must divide by it)
-    num_blocks: int = 4  # pre-LayerNorm transformer blocks
-    mlp_size: int = 4  # MLP hidden width (= qubits of the quantum MLP layer)
-    patch_size: int = 4  # conv patch embedding, kernel = stride = patch
-    dropout: float = 0.1  # attention weights, sublayer outputs, MLP, embeddings
-    pool: str = "gap"  # gap: mean over tokens (public design) | token: a learned class token
+    hidden_size: int = ModelConfig.hidden_size
+    num_heads: int = ModelConfig.num_heads
+    num_blocks: int = ModelConfig.num_blocks
+    mlp_size: int = ModelConfig.mlp_size
+    patch_size: int = ModelConfig.patch_size
+    dropout: float = ModelConfig.dropout
+    pool: str = ModelConfig.pool
     quantum: list[str] = field(default_factory=lambda: list(PROJECTIONS))  # circuits: q k v o mlp
     circuit: QuantumLayerConfig = field(default_factory=QuantumLayerConfig)
     # classical preset: shrink hidden/mlp to the parameter count of this same config with these
     # projections quantum (null: use the sizes as given, e.g. equal dims for a benchmark)
-    match_params_of: list[str] | None = None
+    match_params_of: list[str] | None = ModelConfig.match_params_of
 
 
 def validate_vit(cfg: ViTConfig) -> None:
@@ -67,13 +71,9 @@ def validate_vit(cfg: ViTConfig) -> None:
 
 
 def qvit_preset() -> ViTConfig:
-    """``model=qvit``: quantum Q, K, V, O and MLP middle layer."""
+    """``model=qvit`` at the schema's defaults (what ``conf/model/qvit.yaml`` composes):
+    quantum Q, K, V, O and MLP middle layer; the QViT benchmark's model."""
     return ViTConfig()
-
-
-def vit_preset() -> ViTConfig:
-    """``model=vit``: classical, resized to the QViT preset's parameter count."""
-    return replace(ViTConfig(), name="vit", quantum=[], match_params_of=list(PROJECTIONS))
 
 
 def equal_dims_vit(cfg: ViTConfig) -> ViTConfig:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qtl.config import CircuitConfig as _C
 from qtl.config import ConfigError
 from qtl.quantum.circuit import (
     ALL_ENTANGLERS,
@@ -36,14 +37,15 @@ INITS = ("xavier_normal", "normal_2pi", "uniform_2pi")
 class QuantumLayerConfig:
     """One circuit family for every quantum projection of a QViT."""
 
-    layers: int = 1  # L variational layers (rotation + CNOT ring); the public design uses 1
-    encoding: str = "rx"  # rx | ry | h_ry: gate that loads each raw feature
-    rotation: str = "rx"  # rx | ry | rz_ry: the trainable rotation
-    entangler: str = "qvit_ring"  # qvit_ring | ring | chain | even_odd
-    init: str = "xavier_normal"  # xavier_normal (public design) | normal_2pi | uniform_2pi
-    simulator: str = "fast"  # fast | pennylane (the reference)
-    max_state_mb: float | None = None  # fast: chunk bound for the state vectors (None: auto)
-    native_kernel: bool = True  # fast: the C++ kernels where they apply
+    # the defaults are the schema's (qtl.config.CircuitConfig, where each is documented)
+    layers: int = _C.layers
+    encoding: str = _C.encoding
+    rotation: str = _C.rotation
+    entangler: str = _C.entangler
+    init: str = _C.init
+    simulator: str = _C.simulator.value
+    max_state_mb: float | None = _C.max_state_mb
+    native_kernel: bool = _C.native_kernel
 
 
 def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> None:

@@ -3,7 +3,7 @@
 ``run_config.json`` in a run directory is written at the run's first start::
 
     {"fingerprint": ..., "identity": {flat key: value}, "config": {the whole config},
-     "record_version": 2, "runtime": {...}, "provenance": {"weights": {...}}}
+     "record_version": 4, "runtime": {...}, "provenance": {"weights": {...}}}
 
 ``identity`` holds the fields the schema declares IDENTITY (:mod:`qtl.config`), flattened
 (``train.lr``, ``data.synth_sizes.train``), with ``data.augment_on=auto`` resolved to the
@@ -15,6 +15,14 @@ placement this machine chose. A rerun in the same directory must agree on it:
 - a key only the record has (a field that is no longer identity, or no longer exists) is
   ignored;
 - any other difference refuses the directory, naming the keys.
+
+The data is named by content, not by path (record version 4): ``data.content.<part>`` holds
+the hashes of its label files and of its image set's manifest (:mod:`qtl.data.content`; the
+study says which), and ``data.root`` and the other data paths are OPERATIONAL, so a dataset
+may move (to a node's scratch disk) and its runs still resume; one changed label refuses
+the directory. A content key only the record has (an external test set dropped since) is a
+difference too. A record of version <= 3 named its data by path: it is checked on those
+paths, as the qtl that wrote it did, and upgraded with the content on that resume.
 
 Hardware-dependent settings: ``data.augment_on=auto`` is pinned to the recorded placement on
 resume (host and device augmentation differ in rounding and at the border), so a run started
@@ -42,7 +50,9 @@ from omegaconf import MISSING, OmegaConf
 
 from qtl.config import AugmentOn, ConfigError, HeadName, QtlConfig, Simulator
 
-RECORD_VERSION = 3  # 3: the identity holds only the fields of the run's study
+# 3: the identity holds only the fields of the run's study; 4: the data by content, not path
+RECORD_VERSION = 4
+CONTENT = "data.content."  # prefix of the data's content keys in an identity
 _PACKAGES = ("qtl", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "pennylane")
 _UNKNOWN = object()  # a key with no legacy value (e.g. task.labels): its absence never matches
 
@@ -70,15 +80,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def identity(cfg: QtlConfig, study: Any = None) -> dict[str, Any]:
+def identity(cfg: QtlConfig, study: Any = None, *, by_path: bool | None = None) -> dict[str, Any]:
     """The schema's IDENTITY fields of ``cfg``, flat, with ``data.augment_on`` resolved;
-    with ``study`` (a :class:`qtl.studies.base.Study`), only those that define its runs."""
+    with ``study`` (a :class:`qtl.studies.base.Study`), only those that define its runs, and
+    the data's content (``data.content.<part>``: :meth:`Study.data_content`).
+
+    ``by_path``: the data's paths (``FORMER_IDENTITY``) in place of its content, as record
+    versions <= 3 and the caches keyed then named it; always so without ``study``.
+    """
     from qtl.data.augment import resolve_augment_on
 
+    by_path = study is None if by_path is None else by_path
     flat: dict[str, Any] = {}
 
     def walk(obj: Any, node: dict[str, Any], prefix: str) -> None:
-        for name in type(obj).IDENTITY:
+        former = getattr(type(obj), "FORMER_IDENTITY", ()) if by_path else ()
+        for name in (*type(obj).IDENTITY, *former):
             if dataclasses.is_dataclass(getattr(obj, name)):
                 walk(getattr(obj, name), node[name], f"{prefix}{name}.")
             else:
@@ -88,7 +105,11 @@ def identity(cfg: QtlConfig, study: Any = None) -> dict[str, Any]:
     flat["data.augment_on"] = resolve_augment_on(cfg.data).value
     if study is None:
         return flat
-    return {key: flat[key] for key in study.identity_keys(list(flat))}
+    out = {key: flat[key] for key in study.identity_keys(list(flat))}
+    if not by_path:
+        content = study.data_content(cfg)
+        out |= {f"{CONTENT}{part}": digest for part, digest in sorted(content.items())}
+    return out
 
 
 def _legacy(cfg: QtlConfig, key: str) -> tuple[Any, bool]:
@@ -123,15 +144,23 @@ def _legacy(cfg: QtlConfig, key: str) -> tuple[Any, bool]:
     return _UNKNOWN, False
 
 
-def fingerprint(cfg: QtlConfig, study: Any = None) -> str:
-    """Hash of everything that determines a run's result (of ``study``: its identity keys).
+def fingerprint(cfg: QtlConfig, study: Any = None, *, by_path: bool | None = None) -> str:
+    """Hash of everything that determines a run's result (of ``study``: its identity keys,
+    and its data's content).
 
     Fields at their declared LEGACY value are left out, so adding a field that keeps the old
     behaviour leaves every fingerprint (and every cache keyed by one) as it was. Without
-    ``study``, every schema identity field counts: the fingerprint qtl computed before studies
-    chose their identity (record version 2), which caches keyed then are found by.
+    ``study``, every schema identity field counts, with the data's paths: the fingerprint qtl
+    computed before studies chose their identity (record version 2), which caches keyed then
+    are found by. ``by_path=True`` with ``study``: record version 3's (the data's paths, not
+    its content).
     """
-    ident = identity(cfg, study)
+    ident = identity(cfg, study, by_path=by_path)
+    if study is not None and not ident.keys() & _former_keys(cfg):
+        # the data's paths enter as null (as every run of generated data had them), so the
+        # fingerprints of such runs (and the caches keyed by them) are the ones recorded
+        # before the data's content took the paths' place
+        ident |= {key: None for key in study.identity_keys(sorted(_former_keys(cfg)))}
     kept = {}
     for key, value in ident.items():
         legacy, declared = _legacy(cfg, key)
@@ -143,7 +172,11 @@ def fingerprint(cfg: QtlConfig, study: Any = None) -> str:
 
 def identity_diffs(cfg: QtlConfig, theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     """Readable differences between a recorded identity and ``cfg``'s (see module doc)."""
-    diffs = []
+    diffs = [  # data recorded there (an external test set) and not now: other results
+        f"{key}: {theirs[key]!r} there, absent now"
+        for key in sorted(theirs)
+        if key.startswith(CONTENT) and key not in mine
+    ]
     for key in sorted(mine):
         if key in theirs:
             if theirs[key] != mine[key]:
@@ -158,6 +191,16 @@ def identity_diffs(cfg: QtlConfig, theirs: dict[str, Any], mine: dict[str, Any])
                 f"{legacy!r}), {mine[key]!r} now"
             )
     return diffs
+
+
+def _former_keys(cfg: QtlConfig) -> set[str]:
+    """The flat keys of the fields that were identity before the data's content was."""
+    out = set()
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            out |= {f"{f.name}.{n}" for n in getattr(type(sub), "FORMER_IDENTITY", ())}
+    return out
 
 
 def runtime_settings(cfg: QtlConfig) -> dict[str, Any]:
@@ -357,13 +400,23 @@ def check_run_dir(
     notes: list[str] = []
     placement_unknown = _pin_augmentation(cfg, theirs, notes)
     mine = identity(cfg, study)
-    diffs = identity_diffs(cfg, theirs, mine)
+    # a record of version <= 3 named its data by path: checked on those paths (what that qtl
+    # did), then upgraded with the data's content, after which the data may move
+    by_path = study is not None and record.get("record_version", 1) < 4
+    diffs = identity_diffs(cfg, theirs, identity(cfg, study, by_path=True) if by_path else mine)
     if diffs:
+        moved = by_path and any(d.split(":")[0] in _former_keys(cfg) for d in diffs)
         raise ConfigError(
             f"run directory {run_dir} belongs to a run with a different config "
             f"({'; '.join(diffs[:6])}{'; ...' * (len(diffs) > 6)}). Nothing was changed "
             "there. Pick another experiment name (name=...) or hydra.run.dir=..., or delete "
             "that directory to start it over."
+            + (
+                " Its record (written by an older qtl) names the data by path, so the run "
+                "is found only with the data where it was; an unfinished run rerun there "
+                "records the data's content, and from then on the data may move."
+            )
+            * moved
         )
     if (run_dir / "results.json").exists():
         return  # finished: nothing runs, nothing to record
@@ -383,7 +436,7 @@ def check_run_dir(
         update["runtime"] = runtime
     else:
         notes += _runtime_notes(record["runtime"], runtime)
-    if placement_unknown or set(mine) - set(record.get("identity", {})):
+    if placement_unknown or by_path or set(mine) - set(record.get("identity", {})):
         # an older record: write what this qtl checks, keeping what the run started with
         update |= {
             "fingerprint": fingerprint(cfg, study),

@@ -85,6 +85,13 @@ class Study(ABC):
 
         return [k for k in keys if not dropped(k)]
 
+    def data_content(self, cfg: QtlConfig) -> dict[str, str]:
+        """The data's identity by content (``data.content.<part>`` in the run's identity):
+        digests of its label files and image set (:mod:`qtl.data.content`), so the data's
+        paths may change. Empty: the data is defined by identity fields alone (a generator's
+        settings)."""
+        return {}
+
     # ---------------------------------------------------------------------- the run
 
     @abstractmethod

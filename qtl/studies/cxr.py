@@ -85,6 +85,14 @@ class CxrStudy(Study):
             )
         super().validate(cfg)
 
+    def data_content(self, cfg: QtlConfig) -> dict[str, str]:
+        """NIH-CXR-LT's label CSVs and image manifest (and MIMIC-CXR-LT's); nothing for the
+        synthetic set, whose generator settings are identity fields."""
+        from qtl.data.content import cxr_digests
+        from qtl.utils import paths
+
+        return cxr_digests(cfg.data, cfg.task.labels, paths.cache_dir(cfg.paths) / "content")
+
     def run_label(self, cfg: Any) -> str:
         return f"{cfg.task.name}-{cfg.head.name}"
 

@@ -113,6 +113,15 @@ class MedmnistStudy(Study):
         if d.mode != DistillMode.none and not d.teacher:
             raise ConfigError("distill.teacher is empty: name a preset (resnet18) or a run folder.")
 
+    def data_content(self, cfg: QtlConfig) -> dict[str, str]:
+        """The ``.npz`` the run reads: its label arrays' hash and its image arrays' sizes and
+        CRCs (a synthetic file is written first, as the run would)."""
+        from qtl.data.content import medmnist_digests
+        from qtl.utils import paths
+
+        cache = paths.cache_dir(cfg.paths) / "content"
+        return medmnist_digests(cfg.data, paths.data_dir(cfg.paths), cache)
+
     def run_label(self, cfg: Any) -> str:
         """``<flag>-<model>[-kd_<mode>]``."""
         distill = str(cfg.distill.mode)

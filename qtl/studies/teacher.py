@@ -56,8 +56,10 @@ def teacher_config(cfg: QtlConfig) -> QtlConfig:
 
 def preset_teacher_dir(cfg: QtlConfig, study: Study) -> tuple[QtlConfig, Path]:
     """The preset teacher's config and its run folder, keyed by its fingerprint over the
-    study's identity fields. A folder written before the identity was per study (keyed by
-    every schema field, CXR ones included) is reused when it holds a finished teacher."""
+    study's identity fields and the data's content (not its path: the data may move). A
+    folder written by an earlier qtl is reused when it holds a finished teacher: keyed by
+    the study's fields with the data's path (record version 3), or by every schema field,
+    CXR ones included (version 2)."""
     from qtl.record.files import RunFiles
     from qtl.record.identity import fingerprint
 
@@ -65,9 +67,12 @@ def preset_teacher_dir(cfg: QtlConfig, study: Study) -> tuple[QtlConfig, Path]:
     root = paths.pretrained_dir(cfg.paths)
     prefix = f"teacher-{cfg.data.flag}-{cfg.distill.teacher}"
     run_dir = root / f"{prefix}-{fingerprint(t, study)}" / "run"
-    legacy = root / f"{prefix}-{fingerprint(t)}" / "run"
-    if not run_dir.parent.exists() and RunFiles(legacy, create=False).read_results() is not None:
-        return t, legacy
+    if run_dir.parent.exists():
+        return t, run_dir
+    for key in (fingerprint(t, study, by_path=True), fingerprint(t)):
+        legacy = root / f"{prefix}-{key}" / "run"
+        if RunFiles(legacy, create=False).read_results() is not None:
+            return t, legacy
     return t, run_dir
 
 

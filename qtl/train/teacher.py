@@ -22,7 +22,7 @@ import numpy as np
 from qtl.config import ConfigError, QtlConfig
 from qtl.train.medmnist import TeacherLogits
 
-DATA_KEYS = ("flag", "size", "root", "synthetic", "synth_seed", "synth_sizes", "synth_noise")
+DATA_KEYS = ("flag", "size", "synthetic", "synth_seed", "synth_sizes", "synth_noise")
 
 
 def checkpoint_hash(directory: Path) -> str:
@@ -37,12 +37,45 @@ def checkpoint_hash(directory: Path) -> str:
     return h.hexdigest()
 
 
-def _data_key(cfg: QtlConfig) -> dict[str, Any]:
+def _data_key(cfg: QtlConfig, content: dict[str, str] | None = None) -> dict[str, Any]:
+    """What data a run saw: its data settings and ``content`` (the file's digests,
+    :mod:`qtl.data.content`), or its ``data.root`` for a teacher recorded before content."""
     d = cfg.data
     out = {k: getattr(d, k) for k in DATA_KEYS}
     out["synth_sizes"] = {k: int(v) for k, v in sorted(d.synth_sizes.items())}
     out["binary_logits"] = int(d.binary_logits)
+    if content is None:
+        out["root"] = d.root
+    else:
+        out["content"] = dict(sorted(content.items()))
     return out
+
+
+def _recorded_content(run_dir: Path) -> dict[str, str] | None:
+    """The data content a finished run recorded (run_config.json), None before records had it."""
+    from qtl.record.identity import CONTENT, read_record
+
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        return None
+    ident = read_record(path).get("identity", {})
+    content = {k[len(CONTENT) :]: v for k, v in ident.items() if k.startswith(CONTENT)}
+    return content or None
+
+
+def _data_keys(student: QtlConfig, teacher: QtlConfig, run_dir: Path) -> tuple[dict, dict]:
+    """(student's, teacher's) data keys, compared by content when the teacher recorded its
+    data's content (the data may have moved since), else by path as before."""
+    from qtl.data.content import medmnist_digests
+    from qtl.utils import paths
+
+    recorded = _recorded_content(run_dir)
+    if recorded is None:
+        return _data_key(student), _data_key(teacher)
+    mine = medmnist_digests(
+        student.data, paths.data_dir(student.paths), paths.cache_dir(student.paths) / "content"
+    )
+    return _data_key(student, mine), _data_key(teacher, recorded)
 
 
 def teacher_logits(
@@ -58,15 +91,16 @@ def teacher_logits(
         raise ConfigError(
             f"distill.teacher={run_dir}: no results.json there (not a finished qtl run)"
         )
-    if _data_key(teacher) != _data_key(student):
+    student_key, teacher_key = _data_keys(student, teacher, run_dir)
+    if teacher_key != student_key:
         raise ConfigError(
-            f"distill.teacher={run_dir} was trained on other data ({_data_key(teacher)}) than "
-            f"the student's ({_data_key(student)}); train a teacher on the student's data."
+            f"distill.teacher={run_dir} was trained on other data ({teacher_key}) than "
+            f"the student's ({student_key}); train a teacher on the student's data."
         )
     best_dir = Path(run_dir) / "checkpoints" / "best" / str(results.best_epoch)
     sha = checkpoint_hash(best_dir)
     key = hashlib.sha256(
-        json.dumps({"checkpoint": sha, "data": _data_key(student)}, sort_keys=True).encode()
+        json.dumps({"checkpoint": sha, "data": student_key}, sort_keys=True).encode()
     ).hexdigest()[:16]
     cache = Path(cache_dir) / "teacher_logits" / f"{key}.npz"
     record = {
