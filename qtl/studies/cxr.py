@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qtl.config import ConfigError, ModelName, QtlConfig
-from qtl.record.schema import Results
+from qtl.config import ConfigError, DataName, ModelName, QtlConfig
+from qtl.record.schema import REAL, SYNTHETIC, Results
 from qtl.studies.base import Study
 from qtl.train.driver import RunInputs
 
@@ -84,6 +84,17 @@ class CxrStudy(Study):
                 "and head groups."
             )
         super().validate(cfg)
+        synthetic = cfg.data.name == DataName.synthetic
+        if cfg.data.synthetic != synthetic:  # it would not change the data, only mislabel it
+            raise ConfigError(
+                f"data.synthetic={str(cfg.data.synthetic).lower()} does not fit "
+                f"data={cfg.data.name}: the CXR study's synthetic data is data=synthetic "
+                "(data.synthetic=true), its real data data=nih_cxr_lt (data.synthetic=false)."
+            )
+
+    def data_source(self, cfg: QtlConfig) -> str:
+        """synthetic (data=synthetic: qtl's generated CXR-LT) | real (data=nih_cxr_lt)."""
+        return SYNTHETIC if cfg.data.name == DataName.synthetic else REAL
 
     def run_label(self, cfg: Any) -> str:
         return f"{cfg.task.name}-{cfg.head.name}"
@@ -141,6 +152,7 @@ class CxrStudy(Study):
             record={
                 "task": cfg.task.name,
                 "head": cfg.head.name.value,
+                "data_source": self.data_source(cfg),
                 # positives per label in train: the report sorts labels by this frequency
                 "train_label_counts": dict(
                     zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)

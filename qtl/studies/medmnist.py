@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qtl.config import ConfigError, DistillMode, ModelName, QtlConfig
-from qtl.record.schema import Results
+from qtl.record.schema import REAL, SYNTHETIC, Results
 from qtl.studies.base import Study
 from qtl.train.driver import RunInputs
 
@@ -150,6 +150,7 @@ class MedmnistStudy(Study):
                 "dataset": cfg.data.flag,
                 "task_type": got.info.task.value,
                 "distill": str(cfg.distill.mode),
+                "data_source": SYNTHETIC if got.synthetic is not None else REAL,
                 "teacher": dict(teacher.record) if teacher is not None else {},
                 "costs": got.costs,
                 "train_label_counts": {
