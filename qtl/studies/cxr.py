@@ -12,7 +12,7 @@ import numpy as np
 
 from qtl.config import ConfigError, DataName, ModelName, QtlConfig
 from qtl.record.schema import REAL, SYNTHETIC, Results
-from qtl.studies.base import Study
+from qtl.studies.base import Predictable, Study
 from qtl.train.driver import RunInputs
 
 
@@ -159,6 +159,36 @@ class CxrStudy(Study):
                 ),
             },
             skipped=cached.skipped_ids(),
+        )
+
+    def predictable(self, cfg: QtlConfig) -> Predictable:
+        """ResNet + head; grayscale, resize + centre crop, copied to 3 channels, ImageNet
+        mean/std (qtl.data.preprocess), one sigmoid per label."""
+        from flax import nnx
+
+        from qtl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+        from qtl.models.classifier import Classifier
+        from qtl.train.objectives import Objective
+
+        labels = list(cfg.task.labels)
+        weights = self.start(cfg)["weights"] if cfg.features.cache else None
+        return Predictable(
+            model=Classifier(cfg, rngs=nnx.Rngs(0)),
+            objective=Objective(),
+            outputs=labels,
+            descriptions=labels,
+            preprocessing={
+                "kind": "resize_crop",
+                "color": "gray",
+                "resize": int(cfg.data.resize),
+                "crop": int(cfg.data.crop),
+                "model_input": "gray copied to 3 channels, x / 255, then (x - mean) / std",
+                "channels": 3,
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            task="multi-label",
+            backbone_weights=weights,
         )
 
     def format_scores(self, results: Results) -> str:
