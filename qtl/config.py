@@ -230,7 +230,7 @@ class DataConfig:
     # data=medmnist (ignored by the CXR data)
     flag: str = "retinamnist"  # one of the 12 MedMNIST 2D sets (qtl.data.medmnist_info.FLAGS)
     size: int = 28  # 28 ({flag}.npz) | 64 | 128 | 224 ({flag}_{size}.npz)
-    synthetic: bool = False  # synthetic stand-in data (medmnist: written under data.root if missing)
+    synthetic: bool = False  # synthetic stand-in data (medmnist: written to data.root if missing)
     synth_noise: float = 0.08  # synthetic MedMNIST pixel noise (0..1 scale)
     check_split_sizes: bool | None = None  # null: official split sizes required of real files
     binary_logits: int = 1  # binary sets: 1 (sigmoid BCE) | 2 (softmax CE, MedMNIST v2 style)

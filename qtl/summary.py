@@ -85,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     others = not_finished(root)
     if runs:
         synthetic = sum(r.synthetic for r in runs)
-        note = (
-            f" - trained and tested on qtl's synthetic data{'' if synthetic == len(runs) else f' ({synthetic} of them)'}"
-            if synthetic
-            else ""
-        )
+        some = "" if synthetic == len(runs) else f" ({synthetic} of them)"
+        note = f" - trained and tested on qtl's synthetic data{some}" if synthetic else ""
         print(f"\n{len(runs)} finished run(s) under {root}{note}\n")
         for split in ("test", "external"):
             print(table(runs, split) + "\n")

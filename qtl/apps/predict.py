@@ -68,8 +68,10 @@ def write_csv(path: Path, files: list[Path], outputs: list[str], probs: np.ndarr
     for f, row, err in zip(files, probs, errors, strict=True):
         cells = ["" if err else f"{p:.6f}" for p in row]
         writer.writerow([str(f), *cells, err])
+    from qtl.export.write import readable_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue(), mode=readable_mode())
 
 
 def main(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any]:

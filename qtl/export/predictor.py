@@ -174,4 +174,3 @@ def load_run(run_dir: Path | str, paths: PathsConfig | None = None) -> Predictor
             "data_source": "synthetic" if results.synthetic else "real",
         },
     )
-

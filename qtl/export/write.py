@@ -32,6 +32,13 @@ from qtl.export.predictor import Predictor, finished_run, load_run
 from qtl.utils.files import atomic_write_text
 
 
+def readable_mode() -> int:
+    """The mode a plain new file gets under this process's umask (0o644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _dump(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -66,7 +73,9 @@ def write_export(run_dir: Path | str, out: Path | str, paths: PathsConfig | None
         )
         _dump(tmp / PREPROCESSING, predictor.preprocessing)
         metrics = {
-            "auroc": {s: {"mean": a.mean, "per_label": a.per_label} for s, a in results.auroc.items()},
+            "auroc": {
+                s: {"mean": a.mean, "per_label": a.per_label} for s, a in results.auroc.items()
+            },
             "metrics": results.metrics,
             "loss": results.loss,
             "best_epoch": results.best_epoch,
@@ -104,6 +113,9 @@ def write_export(run_dir: Path | str, out: Path | str, paths: PathsConfig | None
             },
         )
         atomic_write_text(tmp / CARD, model_card(results, predictor, source))
+        readable = readable_mode()
+        for f in tmp.iterdir():  # to be handed on: as readable as the umask lets new files be
+            f.chmod(readable)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
@@ -118,7 +130,9 @@ def _scores(results: Any) -> list[str]:
     rows = ["| split | metric | value |", "|---|---|---|"]
     for split, block in results.auroc.items():
         if block.mean is not None:
-            rows.append(f"| {split} | mean AUROC over {len(block.per_label)} labels | {block.mean:.3f} |")
+            rows.append(
+                f"| {split} | mean AUROC over {len(block.per_label)} labels | {block.mean:.3f} |"
+            )
     for split, m in results.metrics.items():
         for key in ("auc", "acc"):
             if m.get(key) is not None:
@@ -145,7 +159,7 @@ def model_card(results: Any, predictor: Predictor, source: str) -> str:
             f"{results.task} ({len(predictor.outputs)} labels)"
         )
         if results.head == "dqc":
-            what += f", a {len(predictor.outputs)}-qubit circuit of depth {head.get('depth')}"
+            what += f", a circuit of {len(predictor.outputs)} qubits, depth {head.get('depth')}"
         dataset = "NIH-CXR-LT (NIH ChestX-ray14 images)"
     if source == "synthetic":
         trained = (
@@ -176,18 +190,21 @@ def model_card(results: Any, predictor: Predictor, source: str) -> str:
         f"- Study: `{results.study}`; run `{results.run}`; best epoch {results.best_epoch} of "
         f"{results.epochs}; images per split: {sizes or '?'}.",
         f"- Outputs ({predictor.task}), one probability each: "
-        + ", ".join(f"`{o}` ({d})" if o != d else f"`{o}`"
-                    for o, d in zip(predictor.outputs, predictor.descriptions, strict=False)),  # fmt: skip
+        + ", ".join(
+            f"`{o}` ({d})" if o != d else f"`{o}`"
+            for o, d in zip(predictor.outputs, predictor.descriptions, strict=False)
+        ),  # fmt: skip
         f"- Preprocessing: `{PREPROCESSING}` ({predictor.preprocessing.get('model_input')}).",
         "",
-        "## Test metrics",
+        "## Metrics (from the run's results.json)",
         "",
         *_scores(results),
         "",
         "## Use",
         "",
         "```bash",
-        f"python launch.py mode=predict predict.run_dir=<this folder> predict.images=<folder or CSV>",
+        "python launch.py mode=predict predict.run_dir=<this folder> "
+        "predict.images=<folder or CSV>",
         "```",
         "",
         "```python",
@@ -201,8 +218,9 @@ def model_card(results: Any, predictor: Predictor, source: str) -> str:
         "## Limits",
         "",
         "- A research model: **not for clinical use**, not validated for diagnosis.",
-        f"- {quantum}" if "dqc" in str(results.head) or "qvit" in str(results.model) else
-        "- A classical model (no quantum circuit).",
+        f"- {quantum}"
+        if "dqc" in str(results.head) or "qvit" in str(results.model)
+        else "- A classical model (no quantum circuit).",
         "- Trained on one dataset and one seed; scores on other hospitals' or devices' images "
         "are unknown. See `metrics.json` and `provenance.json` for the full record.",
         "",
