@@ -45,8 +45,6 @@ def _dump(path: Path, data: Any) -> None:
 
 def write_export(run_dir: Path | str, out: Path | str, paths: PathsConfig | None = None) -> Path:
     """Export the finished run in ``run_dir`` to the folder ``out`` (new, or empty)."""
-    from safetensors.numpy import save_file
-
     run_dir, out = Path(run_dir).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(
@@ -54,6 +52,14 @@ def write_export(run_dir: Path | str, out: Path | str, paths: PathsConfig | None
         )
     results = finished_run(run_dir)
     predictor = load_run(run_dir, paths)
+    return write_folder(out, results, predictor, run_dir)
+
+
+def write_folder(out: Path, results: Any, predictor: Predictor, run_dir: Path) -> Path:
+    """The export folder of ``predictor`` (the run's model with its best weights) and the
+    run's ``results``; written under a temporary name, then renamed to ``out``."""
+    from safetensors.numpy import save_file
+
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
