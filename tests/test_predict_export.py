@@ -89,7 +89,8 @@ def _cxr_images(synth_root: Path, run_dir: Path, folder: Path) -> dict[str, np.n
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(folder / "copy.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
