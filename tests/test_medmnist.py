@@ -264,7 +264,10 @@ def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_pa
     run = compose("data=medmnist", "model=qvit", f"paths.data_dir={tmp_path / 'data'}")
     cfg = medmnist_config(run.data, tmp_path / "data")
     assert cfg == MedMNISTConfig(root=str(tmp_path / "data" / "medmnist"))
-    cfg = replace(cfg, root=str(tmp_path / "files"), flag="bloodmnist", synth_sizes=TINY)
+    # data=medmnist reads real files only; the synthetic stand-in is asked for (the demo's)
+    cfg = replace(
+        cfg, root=str(tmp_path / "files"), flag="bloodmnist", synth_sizes=TINY, synthetic=True
+    )
     data = open_medmnist(cfg)
     assert data.path == tmp_path / "files" / "bloodmnist.npz" and len(data.splits["val"]) == 4
     with pytest.raises(FileNotFoundError):
