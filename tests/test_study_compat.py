@@ -148,6 +148,9 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     before = yaml.safe_load((DATA / "cfg_job_v2" / f"{snapshot}.yaml").read_text())
     now = _job(overrides)
     assert now.pop("study") is None  # a new key: null selects data's study, as before
+    # the settings of mode=predict and mode=export: new keys, unset
+    assert now.pop("predict") == {"run_dir": None, "images": None, "out": None, "batch_size": 32}
+    assert now.pop("export") == {"run_dir": None, "out": None}
     # knobs added since, at the defaults that keep the old behaviour: one device, and a
     # second process on a busy run directory refused rather than kept waiting
     assert now["train"].pop("devices") == 1
