@@ -184,10 +184,16 @@ def test_cxr_export_loads_without_the_run_and_predicts_the_same(cxr_run, synth_r
     assert one_line(err.value)[0] == EXIT_INPUT and "not empty" in str(err.value)
 
 
-def test_medmnist_predict_and_export_give_the_runs_class_probabilities(medmnist_run, tmp_path):
+def test_medmnist_predict_and_export_give_the_runs_class_probabilities(
+    medmnist_run, tmp_path, capsys
+):
+    from qtl.report.qvit import main as qvit_table
+
     run_dir, data = medmnist_run
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data_source"] == "synthetic" and results["study"] == "medmnist"
+    qvit_table([str(run_dir.parent)])
+    assert "(synthetic data: every run trained" in capsys.readouterr().out
     with np.load(medmnist_path(data, "retinamnist", 28)) as npz:
         images = npz["test_images"][:5]
     folder = tmp_path / "images"
