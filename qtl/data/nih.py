@@ -26,8 +26,9 @@ NO_DATA_HINT = (
 )
 MIMIC_HINT = (
     "MIMIC-CXR-JPG and the CXR-LT 2023 MIMIC labels are on PhysioNet (credentialed access: "
-    "https://physionet.org/content/mimic-cxr-jpg/); see the README's Data section, or leave "
-    "data.external_csv unset to run without the external test."
+    "https://physionet.org/content/mimic-cxr-jpg/); see the README's Data section. Leave "
+    "data.external_csv unset to run without the external test, or use data=synthetic to try "
+    "qtl without data."
 )
 _MAX_LISTED = 5
 # NIH-CXR-LT cells are written as 0/1; "0.0"/"1.0" appear when a file went through pandas.
