@@ -254,8 +254,10 @@ def _fit(x, y):
     return RidgeClassifier(alpha=100.0).fit(x, y)  # closed form: fast, unlike an iterative fit
 
 
-def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_path):
+def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_path, monkeypatch):
     from dataclasses import replace
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.medmnist of the machine's user
 
     from helpers import compose
 
