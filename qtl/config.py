@@ -50,6 +50,8 @@ class Mode(StrEnum):
     bench_data = "bench_data"  # data-path benchmark: cold, warm and augmented img/s, bytes/image
     features = "features"  # fill the frozen backbone's feature cache for the run's splits
     bench_features = "bench_features"  # head epoch times on NIH-sized features; extraction img/s
+    predict = "predict"  # a finished run's (or export's) class/label probabilities for images
+    export = "export"  # a finished run -> a folder loadable without qtl's training code
 
 
 class HeadName(StrEnum):
@@ -232,7 +234,7 @@ class DataConfig:
     # data=medmnist (ignored by the CXR data)
     flag: str = "retinamnist"  # one of the 12 MedMNIST 2D sets (qtl.data.medmnist_info.FLAGS)
     size: int = 28  # 28 ({flag}.npz) | 64 | 128 | 224 ({flag}_{size}.npz)
-    synthetic: bool = True  # no file under data.root: write the built-in synthetic one there
+    synthetic: bool = False  # synthetic stand-in data (medmnist: written to data.root if missing)
     synth_noise: float = 0.08  # synthetic MedMNIST pixel noise (0..1 scale)
     check_split_sizes: bool | None = None  # null: official split sizes required of real files
     binary_logits: int = 1  # binary sets: 1 (sigmoid BCE) | 2 (softmax CE, MedMNIST v2 style)
@@ -583,6 +585,25 @@ class BenchDataConfig:
 
 
 @dataclass
+class PredictConfig:
+    """``mode=predict``: probabilities of a trained model for a folder or list of images."""
+
+    run_dir: str | None = None  # a finished run folder (its best checkpoint) or an export folder
+    images: str | None = None  # a folder (PNG/JPEG/DICOM, recursive) or a CSV with a path column
+    out: str | None = None  # the CSV written; null = predictions.csv in this mode's own folder
+    batch_size: int = 32  # images per forward pass
+
+
+@dataclass
+class ExportConfig:
+    """``mode=export``: a finished run as weights (safetensors), config, labels,
+    preprocessing, metrics, provenance and a model card, loadable by qtl.export.load."""
+
+    run_dir: str | None = None  # the finished run folder to export
+    out: str | None = None  # the export folder (new or empty); null = model/ in this mode's folder
+
+
+@dataclass
 class PathsConfig:
     """Every root qtl reads or writes (conf/paths/default.yaml derives them from ``root``)."""
 
@@ -625,6 +646,8 @@ class QtlConfig:
     search: SearchConfig = field(default_factory=SearchConfig)  # experiment=search: objective
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # frozen-backbone cache
     bench_features: BenchFeaturesConfig | None = None  # mode=bench_features
+    predict: PredictConfig | None = None  # mode=predict (conf/mode/predict.yaml)
+    export: ExportConfig | None = None  # mode=export (conf/mode/export.yaml)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "study",
@@ -652,6 +675,8 @@ class QtlConfig:
         "paths",  # where caches and outputs live, not what a run computes
         "search",  # how a search scores a run, not what the run computes
         "bench_features",
+        "predict",  # the other modes' own settings: no run computes with them
+        "export",
     )
     # null: the study data.name selects, which is what a qtl without the field ran
     LEGACY: ClassVar[dict[str, Any]] = {"study": None}

@@ -51,10 +51,16 @@ def table(runs: list[Results], split: str) -> str:
     labels: list[str] = []
     for r in runs:
         labels += [x for x in r.labels if x not in labels]
-    cols = [f"{r.task}/{r.head}/s{r.seed}" for r in runs]  # runs with per-label AUROC: CXR
+    # runs with per-label AUROC: CXR; a synthetic-data run's column is starred
+    mixed = len({r.synthetic for r in runs}) > 1
+    cols = [f"{r.task}/{r.head}/s{r.seed}" + ("*" if mixed and r.synthetic else "") for r in runs]
     width = max(len(x) for x in [*labels, "mean AUROC"])
     cw = max(10, *(len(c) for c in cols))
     out = [f"{split} AUROC".ljust(width) + "  " + "  ".join(c.rjust(cw) for c in cols)]
+    if all(r.synthetic for r in runs):
+        out.insert(0, f"{split} (synthetic data):")
+    elif mixed:
+        out.insert(0, f"{split} (* = synthetic data):")
     for name in [*labels, "mean AUROC"]:
         cells = []
         for r in runs:
@@ -78,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = collect(root)
     others = not_finished(root)
     if runs:
-        print(f"\n{len(runs)} finished run(s) under {root}\n")
+        synthetic = sum(r.synthetic for r in runs)
+        some = "" if synthetic == len(runs) else f" ({synthetic} of them)"
+        note = f" - trained and tested on qtl's synthetic data{some}" if synthetic else ""
+        print(f"\n{len(runs)} finished run(s) under {root}{note}\n")
         for split in ("test", "external"):
             print(table(runs, split) + "\n")
         for r in runs:
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{r.run}: best epoch {r.best_epoch}/{r.epochs}, "
                 f"train {w.get('train', 0):.0f}s, data {w.get('data', 0):.0f}s"
+                + (" (synthetic data)" if r.synthetic else "")
             )
     else:
         print(f"no results.json under {root}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import json
 import pkgutil
 import shutil
 import zipfile
@@ -433,3 +434,146 @@ def test_launch_gives_one_line_exit_2_and_removes_nothing(medmnist, tmp_path):
     assert "Traceback" not in got.stderr
     after = _snapshot(data) | {f"run/{k}": v for k, v in _snapshot(run_dir).items()}
     assert {k: v for k, v in after.items() if k in before} == before  # nothing removed/changed
+
+
+# ------------------------------------------------- real data that is missing; export folders
+
+
+def test_missing_real_data_is_one_line_saying_where_it_looked_and_where_to_get_it(
+    tmp_path, monkeypatch
+):
+    from qtl.data.medmnist import MedMNISTConfig, open_medmnist
+    from qtl.data.mimic import read_mimic
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the medmnist package's ~/.medmnist
+    cases = {
+        "medmnist": (
+            lambda: open_medmnist(
+                MedMNISTConfig(root=str(tmp_path / "mm"), flag="retinamnist", synthetic=False)
+            ),
+            [str(tmp_path / "mm"), str(tmp_path / "home" / ".medmnist"), "retinamnist.npz",
+             "pip install medmnist", "zenodo.org/records/10519652", "data.synthetic=true"],
+        ),
+        "nih": (
+            lambda: load_splits(DataConfig(name=DataName.nih_cxr_lt, root=str(tmp_path)), CXR8),
+            [LABEL_FILE.format(split="train"), "ChestX-ray14", "data=synthetic"],
+        ),
+        "mimic": (
+            lambda: read_mimic(tmp_path / "mimic.csv", tmp_path, CXR8),
+            [str(tmp_path / "mimic.csv"), "PhysioNet"],
+        ),
+    }  # fmt: skip
+    for name, (call, parts) in cases.items():
+        with pytest.raises(QtlUserError) as err:
+            call()
+        code, line = one_line(err.value)
+        assert code == EXIT_INPUT and "\n" not in line, (name, line)
+        assert all(p in line for p in parts), (name, line)
+
+
+@pytest.fixture(scope="module")
+def export_folder(tmp_path_factory) -> Path:
+    """An export of a tiny CXR model (untrained weights: the format is what is tested)."""
+    from helpers import make_results
+
+    from qtl.export.predictor import Predictor
+    from qtl.export.write import write_folder
+    from qtl.record.identity import config_dict
+    from qtl.studies import study_for
+
+    cfg = compose(*TINY, "head=cdl")
+    study = study_for(cfg)
+    p = study.predictable(cfg)
+    results = make_results(config=config_dict(cfg), study="cxr", label="cxr8-cdl",
+                           labels=list(cfg.task.labels), data_source="synthetic")  # fmt: skip
+    predictor = Predictor(p.model, p.objective, p.outputs, p.descriptions, p.preprocessing, p.task)
+    base = tmp_path_factory.mktemp("export")
+    return write_folder(base / "model", results, predictor, base)
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    """Replace the weights by ``change(tensors)``, the manifest's checksum updated to match."""
+    from safetensors.numpy import load_file, save_file
+
+    from qtl.export.load import sha256
+
+    path = folder / "model.safetensors"
+    save_file(change(load_file(path)), str(path))
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest["weights_sha256"] = sha256(path)
+    (folder / "export.json").write_text(json.dumps(manifest))
+
+
+def _edit_json(name: str, change):
+    def edit(folder: Path) -> None:
+        path = folder / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+    return edit
+
+
+EXPORTS = {
+    "weights missing": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    "weights corrupt": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00garbage"),
+        "not a readable safetensors file",
+    ),
+    "weights changed": (
+        lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"
+        ),
+        "sha256 differs",
+    ),
+    "tensor of the wrong shape": (
+        lambda d: _rewrite_weights(d, lambda t: {**t, "head.fc.bias": np.zeros(3, np.float32)}),
+        "tensor 'head.fc.bias' has shape (3,)",
+    ),
+    "tensor missing": (
+        lambda d: _rewrite_weights(d, lambda t: _without(t, "head.fc.bias")),
+        "tensor 'head.fc.bias' is missing",
+    ),
+    "config field missing": (
+        _edit_json("config.json", lambda c: _without(c, "data")),
+        "field 'data'",
+    ),
+    "config not JSON": (
+        lambda d: (d / "config.json").write_text("{"),
+        "config.json: not readable JSON",
+    ),
+    "labels disagree": (
+        _edit_json("labels.json", lambda x: {**x, "outputs": x["outputs"][:-1]}),
+        "field 'outputs' lists 7 columns",
+    ),
+    "newer format": (_edit_json("export.json", lambda m: {**m, "version": 99}), "version 99"),
+    "no manifest": (lambda d: (d / "export.json").unlink(), "not an export folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_bad_export_folders_are_one_line_naming_the_file(case, export_folder, tmp_path):
+    from qtl.export.load import open_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(export_folder, folder)
+    change, expect = EXPORTS[case]
+    change(folder)
+    with pytest.raises(QtlUserError) as err:
+        open_model(folder)
+    code, line = one_line(err.value)
+    assert code == EXIT_INPUT and "\n" not in line, line
+    assert str(folder) in line and expect in line, line
+
+
+@pytest.mark.slow
+def test_launch_without_real_medmnist_is_one_line_exit_2(tmp_path):
+    """data=medmnist (real files only): no file, no synthetic stand-in, one line."""
+    import os
+
+    kernels = os.environ.get("QTL_KERNEL_CACHE", str(Path.home() / ".cache/qtl/kernels"))
+    env = {"HOME": str(tmp_path / "home"), "QTL_KERNEL_CACHE": kernels}  # kernels: built once
+    got = launch("data=medmnist", "model=vit", f"data.root={tmp_path / 'none'}", cwd=tmp_path,
+                 env=env)  # fmt: skip
+    assert got.returncode == 2, got.stderr[-2000:]
+    lines = [x for x in got.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "MedMNISTMissing" in lines[0] and "zenodo" in lines[0], lines
+    assert not (tmp_path / "none" / "retinamnist.npz").exists()  # nothing synthetic written

@@ -254,8 +254,10 @@ def _fit(x, y):
     return RidgeClassifier(alpha=100.0).fit(x, y)  # closed form: fast, unlike an iterative fit
 
 
-def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_path):
+def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_path, monkeypatch):
     from dataclasses import replace
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.medmnist of the machine's user
 
     from helpers import compose
 
@@ -264,8 +266,51 @@ def test_data_group_gives_the_reader_its_config_and_opens_a_synthetic_set(tmp_pa
     run = compose("data=medmnist", "model=qvit", f"paths.data_dir={tmp_path / 'data'}")
     cfg = medmnist_config(run.data, tmp_path / "data")
     assert cfg == MedMNISTConfig(root=str(tmp_path / "data" / "medmnist"))
-    cfg = replace(cfg, root=str(tmp_path / "files"), flag="bloodmnist", synth_sizes=TINY)
+    # data=medmnist reads real files only; the synthetic stand-in is asked for (the demo's)
+    cfg = replace(
+        cfg, root=str(tmp_path / "files"), flag="bloodmnist", synth_sizes=TINY, synthetic=True
+    )
     data = open_medmnist(cfg)
     assert data.path == tmp_path / "files" / "bloodmnist.npz" and len(data.splits["val"]) == 4
     with pytest.raises(FileNotFoundError):
         open_medmnist(replace(cfg, flag="octmnist", synthetic=False))
+
+
+def test_real_files_are_looked_for_in_data_root_then_the_package_folder(tmp_path, monkeypatch):
+    """data.synthetic=false: data.root first, then ~/.medmnist (the medmnist package's own
+    folder); a synthetic file met on the way is passed over, never trained on."""
+    from dataclasses import replace
+
+    from qtl.data.medmnist import MedMNISTConfig, MedMNISTMissing, open_medmnist, package_root
+    from qtl.data.medmnist_info import SYNTHETIC_KEY
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert package_root() == tmp_path / "home" / ".medmnist"
+    root = tmp_path / "root"
+    cfg = MedMNISTConfig(root=str(root), flag="breastmnist", synthetic=False)
+
+    def real(folder):  # a synthetic file's arrays without its marker: as a real file
+        src = write_synthetic(
+            tmp_path / "src", "breastmnist", 28, sizes=TINY, seed=len(str(folder))
+        )
+        with np.load(src) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != SYNTHETIC_KEY}
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "breastmnist.npz", **arrays)
+        return arrays
+
+    write_synthetic(root, "breastmnist", 28, sizes=TINY)  # a stand-in under data.root
+    with pytest.raises(MedMNISTMissing, match="synthetic stand-in, not used"):
+        open_medmnist(cfg)
+    assert open_medmnist(replace(cfg, synthetic=True)).synthetic is not None  # when asked for
+
+    home = real(package_root())
+    data = open_medmnist(replace(cfg, check_split_sizes=False))
+    assert data.path == package_root() / "breastmnist.npz" and data.synthetic is None
+    np.testing.assert_array_equal(data.splits["test"].images[..., 0], home["test_images"])
+
+    (root / "breastmnist.npz").unlink()
+    mine = real(root)  # a real file under data.root comes first
+    data = open_medmnist(replace(cfg, check_split_sizes=False))
+    assert data.path == root / "breastmnist.npz"
+    np.testing.assert_array_equal(data.splits["test"].images[..., 0], mine["test_images"])

@@ -162,6 +162,9 @@ def test_wandb_offline_run_files_hold_the_metrics(synth_root, tmp_path, monkeypa
     assert val_losses == pytest.approx([r["val_loss"] for r in _metrics(run_dir)])
     assert rec["summary"]["test/mean_auroc"] == pytest.approx(res["auroc"]["test"]["mean"])
     assert rec["config"]["head"]["name"] == "dqc" and rec["config"]["seed"] == 0
+    # made from synthetic data: the W&B run says so where a reader looks
+    assert "synthetic" in rec["run"]["tags"] and rec["summary"]["data_source"] == "synthetic"
+    assert rec["config"]["data_source"] == "synthetic"
     # a file cut short anywhere (its writer killed) reads back up to its last whole record
     data, cut = files[0].read_bytes(), tmp_path / "cut.wandb"
     for end in range(8, len(data), max(1, len(data) // 40)):

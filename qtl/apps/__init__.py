@@ -28,6 +28,8 @@ APPS: dict[Mode, str] = {
     Mode.bench_data: "qtl.apps.bench_data",
     Mode.features: "qtl.apps.features",
     Mode.bench_features: "qtl.apps.bench_features",
+    Mode.predict: "qtl.apps.predict",
+    Mode.export: "qtl.apps.export",
 }
 
 

@@ -41,7 +41,7 @@ class MedMNISTConfig:
     flag: str = "retinamnist"  # one of the 12 2D sets (qtl.data.medmnist_info.FLAGS)
     size: int = 28  # 28 | 64 | 128 | 224: reads {flag}.npz or {flag}_{size}.npz
     root: str | None = None  # folder of the .npz files; null = .cache/qtl/medmnist
-    synthetic: bool = True  # no file there: write the built-in synthetic one (real ones: false)
+    synthetic: bool = False  # true: no file there -> write the built-in synthetic one there
     synth_seed: int = 0  # the synthetic set's own seed
     synth_sizes: dict[str, int] = field(
         default_factory=lambda: {"train": 1000, "val": 200, "test": 400}
@@ -55,9 +55,15 @@ DEFAULT_ROOT = Path(".cache") / "qtl" / "medmnist"
 
 
 def open_medmnist(cfg: MedMNISTConfig) -> MedMNISTData:
-    """The checked data a run trains on: the file under ``cfg.root``, written first from the
-    synthetic generator when ``cfg.synthetic`` is on and it is missing or was made with other
-    settings (a real file there is never overwritten)."""
+    """The checked data a run trains on.
+
+    ``cfg.synthetic``: the file under ``cfg.root``, written first from the synthetic generator
+    when it is missing or was made with other settings (a real file there is never
+    overwritten, and is what the run reads). Otherwise a real file only: ``cfg.root``, then
+    the ``medmnist`` package's own folder (:func:`package_root`); a synthetic file met there
+    is passed over, and none found stops the run (:class:`MedMNISTMissing`), never falling
+    back to synthetic data.
+    """
     root = Path(cfg.root) if cfg.root else DEFAULT_ROOT
     if cfg.synthetic:
         from qtl.data.medmnist_synthetic import ensure_synthetic
@@ -70,7 +76,52 @@ def open_medmnist(cfg: MedMNISTConfig) -> MedMNISTData:
             seed=cfg.synth_seed,
             noise=cfg.synth_noise,
         )
-    return load_medmnist(root, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
+        return load_medmnist(root, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
+    path = find_real_file([root, package_root()], cfg.flag, cfg.size)
+    return read_npz(path, cfg.flag, cfg.size, check_split_sizes=cfg.check_split_sizes)
+
+
+def package_root() -> Path:
+    """Where the ``medmnist`` package keeps its downloads: ``~/.medmnist`` (medmnist 3.0.2,
+    ``medmnist.info.get_default_root``; it reads no environment variable or config file)."""
+    return Path.home() / ".medmnist"
+
+
+ZENODO = "https://zenodo.org/records/10519652"  # MedMNIST v3 (MedMNIST+), the package's source
+
+
+def is_synthetic_file(path: Path) -> bool:
+    """Whether ``path`` carries the synthetic generator's marker (read without the arrays)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return SYNTHETIC_KEY in npz.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # unreadable: the reader names the problem
+
+
+def find_real_file(roots: list[Path], flag: str, size: int) -> Path:
+    """The first real ``{flag}[_{size}].npz`` in ``roots``; :class:`MedMNISTMissing` saying
+    where it looked and where to get the file when there is none."""
+    name = file_name(flag, size)
+    looked, synthetic = [], []
+    for root in dict.fromkeys(Path(r).expanduser() for r in roots):
+        path = medmnist_path(root, flag, size)
+        looked.append(str(root))
+        if path.is_file():
+            if not is_synthetic_file(path):
+                return path
+            synthetic.append(str(path))
+    passed = (
+        f" ({', '.join(synthetic)}: qtl's synthetic stand-in, not used for real data)"
+        if synthetic
+        else ""
+    )
+    raise MedMNISTMissing(
+        f"data=medmnist: no real {name} in {' or '.join(looked)}{passed}. Get it with "
+        f"`pip install medmnist` and `python -m medmnist download --size={size}` (writes "
+        f"~/.medmnist), or from {ZENODO}/files/{name}, into data.root; or run on qtl's "
+        "synthetic stand-in with data.synthetic=true."
+    )
 
 
 class MedMNISTMissing(DataError, FileNotFoundError):

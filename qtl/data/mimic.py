@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtl.data.nih import NO_DATA_HINT, check_images, check_labels, column_index, open_rows
+from qtl.data.nih import MIMIC_HINT, check_images, check_labels, column_index, open_rows
 from qtl.data.records import DataError, Split
 from qtl.labels import MIMIC_NAMES
 
@@ -47,7 +47,7 @@ def read_mimic(csv: Path, root: Path, labels: Sequence[str], *, check_files: boo
     """
     check_labels(labels)
     csv, root = Path(csv).expanduser(), Path(root).expanduser()
-    header, rows = open_rows(csv, "MIMIC-CXR-LT label file")
+    header, rows = open_rows(csv, "MIMIC-CXR-LT label file", MIMIC_HINT)
     names = [mimic_column(label, header) for label in labels]
     id_col, path_col, view_col, *label_cols = column_index(
         csv, header, ["dicom_id", "path", "ViewPosition", *names]
@@ -55,7 +55,7 @@ def read_mimic(csv: Path, root: Path, labels: Sequence[str], *, check_files: boo
     if not root.is_dir():
         raise DataError(
             f"MIMIC-CXR-JPG root {root} does not exist; set data.external_root to the folder "
-            f"that the 'path' column of {csv} is relative to. {NO_DATA_HINT}"
+            f"that the 'path' column of {csv} is relative to. {MIMIC_HINT}"
         )
     ids: list[str] = []
     paths: list[Path] = []

@@ -18,7 +18,18 @@ from qtl.labels import ALL_LABELS
 
 SPLITS = ("train", "val", "test")
 LABEL_FILE = "miccai2023_nih-cxr-lt_labels_{split}.csv"
-NO_DATA_HINT = "Use data=synthetic to try qtl without data."
+# where the real files come from (the README's Data section has the details)
+NO_DATA_HINT = (
+    "The NIH-CXR-LT label CSVs come from the CXR-LT challenge (Holste et al.), the PNGs from "
+    "NIH ChestX-ray14 (https://nihcc.app.box.com/v/ChestXray-NIHCC); see the README's Data "
+    "section. Use data=synthetic to try qtl without data."
+)
+MIMIC_HINT = (
+    "MIMIC-CXR-JPG and the CXR-LT 2023 MIMIC labels are on PhysioNet (credentialed access: "
+    "https://physionet.org/content/mimic-cxr-jpg/); see the README's Data section. Leave "
+    "data.external_csv unset to run without the external test, or use data=synthetic to try "
+    "qtl without data."
+)
 _MAX_LISTED = 5
 # NIH-CXR-LT cells are written as 0/1; "0.0"/"1.0" appear when a file went through pandas.
 _BINARY = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
@@ -29,7 +40,9 @@ def label_file(root: Path, split: str) -> Path:
     return Path(root) / LABEL_FILE.format(split=split)
 
 
-def open_rows(path: Path, what: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+def open_rows(
+    path: Path, what: str, hint: str = NO_DATA_HINT
+) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """Header and a stream of (line number, cells) of a CSV; ``what`` names it in errors.
 
     Streaming keeps only the selected cells in memory (the train file has 78k rows).
@@ -38,7 +51,7 @@ def open_rows(path: Path, what: str) -> tuple[list[str], Iterator[tuple[int, lis
         raise DataError(
             f"{what} not found: expected the file {path}"
             f"{'' if path.parent.is_dir() else f' (the folder {path.parent} does not exist)'}. "
-            f"{NO_DATA_HINT}"
+            f"{hint}"
         )
     try:
         handle = path.open(newline="", encoding="utf-8-sig")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qtl.config import DataConfig, DataName, PathsConfig
 from qtl.data.mimic import read_mimic
-from qtl.data.nih import read_nih_split
+from qtl.data.nih import NO_DATA_HINT, read_nih_split
 from qtl.data.records import DataError, Split
 from qtl.data.synthetic import MIMIC_CSV, MIMIC_DIR, generate, spec, spec_hash
 
@@ -60,7 +60,7 @@ def load_splits(
             external_csv = external_root = None
     else:
         if not cfg.root:
-            raise DataError("data.root is not set. Use data=synthetic to try qtl without data.")
+            raise DataError(f"data.root is not set (data={cfg.name}). {NO_DATA_HINT}")
         root = Path(cfg.root)
         image_dir = Path(cfg.image_dir) if cfg.image_dir else None
         external_csv = Path(cfg.external_csv) if cfg.external_csv else None

@@ -18,7 +18,8 @@ it, so a renamed field cannot leave one of them reading stale keys.
 ``results.json`` carries ``schema_version``; records written before versioning (no such key)
 are version 1 and read the same, since versions 2 to 4 only added fields with defaults
 (3: the MedMNIST study's ``study``, ``model``, ``dataset``, ``metrics``, ``teacher``, ``costs``;
-4: ``label``, and ``task``, ``head``, ``auroc`` left empty by studies other than CXR).
+4: ``label``, and ``task``, ``head``, ``auroc`` left empty by studies other than CXR;
+5: ``data_source``, synthetic or real, inferred from the recorded config for older records).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Any
 
 from qtl.utils.errors import QtlUserError
 
-RESULTS_VERSION = 4
+RESULTS_VERSION = 5
+SYNTHETIC, REAL = "synthetic", "real"  # Results.data_source
 
 
 class RecordError(QtlUserError, ValueError):
@@ -140,7 +142,20 @@ class Results:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher: dict[str, Any] = field(default_factory=dict)  # KD: the teacher run and its scores
     costs: dict[str, Any] = field(default_factory=dict)  # medmnist: per-image params and FLOPs
+    # synthetic (qtl's built-in stand-in data) | real; None: written before qtl recorded it
+    data_source: str | None = None
     schema_version: int = RESULTS_VERSION
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained and tested on synthetic data: the recorded ``data_source``, else (records
+        before version 5) the recorded config's data (data=synthetic; data=medmnist, whose
+        files could only be qtl's synthetic ones then unless data.synthetic=false)."""
+        if self.data_source is not None:
+            return self.data_source == SYNTHETIC
+        data = self.config.get("data", {}) if isinstance(self.config, dict) else {}
+        name = str(data.get("name", ""))
+        return name == SYNTHETIC or (name == "medmnist" and bool(data.get("synthetic", True)))
 
     def mean_auroc(self, split: str) -> float | None:
         """The split's headline AUC: the mean AUROC over labels, or the study's own AUC

@@ -10,6 +10,7 @@ from qtl.report import figures as figs
 from qtl.report import markdown
 from qtl.report.collect import Sweep, collect
 from qtl.report.stats import compare
+from qtl.report.synthetic import mark_section
 from qtl.report.tables import (
     comparison_table,
     convergence_table,
@@ -54,7 +55,9 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
     for study in studies:
         where = out if len(studies) == 1 else out / study
         section = SECTIONS.get(study, generic_section)
-        paths.append(section(sweep.of_study(study), where, cfg, logger))
+        part = sweep.of_study(study)
+        paths.append(section(part, where, cfg, logger))
+        mark_section(part, where, paths[-1])  # "(synthetic data)" where a reader looks
     return paths[0] if len(paths) == 1 else _index(out, studies, paths)
 
 

@@ -17,7 +17,7 @@ _INTERVAL_COLS = ["task", "head", "seed", "split", "label", "auroc", "low", "hig
 _CONVERGENCE_COLS = ["task", "head", "n_seeds", "best_epoch", "epochs", "final_val_loss",
                      "best_val_loss", "train_seconds"]  # fmt: skip
 _RUN_COLS = ["task", "head", "seed", "status", "best_epoch", "epochs", "test_mean_auroc",
-             "external_mean_auroc", "train_seconds", "total_seconds", "device"]  # fmt: skip
+             "external_mean_auroc", "data", "train_seconds", "total_seconds", "device"]  # fmt: skip
 
 
 def _rel(path: Path, base: Path) -> str:

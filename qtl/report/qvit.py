@@ -364,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
             summary_rows(runs),
         )
     )
+    synthetic = sum(r.results.synthetic for r in runs)
+    if synthetic:
+        which = "every run" if synthetic == len(runs) else f"{synthetic} of {len(runs)} runs"
+        print(f"(synthetic data: {which} trained and tested on qtl's synthetic stand-in)")
 
 
 if __name__ == "__main__":

@@ -249,7 +249,8 @@ def runs_table(sweep: Sweep) -> Table:
         "runs",
         "Every run of the sweep",
         ["task", "head", "seed", "status", "best_epoch", "epochs", "test_mean_auroc",
-         "external_mean_auroc", "train_seconds", "total_seconds", "device", "host", "dir"],
+         "external_mean_auroc", "data", "train_seconds", "total_seconds", "device", "host",
+         "dir"],
         formats={"test_mean_auroc": AUROC, "external_mean_auroc": AUROC,
                  "train_seconds": _num(".0f"), "total_seconds": _num(".0f")},
     )  # fmt: skip
@@ -267,6 +268,7 @@ def runs_table(sweep: Sweep) -> Table:
                 "epochs": res.epochs if res else None,
                 "test_mean_auroc": r.auroc("test"),
                 "external_mean_auroc": r.auroc("external"),
+                "data": ("synthetic" if res.synthetic else "real") if res else None,
                 "train_seconds": wall.get("train"),
                 "total_seconds": sum(wall.get(k, 0.0) for k in ("data", "train", "evaluate"))
                 if wall

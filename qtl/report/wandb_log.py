@@ -15,6 +15,7 @@ from typing import Any
 from qtl.config import WandbConfig
 from qtl.record.loggers import _wandb_mode
 from qtl.report.collect import Sweep
+from qtl.report.synthetic import synthetic_runs
 from qtl.report.tables import Table
 
 
@@ -40,7 +41,7 @@ def log_report(
         group=name,
         job_type="report",
         name=f"{name}/report",
-        tags=["report", *cfg.tags],
+        tags=["report", *cfg.tags, *(["synthetic"] if synthetic_runs(sweep)[0] else [])],
         config={
             "sweep": str(sweep.root),
             "runs": len(sweep.runs),

@@ -23,6 +23,23 @@ if TYPE_CHECKING:
     from qtl.train.driver import RunInputs
 
 
+@dataclasses.dataclass
+class Predictable:
+    """A run's model as ``mode=predict`` and ``mode=export`` need it (``Study.predictable``):
+    its structure (weights come from the run's best checkpoint or an export), how images are
+    prepared for it and what its outputs are."""
+
+    model: Any  # the run's nnx module, freshly initialised (its weights are replaced)
+    objective: Any  # normalize(uint8-valued images) -> model input; scores(logits) -> probs
+    outputs: list[str]  # one name per probability column (a label, or a class)
+    descriptions: list[str]  # what each output means (the label or class name)
+    preprocessing: dict[str, Any]  # qtl.data.images.read_image's spec, plus the model input
+    task: str  # multi-label | multi-class | binary | ordinal
+    # features.cache runs: the checkpoint holds the head alone; the frozen backbone's weights
+    # are these (a folder or hub id, as the run started from)
+    backbone_weights: str | None = None
+
+
 def schema_default(key: str) -> Any:
     """The schema's default of a dotted field (``backbone.freeze``); MISSING when it has none."""
     cls: Any = QtlConfig
@@ -115,6 +132,10 @@ class Study(ABC):
     def provenance(self, cfg: QtlConfig, **start: Any) -> dict[str, Any]:
         """What the run's weights start from (recorded in run_config.json)."""
         return {"source": None, "kind": "random_init", "seed": cfg.seed}
+
+    def predictable(self, cfg: QtlConfig) -> Predictable:
+        """The run's model for prediction and export (see :class:`Predictable`)."""
+        raise ConfigError(f"the {self.name} study does not support mode=predict or mode=export")
 
     @abstractmethod
     def format_scores(self, results: Results) -> str:

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qtl.config import ConfigError, ModelName, QtlConfig
-from qtl.record.schema import Results
-from qtl.studies.base import Study
+from qtl.config import ConfigError, DataName, ModelName, QtlConfig
+from qtl.record.schema import REAL, SYNTHETIC, Results
+from qtl.studies.base import Predictable, Study
 from qtl.train.driver import RunInputs
 
 
@@ -84,6 +84,17 @@ class CxrStudy(Study):
                 "and head groups."
             )
         super().validate(cfg)
+        synthetic = cfg.data.name == DataName.synthetic
+        if cfg.data.synthetic != synthetic:  # it would not change the data, only mislabel it
+            raise ConfigError(
+                f"data.synthetic={str(cfg.data.synthetic).lower()} does not fit "
+                f"data={cfg.data.name}: the CXR study's synthetic data is data=synthetic "
+                "(data.synthetic=true), its real data data=nih_cxr_lt (data.synthetic=false)."
+            )
+
+    def data_source(self, cfg: QtlConfig) -> str:
+        """synthetic (data=synthetic: qtl's generated CXR-LT) | real (data=nih_cxr_lt)."""
+        return SYNTHETIC if cfg.data.name == DataName.synthetic else REAL
 
     def data_content(self, cfg: QtlConfig) -> dict[str, str]:
         """NIH-CXR-LT's label CSVs and image manifest (and MIMIC-CXR-LT's); nothing for the
@@ -149,12 +160,43 @@ class CxrStudy(Study):
             record={
                 "task": cfg.task.name,
                 "head": cfg.head.name.value,
+                "data_source": self.data_source(cfg),
                 # positives per label in train: the report sorts labels by this frequency
                 "train_label_counts": dict(
                     zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
                 ),
             },
             skipped=cached.skipped_ids(),
+        )
+
+    def predictable(self, cfg: QtlConfig) -> Predictable:
+        """ResNet + head; grayscale, resize + centre crop, copied to 3 channels, ImageNet
+        mean/std (qtl.data.preprocess), one sigmoid per label."""
+        from flax import nnx
+
+        from qtl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+        from qtl.models.classifier import Classifier
+        from qtl.train.objectives import Objective
+
+        labels = list(cfg.task.labels)
+        weights = self.start(cfg)["weights"] if cfg.features.cache else None
+        return Predictable(
+            model=Classifier(cfg, rngs=nnx.Rngs(0)),
+            objective=Objective(),
+            outputs=labels,
+            descriptions=labels,
+            preprocessing={
+                "kind": "resize_crop",
+                "color": "gray",
+                "resize": int(cfg.data.resize),
+                "crop": int(cfg.data.crop),
+                "model_input": "gray copied to 3 channels, x / 255, then (x - mean) / std",
+                "channels": 3,
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+            },
+            task="multi-label",
+            backbone_weights=weights,
         )
 
     def format_scores(self, results: Results) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qtl.config import ConfigError, DistillMode, ModelName, QtlConfig
-from qtl.record.schema import Results
-from qtl.studies.base import Study
+from qtl.record.schema import REAL, SYNTHETIC, Results
+from qtl.studies.base import Predictable, Study
 from qtl.train.driver import RunInputs
 
 _MODELS = "model=vit | model=qvit | model=resnet18"
@@ -159,12 +159,44 @@ class MedmnistStudy(Study):
                 "dataset": cfg.data.flag,
                 "task_type": got.info.task.value,
                 "distill": str(cfg.distill.mode),
+                "data_source": SYNTHETIC if got.synthetic is not None else REAL,
                 "teacher": dict(teacher.record) if teacher is not None else {},
                 "costs": got.costs,
                 "train_label_counts": {
                     n: int(c) for n, c in zip(names, got.labels["train"].sum(axis=0), strict=True)
                 },
             },
+        )
+
+    def predictable(self, cfg: QtlConfig) -> Predictable:
+        """ViT / QViT / ResNet-18 of ``data.flag``; the image resized to ``data.size``
+        square in the flag's channels, then MedMNIST's mean 0.5 / std 0.5."""
+        from qtl.data.medmnist_info import flag_info
+        from qtl.models.medmnist_model import build_medmnist_model
+        from qtl.train.medmnist import objective, score_names
+        from qtl.train.objectives import n_outputs
+
+        info = flag_info(cfg.data.flag)
+        outputs = n_outputs(info, cfg.data.binary_logits)
+        shape = (int(cfg.data.size), int(cfg.data.size), info.channels)
+        names = score_names(info, outputs)
+        # a one-logit binary output is the positive class's probability
+        described = [info.labels[-1]] if len(names) < len(info.labels) else list(info.labels)
+        return Predictable(
+            model=build_medmnist_model(cfg.model, shape, outputs, cfg.seed),
+            objective=objective(cfg, info, 1),
+            outputs=names,
+            descriptions=described,
+            preprocessing={
+                "kind": "resize",
+                "color": "gray" if info.channels == 1 else "rgb",
+                "size": int(cfg.data.size),
+                "model_input": "x * 2 / 255 - 1 (mean 0.5, std 0.5 on the 0..1 scale)",
+                "channels": info.channels,
+                "mean": [0.5] * info.channels,
+                "std": [0.5] * info.channels,
+            },
+            task=info.task.value,
         )
 
     def format_scores(self, results: Results) -> str:

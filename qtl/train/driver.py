@@ -139,8 +139,11 @@ def _train(
         )
 
     name = run_name(cfg, study)
+    # synthetic | real, from the data the study opened: a synthetic run is tagged so in W&B
+    source = inputs.record.get("data_source")
+    tags = [*study.wandb_tags(cfg), *([source] if source == "synthetic" else [])]
     logger = make_logger(
-        cfg, run_dir, config_dict(cfg), name, study.run_label(cfg), study.wandb_tags(cfg)
+        cfg, run_dir, config_dict(cfg) | {"data_source": source}, name, study.run_label(cfg), tags
     )
     exit_code = 1
     try:
@@ -217,6 +220,7 @@ def _train(
             | {f"{s}/{k}": v for s, m in metrics.items() for k, v in m.items()}
             | {f"{s}/auroc/{k}": v for s, a in auroc.items() for k, v in a.per_label.items()}
             | {"best_epoch": progress.best_epoch, "best_val_loss": progress.best_val_loss}
+            | {"data_source": source}
         )
         exit_code = 0
     finally:
@@ -225,6 +229,7 @@ def _train(
     print(
         f"[qtl] {name}: best epoch {progress.best_epoch}/{progress.epoch} "
         f"({progress.stopped}); results in {run_dir}"
+        + (" (synthetic data)" if source == "synthetic" else "")
     )
     print(study.format_scores(results))
     return results.to_json()

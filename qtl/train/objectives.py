@@ -163,6 +163,10 @@ class Objective:
         per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1) * mask
         return jax.nn.sigmoid(logits), per_row.sum()
 
+    def scores(self, logits: jax.Array) -> jax.Array:
+        """The probabilities :meth:`eval_outputs` reports, without labels (mode=predict)."""
+        return jax.nn.sigmoid(logits)
+
     def score(self, labels, scores, names) -> tuple[float | None, dict, dict[str, Any]]:
         """(the split's AUC, AUC per label, extra metrics) on host arrays: mean and per-label
         AUROC."""
@@ -217,6 +221,9 @@ class TaskObjective(Objective):
     ) -> tuple[jax.Array, jax.Array]:
         loss = label_loss(self.task, logits, labels, mask) * jnp.maximum(mask.sum(), 1.0)
         return probabilities(self.task, logits), loss
+
+    def scores(self, logits: jax.Array) -> jax.Array:
+        return probabilities(self.task, logits)
 
     def score(self, labels, scores, names) -> tuple[float | None, dict, dict[str, Any]]:
         """MedMNIST's AUC and ACC (its ``Evaluator``'s definitions); no per-label AUROC."""
