@@ -80,6 +80,10 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         cfg = to_schema(raw)
         paths.export(cfg.paths)
         configure_jax(paths.jax_cache(cfg.paths))
+        if cfg.mode == Mode.train:  # train.processes > 1: join the run's other processes
+            from qtl.utils import distributed
+
+            distributed.start(cfg.train)
         result = dispatch(cfg, run_dir)
     except errors.QtlError as err:
         code, line = one_line(err) or (1, str(err))
