@@ -91,6 +91,11 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
         sys.exit(code)
+    except Exception as err:
+        from qtl.utils import distributed
+
+        distributed.abandon(err)  # several processes: a lost peer ends this one at once
+        raise
     if cfg.mode != Mode.train:
         return None
     from qtl.sweep.objective import job_return

@@ -188,6 +188,33 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(flags).any())
 
 
+def abandon(err: BaseException) -> None:
+    """End this process at once after a runtime failure of a multi-process run (a lost peer
+    makes the next collective fail here): one line, exit status 1, without JAX's shutdown
+    barrier, which would wait for the lost peer for a minute and then abort. The committed
+    checkpoint is intact; rerunning every process resumes from it. One process: returns."""
+    if _STARTED.count == 1:
+        return
+    import sys
+    import traceback
+
+    from jax.errors import JaxRuntimeError
+
+    if not isinstance(err, JaxRuntimeError):  # not a failed collective: a bug's traceback
+        traceback.print_exception(err)
+    first = " ".join(str(err).split())[:400]
+    print(
+        f"\nqtl: process {_STARTED.index} of {_STARTED.count} stops: {type(err).__name__}: "
+        f"{first} - most likely another process of this run was lost (killed, out of memory, "
+        "node down); the last checkpoint is intact and rerunning all processes resumes "
+        "from it.\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def barrier(name: str) -> None:
     """Wait until every process of the run is here."""
     if _STARTED.count > 1:
@@ -198,6 +225,7 @@ def barrier(name: str) -> None:
 
 __all__ = [
     "FINISHED",
+    "abandon",
     "TRAIN",
     "DistributedError",
     "Processes",
