@@ -29,6 +29,8 @@ same step. A coordinator that never answers ends :func:`start` after
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,23 +135,39 @@ def start(tc: Any) -> Processes:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout = int(tc.coordinator_timeout_s)
     where = wanted.coordinator or "the address SLURM's environment gives"
+
+    def why(cause: str) -> str:
+        role = "waiting for the others" if wanted.primary else f"reaching coordinator {where}"
+        return (
+            f"train.processes={wanted.count}: process {wanted.index} gave up {role} after "
+            f"train.coordinator_timeout_s={timeout} s ({cause}). Nothing was computed. Start "
+            "all processes with the same train.processes and train.coordinator (process 0 "
+            "first), and check that its port is free and reachable."
+        )
+
+    # JAX ends a process whose connection times out with a fatal log (an abort, no
+    # exception): the watchdog says why in one line first and exits 2.
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(timeout):
+            print(f"\nqtl: DistributedError: {why('not all joined')}\n", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     try:
         jax.distributed.initialize(
             coordinator_address=wanted.coordinator,
             num_processes=wanted.count,
             process_id=wanted.index,
-            initialization_timeout=timeout,
+            initialization_timeout=timeout + 60,  # the watchdog's is the one that acts
             # a process that ends waits this long for its peers at exit, not JAX's 300 s
             shutdown_timeout_seconds=60,
         )
     except Exception as err:  # noqa: BLE001 - JAX raises XlaRuntimeError/RuntimeError here
-        first = " ".join(str(err).split())[:300]
-        raise DistributedError(
-            f"train.processes={wanted.count}: process {wanted.index} could not join the run at "
-            f"coordinator {where} within train.coordinator_timeout_s={timeout} s ({first}). "
-            "Nothing was computed. Start all processes with the same train.coordinator, "
-            "check that process 0 runs and the port is free and reachable."
-        ) from err
+        raise DistributedError(why(" ".join(str(err).split())[:300])) from err
+    finally:
+        done.set()
     seen = jax.process_count()
     if seen != wanted.count:  # pragma: no cover - JAX itself refuses a mismatch
         raise DistributedError(
