@@ -99,10 +99,9 @@ class PrimaryStopped(QtlError):
 def _follow(cfg: QtlConfig, run_dir: Path, study: Study, start: dict[str, Any]) -> dict[str, Any]:
     """A process other than 0 of a multi-process run: train as process 0 decides, writing
     nothing of the record (``qtl.utils.distributed``)."""
+    from qtl.config import AugmentOn
     from qtl.data.augment import resolve_augment_on
     from qtl.record.files import PeerFiles
-
-    from qtl.config import AugmentOn
 
     files = PeerFiles(run_dir)
     said = distributed.verdict()
@@ -155,7 +154,6 @@ def _train(
     from qtl.train.loop import Progress, fit
     from qtl.train.step import init_state, make_steps
     from qtl.utils import faults
-
     from qtl.utils.mesh import resolve
 
     show = want_progress(cfg.progress) and distributed.is_primary()

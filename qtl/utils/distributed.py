@@ -151,7 +151,8 @@ def start(tc: Any) -> Processes:
 
     def watchdog() -> None:
         if not done.wait(timeout):
-            print(f"\nqtl: DistributedError: {why('not all joined')}\n", file=sys.stderr, flush=True)
+            line = f"qtl: DistributedError: {why('not all joined')}"
+            print(f"\n{line}\n", file=sys.stderr, flush=True)
             os._exit(2)
 
     threading.Thread(target=watchdog, daemon=True).start()
@@ -178,9 +179,8 @@ def start(tc: Any) -> Processes:
 
 
 def _broadcast(value: int) -> int:
-    from jax.experimental import multihost_utils
-
     import numpy as np
+    from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
@@ -198,9 +198,8 @@ def any_process(flag: bool) -> bool:
     at the same step)."""
     if _STARTED.count == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     import numpy as np
+    from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.int32(bool(flag)))
     return bool(np.asarray(flags).any())

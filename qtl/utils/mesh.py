@@ -153,7 +153,8 @@ def resolve(devices: int | str, batch_sizes: Sequence[tuple[str, int]] = ()) -> 
         if size % total:
             raise DevicesError(
                 f"{name}={size} does not split over {over}: every device takes the "
-                f"same number of rows; use a multiple of {total} (e.g. {size + total - size % total})."
+                f"same number of rows; use a multiple of {total} "
+                f"(e.g. {size + total - size % total})."
             )
     if total == 1:
         return Topology()
