@@ -20,10 +20,13 @@ the report; it decides at the start whether the run trains, is finished already,
 refused, and tells the others (:func:`verdict`).
 
 Failure. A process that dies (killed, OOM) stops the others: their next collective fails,
-or JAX's coordination service misses its heartbeats, and each exits; the committed
-checkpoint is intact and a rerun (a SLURM requeue restarts every task) resumes all from the
-same step. A coordinator that never answers ends :func:`start` after
-``train.coordinator_timeout_s`` with one line and exit 2, before anything is computed.
+or JAX's coordination service misses its heartbeats, and each exits at once
+(:func:`abandon`); the committed checkpoint is intact and a rerun resumes all from the same
+step. Under SLURM the survivor requeues the job (``scontrol requeue``, as submitit does on
+preemption; at most until the job has restarted :data:`MAX_RESTARTS` times), so every task
+restarts and resumes without anyone rerunning the sweep. A coordinator that never answers
+ends :func:`start` after ``train.coordinator_timeout_s`` with one line and exit 2, before
+anything is computed.
 """
 
 from __future__ import annotations
@@ -224,12 +227,38 @@ def abandon(err: BaseException) -> None:
         f"\nqtl: process {_STARTED.index} of {_STARTED.count} stops: {type(err).__name__}: "
         f"{first} - most likely another process of this run was lost (killed, out of memory, "
         "node down); the last checkpoint is intact and rerunning all processes resumes "
-        "from it.\n",
+        f"from it.{_requeue()}\n",
         file=sys.stderr,
         flush=True,
     )
     sys.stdout.flush()
     os._exit(1)
+
+
+MAX_RESTARTS = 3  # a SLURM job restarted this often is not requeued again for a lost peer
+
+
+def _requeue() -> str:
+    """Under SLURM, requeue the job (every task restarts and resumes), as submitit does on
+    preemption; at most until the job has restarted :data:`MAX_RESTARTS` times, so a
+    process that dies every time (out of memory) does not loop forever."""
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return ""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts >= MAX_RESTARTS:
+        return f" SLURM job {job} restarted {restarts} times already: not requeued again."
+    try:
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        return f" Requeueing SLURM job {job} failed ({err}); rerun it."
+    if done.returncode != 0:
+        return f" Requeueing SLURM job {job} failed ({done.stderr.strip()[:200]}); rerun it."
+    return f" SLURM job {job} requeued: all its tasks restart and resume."
 
 
 def barrier(name: str) -> None:
