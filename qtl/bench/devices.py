@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,11 +65,20 @@ def run_case(
     ]
     if processes > 1:
         cmd += [f"train.processes={processes}", f"train.coordinator=127.0.0.1:{_free_port()}"]
+    gpus = shutil.which("nvidia-smi") is not None and processes > 1
+
+    def env_of(i: int) -> dict[str, str]:  # on GPUs each process gets its own
+        if not gpus:
+            return env
+        return env | {
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(i * devices, (i + 1) * devices)))
+        }
+
     procs = [
         subprocess.Popen(
             cmd + ([f"train.process_id={i}"] if processes > 1 else []),
             cwd=workdir,
-            env=env,
+            env=env_of(i),
             stdout=subprocess.DEVNULL if i else subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
