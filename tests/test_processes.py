@@ -82,6 +82,33 @@ def test_the_processes_of_a_run_are_resolved_or_refused_naming_the_numbers():
             plan(tc, env=env)
 
 
+def test_each_process_reads_its_rows_of_the_same_batches():
+    """Two processes' shares of every batch, put side by side, are the single process's
+    batches: the same examples in the same order, the same mask, the same augmented pixels."""
+    from functools import partial
+
+    import numpy as np
+
+    from qtl.data.augment import augment_host
+    from qtl.data.loader import batches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (37, 12, 12), dtype=np.uint8)
+    labels = rng.random((37, 3)).astype(np.float32)
+
+    def stream(rows=None):
+        aug = partial(augment_host, rows=None if rows is None else (*rows, 8))
+        return list(batches(images, labels, 8, seed=3, epoch=2, transform=aug, rows=rows))
+
+    whole, first, second = stream(), stream((0, 4)), stream((4, 8))
+    assert len(whole) == len(first) == len(second) == 5  # the last batch padded and masked
+    for w, a, b in zip(whole, first, second, strict=True):
+        for field in ("images", "labels", "mask", "indices"):
+            joined = np.concatenate([getattr(a, field), getattr(b, field)])
+            np.testing.assert_array_equal(getattr(w, field), joined, err_msg=field)
+    assert whole[-1].mask.sum() == 5 and second[-1].mask.sum() == 1
+
+
 def test_a_lost_coordinator_ends_the_process_in_one_line_with_exit_2(tmp_path):
     """Process 1 of 2, and no process 0 ever answers: one line, exit 2, nothing trained."""
     proc = launch(
