@@ -37,6 +37,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def _processes(run_dir: Path, *extra: str, env: dict[int, dict[str, str]] | None = None):
     """Start ``launch.py`` as the two processes of one run; their (exit status, output)."""
     port = _free_port()
+    logs = [run_dir.parent / f"{run_dir.name}.process{i}.log" for i in (0, 1)]
     procs = [
         subprocess.Popen(
             [
@@ -51,13 +52,12 @@ def _processes(run_dir: Path, *extra: str, env: dict[int, dict[str, str]] | None
             ],
             cwd=Path.cwd(),
             env=_env((env or {}).get(i)),
-            stdout=subprocess.PIPE,
+            stdout=logs[i].open("w"),  # files, not pipes: a full pipe would stall a process
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for i in (0, 1)
     ]
-    return [(p.wait(timeout=900), p.stdout.read()) for p in procs]
+    return [(p.wait(timeout=900), log.read_text()) for p, log in zip(procs, logs, strict=True)]
 
 
 def _tc(**kw):
