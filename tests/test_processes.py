@@ -38,6 +38,7 @@ def _processes(run_dir: Path, *extra: str, env: dict[int, dict[str, str]] | None
     """Start ``launch.py`` as the two processes of one run; their (exit status, output)."""
     port = _free_port()
     logs = [run_dir.parent / f"{run_dir.name}.process{i}.log" for i in (0, 1)]
+    outs = [log.open("w") for log in logs]  # files, not pipes: a full pipe would stall one
     procs = [
         subprocess.Popen(
             [
@@ -52,12 +53,15 @@ def _processes(run_dir: Path, *extra: str, env: dict[int, dict[str, str]] | None
             ],
             cwd=Path.cwd(),
             env=_env((env or {}).get(i)),
-            stdout=logs[i].open("w"),  # files, not pipes: a full pipe would stall a process
+            stdout=outs[i],
             stderr=subprocess.STDOUT,
         )
         for i in (0, 1)
     ]
-    return [(p.wait(timeout=900), log.read_text()) for p, log in zip(procs, logs, strict=True)]
+    codes = [p.wait(timeout=900) for p in procs]
+    for out in outs:
+        out.close()
+    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
 
 
 def _tc(**kw):
