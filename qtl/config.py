@@ -307,6 +307,10 @@ class TrainConfig:
     best_by: BestBy = BestBy.val_loss  # best epoch and patience: val_loss | val_auc
     devices: Any = 1  # data-parallel devices of this process: an int or "all" (qtl.utils.mesh)
     wait_for_lock: bool = False  # run dir in use by a live process: wait (true) or exit 2
+    processes: int = 1  # processes of one run (each runs this command; qtl.utils.distributed)
+    coordinator: str | None = None  # process 0's host:port; null = QTL_COORDINATOR or SLURM's env
+    process_id: int | None = None  # this process's index; null = QTL_PROCESS_ID or SLURM_PROCID
+    coordinator_timeout_s: int = 300  # wait this long for every process to join, then exit 2
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "optimizer",
@@ -328,6 +332,10 @@ class TrainConfig:
         "log_every",
         "devices",
         "wait_for_lock",
+        "processes",
+        "coordinator",
+        "process_id",
+        "coordinator_timeout_s",
     )
 
 
@@ -809,6 +817,11 @@ def validate(cfg: QtlConfig) -> None:
         or (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0)
     ):
         raise ConfigError(f"train.devices={devices!r}: expected a positive integer or 'all'.")
+    if cfg.train.processes < 1 or cfg.train.coordinator_timeout_s < 1:
+        raise ConfigError(
+            f"train.processes={cfg.train.processes}, train.coordinator_timeout_s="
+            f"{cfg.train.coordinator_timeout_s}: expected positive integers."
+        )
     if cfg.train.optimizer not in ("adam", "adamw", "sgd"):
         raise ConfigError(
             f"train.optimizer='{cfg.train.optimizer}' is not supported; use adam, adamw or sgd."

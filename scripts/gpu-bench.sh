@@ -3,7 +3,9 @@
 #   1. the circuit benchmark: qtl's fast simulator at n = 8, 14, 19, 24 and PennyLane
 #      default.qubit (jax, jit) at n = 8, 14, 19 (value_and_grad of the dressed head);
 #   2. Table III at the study's setting: ResNet-50, 224x224, batch 32 zero images, CXR-8/14/19,
-#      CDL and DQC, JAX (PennyLane and fast columns), PyTorch eager, TensorFlow XLA.
+#      CDL and DQC, JAX (PennyLane and fast columns), PyTorch eager, TensorFlow XLA;
+#   3. on a machine with >= 2 GPUs only: one run's scaling, 1 vs 2 GPUs in one process and
+#      1 vs 2 processes of one GPU each (python -m qtl.bench.devices), throughput + efficiency.
 # JSON (and Markdown for Table III) go to docs/bench/gpu/.
 #
 #   scripts/gpu-bench.sh             # run on the GPU machine, from the repository root
@@ -47,6 +49,10 @@ TABLE3=(mode=bench_step experiment=paper 'bench_step.backends=[jax,torch,tf]'
   "bench_step.torch_compile=$TORCH_COMPILE" bench_step.batch=32 bench_step.image_px=224
   bench_step.warmup=10 bench_step.steps=30 bench_step.max_seconds=30
   bench_step.case_timeout_s=120 bench_step.max_rss_gb=64 "bench_step.out=$OUT/table3.json")
+# one run over 2 GPUs: the demo's DQC head on the small ResNet (seconds per epoch), same global
+# batch in every case; devices in one process, then processes (jax.distributed, local port)
+SCALE=(debug=tiny head=dqc train.max_epochs=3 train.patience=10 train.batch_size=64
+  data.synth_sizes.train=2048)
 
 show() {  # one command, copy-pasteable: arguments with brackets or commas in single quotes
   local a
@@ -63,12 +69,15 @@ for part in CIRCUIT CIRCUIT_24 TABLE3; do
   declare -n args=$part
   show "$PYTHON" launch.py "${args[@]}"
 done
+show "$PYTHON" -m qtl.bench.devices --devices 1 2 --out "$OUT/devices.json" --overrides "${SCALE[@]}"
+show "$PYTHON" -m qtl.bench.devices --devices 1 --processes 1 2 --out "$OUT/processes.json" --overrides "${SCALE[@]}"
 
 if [[ $DRY == 1 ]]; then
   # the configs compose (a typo in a key fails here) and every Table III case is listed
   # after bench_step's own checks, which include the torch and tf extras being installed
   "$PYTHON" launch.py "${CIRCUIT[@]}" --cfg job >/dev/null
   "$PYTHON" launch.py "${CIRCUIT_24[@]}" --cfg job >/dev/null
+  "$PYTHON" launch.py "${SCALE[@]}" train.devices=2 train.processes=2 --cfg job >/dev/null
   "$PYTHON" launch.py "${TABLE3[@]}" bench_step.dry_run=true \
     "bench_step.out=${TMPDIR:-/tmp}/qtl-gpu-bench-dry-run.json"
   echo "dry run: all commands check out"
@@ -88,5 +97,20 @@ timeout 110 "$PYTHON" launch.py "${CIRCUIT[@]}" || echo "circuit benchmark stopp
 timeout 40 "$PYTHON" launch.py "${CIRCUIT_24[@]}" || echo "n=24 circuit stopped (budget 40 s)"
 remaining=$(( 470 - (SECONDS - start) ))
 timeout "$remaining" "$PYTHON" launch.py "${TABLE3[@]}" || echo "Table III stopped (budget ${remaining} s); the JSON and Markdown hold the finished cases"
+gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+if [[ $gpus -ge 2 ]]; then
+  remaining=$(( 600 - (SECONDS - start) ))
+  if [[ $remaining -gt 60 ]]; then
+    timeout "$remaining" "$PYTHON" -m qtl.bench.devices --devices 1 2 \
+      --out "$OUT/devices.json" --overrides "${SCALE[@]}" || echo "devices scaling stopped"
+    remaining=$(( 660 - (SECONDS - start) ))
+    timeout "$remaining" "$PYTHON" -m qtl.bench.devices --devices 1 --processes 1 2 \
+      --out "$OUT/processes.json" --overrides "${SCALE[@]}" || echo "processes scaling stopped"
+  else
+    echo "multi-GPU scaling skipped: no time left in the budget"
+  fi
+else
+  echo "multi-GPU scaling skipped: $gpus GPU(s) here"
+fi
 echo "gpu-bench: $(( SECONDS - start )) s; results in $OUT"
 ls -l "$OUT"

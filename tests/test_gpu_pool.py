@@ -149,6 +149,27 @@ def test_gpus_detected_with_nvidia_smi(tmp_path, monkeypatch):
     assert [s.env["JAX_PLATFORMS"] for s in slots] == ["cpu", "cpu"]
 
 
+def test_gpus_per_job_packs_the_grid_on_groups_of_gpus(tmp_path, monkeypatch):
+    """k GPUs per job: the GPUs nvidia-smi lists (a stand-in) grouped by k, the rest idle;
+    too few GPUs for one job refused naming both numbers; CPU-only jobs see k host devices."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=index" ] && printf "0\\n1\\n2\\n3\\n4\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    slots = make_slots(None, None, None, cores=list(range(8)), gpus_per_job=2)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1", "2,3"]  # GPU 4 idle
+    assert [s.cpus for s in slots] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert slots[0].name == "GPUs 0,1"
+    assert len(make_slots(None, None, None, cores=[0], gpus_per_job=5)) == 1
+    with pytest.raises(ValueError, match="gpus_per_job=6 but only 5 GPU"):
+        make_slots(None, None, None, cores=[0], gpus_per_job=6)
+    with pytest.raises(ValueError, match="gpus_per_job=0"):
+        make_slots(["0"], None, None, cores=[0], gpus_per_job=0)
+    cpu = make_slots([], 2, None, cores=[0, 1], gpus_per_job=2)
+    assert [s.env["XLA_FLAGS"] for s in cpu] == ["--xla_force_host_platform_device_count=2"] * 2
+    assert "XLA_FLAGS" not in make_slots([], 1, None, cores=[0])[0].env
+
+
 # -- job and result files: signed JSON, never pickle ------------------------------------
 
 

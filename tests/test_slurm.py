@@ -245,3 +245,81 @@ def test_a_stopped_sweep_cancels_its_slurm_jobs_and_the_rerun_resumes(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for run in runs:
         assert [r["epoch"] for r in _metrics(run)] == list(range(1, 26))
+
+
+def _task_pid(sweep: Path, rank: int) -> int | None:
+    """The pid of SLURM task ``rank``'s Python process of a job of this sweep (submitit
+    starts ``python -m submitit.core._submit <sweep>/.submitit/<job>`` under srun)."""
+    marker, rank_var = str(sweep).encode(), f"SLURM_PROCID={rank}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" not in Path(argv[0].decode(errors="replace")).name.encode():
+            continue
+        if b"submitit.core._submit" in argv and any(marker in a for a in argv) and rank_var in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_two_task_run_survives_a_killed_task_by_requeue_and_equals_one_process(
+    slurm_cluster, workdir, synth_root
+):
+    """train.processes=2: SLURM starts two tasks (tasks_per_node follows train.processes),
+    JAX joins them from SLURM's environment. Task 1 is killed (SIGKILL) in epoch 2; task 0
+    stops at its next collective and requeues the job; both tasks restart, resume after
+    epoch 1 and finish the run a single process trains (tolerance: tests/test_processes.py)."""
+    data = [
+        *TINY, f"data.root={synth_root}", "head=cdl", "train.max_epochs=2",
+        "data.synth_sizes={train:400,val:48,test:48,external:40}", "data.limit=400",
+        "train.batch_size=4",
+    ]  # fmt: skip
+    twin = workdir / "multirun" / "slurm-two-tasks-twin"
+    proc = launch(*data, f"hydra.run.dir={twin}", cwd=workdir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sweep = workdir / "multirun" / "slurm-two-tasks"
+    args = [
+        "-m", *data, "train.processes=2", "name=twotasks", f"hydra.sweep.dir={sweep}",
+        "report.auto=false", *SMALL_JOBS,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    run_dir = sweep / "cxr8-cdl" / "seed0"
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
+            break  # epoch 1 is committed; epoch 2 has 100 steps to go
+        time.sleep(0.05)
+    assert driver.poll() is None, driver.stdout.read()[-3000:]
+    job_id = json.loads((sweep / ".sweep_jobs" / "00000.json").read_text())["slurm_job_id"]
+    pid = _task_pid(sweep, 1)
+    assert pid is not None, "task 1 of the job not found"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = driver.communicate(timeout=900)
+    assert driver.returncode == 0, out[-4000:]
+
+    rows = _final_rows(job_id, "State,AllocTRES")
+    assert [r[0] for r in rows] == ["REQUEUED", "COMPLETED"], rows
+    assert "cpu=2" in rows[-1][1], rows  # two tasks of one core each
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "qtl: process 0 of 2 stops:" in logs
+    assert "requeued: all its tasks restart and resume" in logs
+    assert logs.count(f"resuming {run_dir} after epoch 1") == 2, logs[-3000:]  # both tasks
+    mine, theirs = _metrics(run_dir), _metrics(twin)
+    assert [r["epoch"] for r in mine] == [1, 2]
+    for a, b in zip(mine, theirs, strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "val_mean_auroc"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    res = read_results(run_dir)
+    assert res["auroc"]["test"]["mean"] == pytest.approx(
+        read_results(twin)["auroc"]["test"]["mean"], abs=1e-5
+    )

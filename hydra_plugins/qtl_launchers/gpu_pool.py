@@ -76,6 +76,9 @@ class GpuPoolLauncherConf:
     log_dir: str = "${hydra.sweep.dir}/.gpu_pool"
     # seconds a job gets to save a checkpoint after SIGTERM when the sweep is interrupted
     stop_grace_s: float = 60.0
+    # GPUs each job gets (for train.devices=k); the grid runs len(gpus) // k jobs at once.
+    # Without GPUs: each CPU job sees k XLA host devices (to try train.devices=k)
+    gpus_per_job: int = 1
 
 
 ConfigStore.instance().store(
@@ -115,18 +118,29 @@ def make_slots(
     cpu_jobs: int | None,
     xla_mem_fraction: float | None,
     cores: list[int] | None = None,
+    gpus_per_job: int = 1,
 ) -> list[Slot]:
-    """The pool: one slot per GPU, or ``cpu_jobs`` CPU slots; cores split evenly."""
+    """The pool: one slot per ``gpus_per_job`` GPUs (GPUs left over stay idle), or
+    ``cpu_jobs`` CPU slots; cores split evenly."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
     gpu_ids = detect_gpus() if gpus is None else [str(g) for g in gpus]
     if len(set(gpu_ids)) != len(gpu_ids):
         raise ValueError(f"hydra.launcher.gpus lists a GPU twice: {gpu_ids}")
+    k = int(gpus_per_job)
+    if k < 1:
+        raise ValueError(f"hydra.launcher.gpus_per_job={gpus_per_job}: expected >= 1")
+    if gpu_ids and len(gpu_ids) < k:
+        raise ValueError(
+            f"hydra.launcher.gpus_per_job={k} but only {len(gpu_ids)} GPU(s) are there "
+            f"({', '.join(gpu_ids)}); ask for at most {len(gpu_ids)}"
+        )
+    groups = [gpu_ids[i : i + k] for i in range(0, len(gpu_ids) - k + 1, k)]
     if xla_mem_fraction is not None and not 0.0 < xla_mem_fraction <= 1.0:
         raise ValueError(
             f"hydra.launcher.xla_mem_fraction={xla_mem_fraction}: expected null or (0, 1]"
         )
     if gpu_ids:
-        n = len(gpu_ids)
+        n = len(groups)
     else:
         n = cpu_jobs if cpu_jobs is not None else max(1, len(cores) // 4)
         if n < 1:
@@ -137,16 +151,18 @@ def make_slots(
         share = [cores[(i * per + j) % len(cores)] for j in range(per)]
         env = {var: str(per) for var in _THREAD_VARS}
         if gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = gpu_ids[i]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[i])
             if xla_mem_fraction is None:
                 env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
             else:
                 env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
                 env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(xla_mem_fraction)
-            name = f"GPU {gpu_ids[i]}"
+            name = f"GPU {','.join(groups[i])}" if k == 1 else f"GPUs {','.join(groups[i])}"
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["JAX_PLATFORMS"] = "cpu"
+            if k > 1:  # k host devices, so that train.devices=k runs as it would on k GPUs
+                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={k}"
             name = f"CPU slot {i} (cores {','.join(map(str, share))})"
         env["QTL_CPU_SET"] = ",".join(map(str, share))
         slots.append(Slot(name=name, env=env, cpus=share))
@@ -314,7 +330,12 @@ class GpuPoolLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         assert self.task_function is not None
         p = self.params
-        slots = make_slots(p.get("gpus"), p.get("cpu_jobs"), p.get("xla_mem_fraction"))
+        slots = make_slots(
+            p.get("gpus"),
+            p.get("cpu_jobs"),
+            p.get("xla_mem_fraction"),
+            gpus_per_job=p.get("gpus_per_job", 1),
+        )
         task = task_reference(self.task_function)
         callbacks = _callback_states(self.hydra_context)
         key = new_key()

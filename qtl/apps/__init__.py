@@ -82,6 +82,10 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         cfg = to_schema(raw)
         paths.export(cfg.paths)
         configure_jax(paths.jax_cache(cfg.paths))
+        if cfg.mode == Mode.train:  # train.processes > 1: join the run's other processes
+            from qtl.utils import distributed
+
+            distributed.start(cfg.train)
         result = dispatch(cfg, run_dir)
     except errors.QtlError as err:
         code, line = one_line(err) or (1, str(err))
@@ -89,6 +93,11 @@ def run_job(raw: Any, run_dir: Path, *, multirun: bool) -> float | None:
         if multirun:
             raise  # Hydra records this job as failed and still runs the sweep's other jobs
         sys.exit(code)
+    except Exception as err:
+        from qtl.utils import distributed
+
+        distributed.abandon(err)  # several processes: a lost peer ends this one at once
+        raise
     if cfg.mode != Mode.train:
         return None
     from qtl.sweep.objective import job_return

@@ -100,13 +100,19 @@ def augment_host(
     hflip_p: float = 0.5,
     max_rotation_deg: float = 15.0,
     pool: Executor | None = None,
+    rows: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Augment a (B, H, W) uint8 batch on the host with the draws :func:`augment` would use.
 
     OpenCV releases the GIL while it resamples, so a thread ``pool`` scales with the cores.
+    ``rows=(start, stop, batch_size)``: ``images`` are those rows of a batch of
+    ``batch_size`` (one process's share), augmented with those rows' draws.
     """
-    flips, degrees = draw(key, len(images), hflip_p=hflip_p, max_rotation_deg=max_rotation_deg)
+    size = len(images) if rows is None else rows[2]
+    flips, degrees = draw(key, size, hflip_p=hflip_p, max_rotation_deg=max_rotation_deg)
     flips, degrees = np.asarray(flips), np.asarray(degrees, dtype=np.float64)
+    if rows is not None:
+        flips, degrees = flips[rows[0] : rows[1]], degrees[rows[0] : rows[1]]
     if max_rotation_deg <= 0:
         degrees = np.zeros_like(degrees)
     out = np.empty_like(images)

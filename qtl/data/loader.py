@@ -69,12 +69,15 @@ def batches(
     epoch: int = 0,
     prefetch: int = 2,
     transform: Callable[[np.ndarray, jax.Array], np.ndarray] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
     """Yield padded batches; with ``seed`` shuffled and keyed for training, else in order.
 
     ``images`` is an (N, H, W) uint8 array or anything indexable like one (the image cache's
     ``CachedImages``). A background thread gathers the next ``prefetch`` batches while the
     device computes; ``transform(images, key)`` (host augmentation) runs in that thread too.
+    ``rows``: only these rows ``[start, stop)`` of every (global) batch are read - one
+    process's share of a run over several processes; the order and keys stay the global ones.
     """
     n = len(images)
     order = epoch_order(seed, epoch, n) if seed is not None else np.arange(n)
@@ -82,6 +85,8 @@ def batches(
 
     def make(i: int) -> Batch:
         idx, mask = _pad(order[i * batch_size : (i + 1) * batch_size], batch_size)
+        if rows is not None:
+            idx, mask = idx[rows[0] : rows[1]], mask[rows[0] : rows[1]]
         key = augment_key(seed, epoch, i) if seed is not None else None
         x = images[idx]
         if transform is not None and key is not None:

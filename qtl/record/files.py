@@ -155,6 +155,23 @@ class RunFiles:
         return "new"
 
 
+class PeerFiles(RunFiles):
+    """A run directory as the other processes of a multi-process run see it: they read it
+    like process 0 but write nothing (process 0 writes every record; qtl.utils.distributed)."""
+
+    def write_results(self, results: Results) -> None:
+        pass
+
+    def write_metrics(self, history: Sequence[dict[str, Any] | EpochRow]) -> None:
+        pass
+
+    def write_predictions(self, split: str, *args: Any, **kwargs: Any) -> Path:
+        return self.predictions(split)
+
+    def write_failure(self, failure: Failure) -> None:
+        pass
+
+
 def read_failure(run_dir: Path) -> Failure | None:
     return RunFiles(run_dir, create=False).read_failure()
 

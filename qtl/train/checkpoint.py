@@ -14,6 +14,11 @@ leaves the previous ``last`` and the ``best`` it names untouched, and the rerun 
 epoch, replacing the uncommitted ``best/<epoch>`` it finds (the defect this replaces: Orbax's
 ``StepAlreadyExistsError`` on every rerun).
 
+Several processes (``train.processes``): every process calls every save, restore, prune
+and delete (Orbax's multi-process protocol: each process writes the array shards it owns,
+process 0 the metadata and the final rename, with barriers between), and restores into
+arrays replicated over the run's global mesh (``sharding``), so all resume from one step.
+
 Saves are synchronous: a disk that is full, read-only or gone fails the save at once with a
 :class:`CheckpointSaveError` naming the folder and the cause, instead of surfacing later from
 a background thread.
@@ -34,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qtl.record.files import SaveError, describe_os_error
+from qtl.utils.distributed import barrier, is_primary
 from qtl.utils.errors import Handled, QtlUserError
 
 DAMAGED = "damaged"  # where unreadable steps are moved (inside the checkpoint folder)
@@ -89,8 +95,11 @@ def _errno(err: BaseException) -> int | None:
 class Checkpoints:
     """``<dir>/last`` and ``<dir>/best``; see the module docstring for the save protocol."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, sharding: Any = None):
+        """``sharding``: where restored arrays go (a replicated sharding of a run over several
+        processes); None: this process's default device, as saved."""
         self.directory = Path(directory).absolute()
+        self.sharding = sharding
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # pruned by `prune` after each commit, never before it
             create=True,
@@ -278,7 +287,9 @@ class Checkpoints:
                 "(e.g. name=<new experiment name>) or delete that folder to start over."
             )
         abstract = {
-            k: jax.ShapeDtypeStruct(np.shape(v), getattr(v, "dtype", np.asarray(v).dtype))
+            k: jax.ShapeDtypeStruct(
+                np.shape(v), getattr(v, "dtype", np.asarray(v).dtype), sharding=self.sharding
+            )
             for k, v in flat_t.items()
         }
         try:
@@ -314,14 +325,17 @@ class Checkpoints:
             file=sys.stderr,
             flush=True,
         )
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            source.rename(target)
+            if is_primary():  # one mover; the run's other processes wait for it
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
         except OSError as err:
             raise CheckpointError(
                 f"checkpoint {source} is damaged and could not be moved aside ({err}); move or "
                 "delete it by hand and rerun the same command."
             ) from err
+        finally:
+            barrier(f"qtl-move-aside-{which}-{step}")
         self._reopen(which)
         return target
 

@@ -20,6 +20,8 @@ from qtl.config import QtlConfig, validate
 from qtl.progress import want_progress
 from qtl.record.identity import check_run_dir, config_dict, fingerprint, run_provenance
 from qtl.record.schema import Results, SplitScores
+from qtl.utils import distributed
+from qtl.utils.errors import QtlError
 from qtl.utils.runlock import one_process_per_run
 
 
@@ -52,26 +54,71 @@ def train_and_evaluate(cfg: QtlConfig, run_dir: Path, study: Study, **start: Any
     from qtl.record.files import RunFiles
 
     run_dir = Path(run_dir)
+    if not distributed.is_primary():
+        return _follow(cfg, run_dir, study, start)
     files = RunFiles(run_dir)
-    check_run_dir(
-        cfg, run_dir, files.config, study=study, provenance=lambda: study.provenance(cfg, **start)
-    )
-    done = files.read_results()
-    if done is not None:
-        print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
-        print(study.format_scores(done))
-        return done.to_json()
-    failed = files.read_failure()
-    if failed is not None:  # deterministic: the same command would fail the same way
-        from qtl.train.preempt import TrainingDiverged
-
-        raise TrainingDiverged(
-            f"run {run_dir} failed before and is not retrained: "
-            f"{failed.message or failed.reason} To retry with other settings, "
-            "start a new run (e.g. name=<new name> train.lr=<lower>); to retry this one "
-            f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes from "
-            "its last good checkpoint."
+    try:
+        check_run_dir(
+            cfg,
+            run_dir,
+            files.config,
+            study=study,
+            provenance=lambda: study.provenance(cfg, **start),
         )
+        done = files.read_results()
+        if done is not None:
+            distributed.verdict(distributed.FINISHED)
+            print(f"[qtl] {run_dir}: finished already (results.json) - nothing to train.")
+            print(study.format_scores(done))
+            return done.to_json()
+        failed = files.read_failure()
+        if failed is not None:  # deterministic: the same command would fail the same way
+            from qtl.train.preempt import TrainingDiverged
+
+            raise TrainingDiverged(
+                f"run {run_dir} failed before and is not retrained: "
+                f"{failed.message or failed.reason} To retry with other settings, "
+                "start a new run (e.g. name=<new name> train.lr=<lower>); to retry this one "
+                f"unchanged (after a code fix), delete {files.failed} and rerun: it resumes "
+                "from its last good checkpoint."
+            )
+    except QtlError as err:  # the run's other processes stop with the same status
+        distributed.verdict(err.exit_code)
+        raise
+    except BaseException:
+        distributed.verdict(1)
+        raise
+    distributed.verdict(distributed.TRAIN)
+    return _train(cfg, run_dir, files, study, start)
+
+
+class PrimaryStopped(QtlError):
+    """Process 0 of a multi-process run refused it or found it finished with an error; the
+    other processes exit with its status (its output says why)."""
+
+
+def _follow(cfg: QtlConfig, run_dir: Path, study: Study, start: dict[str, Any]) -> dict[str, Any]:
+    """A process other than 0 of a multi-process run: train as process 0 decides, writing
+    nothing of the record (``qtl.utils.distributed``)."""
+    from qtl.config import AugmentOn
+    from qtl.data.augment import resolve_augment_on
+    from qtl.record.files import PeerFiles
+
+    files = PeerFiles(run_dir)
+    said = distributed.verdict()
+    if said == distributed.FINISHED:
+        done = files.read_results()
+        return {} if done is None else done.to_json()
+    if said != distributed.TRAIN:
+        err = PrimaryStopped(
+            f"process 0 of this run stopped it before training (exit status {said}); its "
+            f"output says why. Nothing was changed in {run_dir} by this process."
+        )
+        err.exit_code = said  # type: ignore[misc]
+        raise err
+    recorded = (files.read_run_config() or {}).get("identity", {}).get("data.augment_on")
+    if cfg.data.augment_on == AugmentOn.auto:  # the placement process 0 recorded (or chose)
+        cfg.data.augment_on = AugmentOn(recorded) if recorded else resolve_augment_on(cfg.data)
     return _train(cfg, run_dir, files, study, start)
 
 
@@ -108,8 +155,15 @@ def _train(
     from qtl.train.loop import Progress, fit
     from qtl.train.step import init_state, make_steps
     from qtl.utils import faults
+    from qtl.utils.mesh import resolve
 
-    show = want_progress(cfg.progress)
+    show = want_progress(cfg.progress) and distributed.is_primary()
+    tc = cfg.train
+    topology = resolve(
+        tc.devices,
+        [("train.batch_size", tc.batch_size), ("train.eval_batch_size", tc.eval_batch_size)],
+    )
+    several = topology.processes > 1  # every process takes part in every save and evaluation
     t_start = time.perf_counter()
     inputs = study.inputs(cfg, run_dir, show, **start)
     model, table, arrays = inputs.model, inputs.table, inputs.arrays
@@ -124,7 +178,7 @@ def _train(
         steps = make_steps(model, cfg, inputs.objective)
         state = init_state(model, cfg, steps.tx)
     del model
-    ckpts = Checkpoints(run_dir / "checkpoints")
+    ckpts = Checkpoints(run_dir / "checkpoints", topology.replicated() if several else None)
     progress = Progress()
     last = ckpts.latest_epoch("last")
     if last is not None:
@@ -142,9 +196,15 @@ def _train(
     # synthetic | real, from the data the study opened: a synthetic run is tagged so in W&B
     source = inputs.record.get("data_source")
     tags = [*study.wandb_tags(cfg), *([source] if source == "synthetic" else [])]
-    logger = make_logger(
-        cfg, run_dir, config_dict(cfg) | {"data_source": source}, name, study.run_label(cfg), tags
-    )
+    if distributed.is_primary():
+        logger = make_logger(
+            cfg, run_dir, config_dict(cfg) | {"data_source": source}, name, study.run_label(cfg),
+            tags,
+        )
+    else:
+        from qtl.record.loggers import NullLogger
+
+        logger = NullLogger()
     exit_code = 1
     try:
         state, progress = fit(
@@ -168,6 +228,15 @@ def _train(
                 cfg.train.eval_batch_size,
                 desc=f"eval {split}",
                 progress=show,
+                **(
+                    {
+                        "shard": topology.shard,
+                        "rows": topology.rows(cfg.train.eval_batch_size),
+                        "gather": topology.gather,
+                    }
+                    if several
+                    else {}
+                ),
             )
             mean, per_label, extra = steps.objective.score(y, probs, inputs.label_names)
             if extra:  # the study's own metrics (its AUC among them)

@@ -35,9 +35,10 @@ from qtl.evaluate.predict import predict
 from qtl.progress import bar
 from qtl.record.files import EpochRow, Failure, RunFiles
 from qtl.train.checkpoint import Checkpoints
-from qtl.train.preempt import StopRequest, TrainingDiverged
+from qtl.train.preempt import STOP_SIGNALS, StopRequest, TrainingDiverged
 from qtl.train.step import Steps, TrainState
 from qtl.utils import faults
+from qtl.utils.distributed import any_process
 from qtl.utils.mesh import Topology, resolve
 
 
@@ -171,12 +172,30 @@ class _Fit:
         )
         if placement(self.cfg.data) == "host":
             pool = getattr(train_x, "pool", None)  # the image cache's reader threads, when cached
+            part = self.rows(tc.batch_size)  # several processes: this one's rows of a batch
             self.transform = partial(
                 augment_host,
                 hflip_p=self.cfg.data.hflip_p,
                 max_rotation_deg=self.cfg.data.max_rotation_deg,
                 pool=pool,
+                rows=None if part is None else (*part, tc.batch_size),
             )
+
+    def rows(self, batch_size: int) -> tuple[int, int] | None:
+        """This process's rows of every batch (None: one process reads the whole batch)."""
+        return self.topology.rows(batch_size) if self.topology.processes > 1 else None
+
+    def stopping(self, stop: StopRequest, sync_point: bool) -> bool:
+        """Whether to checkpoint and hand over to the scheduler now. One process: after any
+        step once signalled. Several: only at a sync point (a log point, an epoch's end),
+        where they agree - all stop at the same step if any was signalled."""
+        if self.topology.processes == 1:
+            return stop.signum is not None
+        if not sync_point or not any_process(stop.signum is not None):
+            return False
+        if stop.signum is None:  # a peer was signalled, not this process: stop as it does
+            stop.signum = int(STOP_SIGNALS[0])
+        return True
 
     def last_good(self) -> str:
         p = self.p
@@ -224,6 +243,7 @@ class _Fit:
                 seed=self.cfg.seed,
                 epoch=epoch,
                 transform=self.transform,
+                rows=self.rows(tc.batch_size),
             )
             for i, b in enumerate(clock.wrap(stream)):
                 if i < start:  # trained before a mid-epoch checkpoint
@@ -232,13 +252,14 @@ class _Fit:
                 key = self.topology.replicate(b.key)
                 state, loss = self.steps.train_step(state, images, labels, mask, key)
                 losses.pending.append(loss)
-                if (i + 1) % tc.log_every == 0 or i + 1 == n:
+                log_point = (i + 1) % tc.log_every == 0 or i + 1 == n
+                if log_point:
                     self.guard(losses, epoch)
                     recent = float(np.mean(losses.done[-tc.log_every :]))
                     self.logger.log({"train/loss": recent, "epoch": epoch}, step=int(state.step))
                     inner.set_postfix(loss=f"{recent:.4f}")
                 inner.update(1)
-                if stop.signum is not None and i + 1 < n:
+                if i + 1 < n and self.stopping(stop, log_point):
                     self.guard(losses, epoch)  # never checkpoint a non-finite update
                     p.batch, p.epoch_losses = i + 1, list(losses.done)
                     p.epoch_seconds = time.perf_counter() - t0
@@ -263,6 +284,8 @@ class _Fit:
             desc="val",
             progress=self.show_progress,
             shard=self.topology.shard,
+            rows=self.rows(self.cfg.train.eval_batch_size),
+            gather=self.topology.gather,
         )
         if not np.isfinite(val_loss):
             raise self.diverged(epoch, None, int(state.step), losses.done)
@@ -363,7 +386,7 @@ def fit(
                 train=f"{row.train_loss:.4f}", val=f"{val_loss:.4f}", best=p.best_epoch
             )
             epochs.update(1)
-            if stop.signum is not None:  # arrived late in the epoch: `last` is this boundary
+            if run.stopping(stop, True):  # arrived late in the epoch: `last` is this boundary
                 logger.finish(1)
                 stop.hand_over(f"end of epoch {epoch}")
     return state, p

@@ -15,6 +15,13 @@ A holder that died does not block the next process:
   the file every :data:`HEARTBEAT_S` seconds; a file untouched for :data:`STALE_S` seconds is
   a dead holder's (this assumes the nodes' clocks agree within a minute, as NTP keeps them).
 
+A run of several processes (``train.processes``, ``qtl.utils.distributed``) is one holder:
+process 0 takes the lock and the others take none. They belong to process 0's run by
+construction - JAX's distributed runtime admits exactly ``train.processes`` processes at
+process 0's coordinator, and none of them trains before process 0 has the lock and says so
+(``distributed.verdict``); if process 0 is refused, all exit with its status. A second run
+of the same directory is refused by process 0's lock as any other process would be.
+
 Breaking a dead holder's lock renames it to a private name first, so of two processes
 breaking it at once only one wins; the loser puts back what it took if that was the winner's
 fresh lock.
@@ -239,10 +246,22 @@ def one_process_per_run(fn: Any) -> Any:
     (``cfg.train.wait_for_lock``: wait for a live holder instead of refusing)."""
     import functools
 
+    from qtl.utils import distributed
+
     @functools.wraps(fn)
     def wrapper(cfg: Any, run_dir: Path, *args: Any, **kwargs: Any) -> Any:
-        with hold_run_dir(run_dir, wait=bool(getattr(cfg.train, "wait_for_lock", False))):
+        if not distributed.is_primary():  # process 0 holds it for the run (module docstring)
             return fn(cfg, run_dir, *args, **kwargs)
+        try:
+            lock = hold_run_dir(run_dir, wait=bool(getattr(cfg.train, "wait_for_lock", False)))
+            lock.__enter__()
+        except RunBusy as err:
+            distributed.verdict(err.exit_code)  # the run's other processes exit with it
+            raise
+        try:
+            return fn(cfg, run_dir, *args, **kwargs)
+        finally:
+            lock.__exit__(None, None, None)
 
     return wrapper
 
