@@ -13,6 +13,9 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 # CPU-only build from PyPI's default index on Linux: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
+# pytest-xdist workers: one per core of the project's 2-core machines. Whole files go to one
+# worker (--dist loadfile), so a file's module-scoped runs are trained once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo demo-qvit test test-fast lint venv venv-test clean-demo wandb-sync
 
@@ -39,10 +42,10 @@ demo-qvit: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
