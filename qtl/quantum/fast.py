@@ -630,6 +630,65 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return run
 
 
+COMPLEX_KERNEL_QUBITS = 20  # complex_circuit.cc: a group of 8 rows' state is 2^n x 64 bytes
+_COMPLEX_SLOTS = 16  # gradient slices of the complex kernel's backward (summed here)
+
+
+def _complex_kernel_fits(plan: _Plan) -> bool:
+    """Whether the complex-circuit kernel runs this plan: complex amplitudes (RX/RZ gates),
+    2-20 wires, and after the prefix alternating CNOT networks and rotation layers."""
+    kinds = [kind for kind, _ in plan.steps]
+    return (
+        not plan.real
+        and 2 <= plan.n_qubits <= COMPLEX_KERNEL_QUBITS
+        and len(kinds) >= 2
+        and kinds == ["cnot", "local"] * (len(kinds) // 2)
+    )
+
+
+def _complex_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``f(vectors, mats) -> (B, n)`` <Z_i> by ``complex_circuit.cc`` (:mod:`qtl.quantum.kernels`).
+
+    ``vectors`` (B, n, 2, 2) is every wire's state after the prefix and ``mats``
+    (m, n, 2, 2, 2) the rotation layers, complex numbers as (re, im) pairs, so the custom VJP
+    is over real arrays (the kernel returns d/dre + i d/dim, which is that VJP) and JAX's
+    autodiff takes it back through ``.real``/``.imag`` to the angles. The kernel runs groups of
+    8 rows in SIMD lanes and the adjoint method by undoing each (unitary) gate.
+    """
+    n = plan.n_qubits
+    cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
+    maps = [network_indices(n, pairs) for pairs in cnots]
+    nets = np.stack([_network_columns(g) for g, _ in maps])
+    inv = np.stack([_network_columns(i) for _, i in maps])
+    forward, backward = kernels.complex_targets()
+
+    @jax.custom_vjp
+    def run(vectors, mats):
+        out = jax.ShapeDtypeStruct((vectors.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call(forward, out, vmap_method="sequential")(vectors, mats, nets)
+
+    def run_fwd(vectors, mats):
+        return run(vectors, mats), (vectors, mats)
+
+    def run_bwd(res, g):
+        vectors, mats = res
+        shapes = (
+            jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
+            jax.ShapeDtypeStruct((_COMPLEX_SLOTS, *mats.shape), jnp.float32),
+        )
+        call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
+        dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
+        return dvectors, gram.sum(0)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def _pairs(z: jax.Array) -> jax.Array:
+    """A complex array as float32 (..., 2) (re, im) pairs."""
+    return jnp.stack([jnp.real(z), jnp.imag(z)], -1).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- the simulator
 
 
@@ -734,6 +793,16 @@ def fast_circuit(
         mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.float32) for g in layers])
         return state_kernel[0](vectors, mats)
 
+    complex_fits = native is True and _complex_kernel_fits(plan)
+    complex_kernel: list = []
+
+    def whole_complex(x: jax.Array, theta: jax.Array) -> jax.Array:
+        if not complex_kernel:
+            complex_kernel.append(_complex_kernel(plan))
+        vectors = _zero_vectors(plan.prefix, n, x, theta, jnp.complex64)  # U|0> per wire
+        mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.complex64) for g in layers])
+        return complex_kernel[0](_pairs(vectors), _pairs(mats))
+
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
@@ -743,6 +812,9 @@ def fast_circuit(
             return z[0] if squeeze else z
         if state_fits and x2.dtype == jnp.float32 and native_ok():
             z = whole_circuit(x2, theta.astype(jnp.float32))
+            return z[0] if squeeze else z
+        if complex_fits and x2.dtype == jnp.float32 and native_ok() and phase is None:
+            z = whole_complex(x2, theta.astype(jnp.float32))
             return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
         index = (
