@@ -33,7 +33,10 @@ On a CPU, real float32 circuits (the study's) leave the per-layer program at the
 ``statevector.cc`` (:mod:`qtl.quantum.kernels`) takes each example's state through every
 layer while it stays in cache and runs the adjoint method back, from the wire vectors and
 layer matrices built here (about 3.5x the per-layer program's speed at n=19, batch 32;
-docs/simulator.md). The per-layer program stays the path everywhere else.
+docs/simulator.md). Complex float32 circuits with a state (the QViT's at two or more layers)
+leave it the same way, to ``complex_circuit.cc``: groups of 8 examples in the SIMD lanes and
+the adjoint method by undoing each unitary gate. The per-layer program stays the path
+everywhere else.
 
 Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with
 PennyLane (outputs and gradients, every variant) is tested in ``tests/test_fast_sim.py``.
@@ -742,7 +745,8 @@ def fast_circuit(
     the C++ kernels of :mod:`qtl.quantum.kernels` where they apply (real float32 circuits on
     the CPU, where they build): ``True`` runs the whole circuit in one kernel (one example's
     state at a time, in cache; ``max_state_mb`` and ``layout`` then do not apply) and falls
-    back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
+    back to the per-layer path with the Gram kernel for plans it does not take (complex
+    float32 plans with a state run the complex-circuit kernel instead); ``"gram"``
     keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
     ``phase``: RX + CNOT circuits with a state run as a real phase polynomial
     (:mod:`qtl.quantum.phase`): exact, but through XLA:CPU's cosines measured 2-4x slower than
