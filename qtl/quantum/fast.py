@@ -327,7 +327,13 @@ def _zero_pairs(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array) 
     for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
         zero = jnp.zeros((batch, len(wires)), x.dtype)
         ar, ai, br, bi = zero + 1, zero, zero, zero
+        merged: list = []  # R_a(s) R_a(t) = R_a(s + t): one cosine and sine per run of gates
         for name, angle in ops:
+            if merged and name != "Hadamard" and merged[-1][0] == name:
+                merged[-1] = (name, merged[-1][1] + angle)
+            else:
+                merged.append((name, angle))
+        for name, angle in merged:
             if name == "Hadamard":
                 h = 1 / np.sqrt(2.0)
                 ar, ai, br, bi = h * (ar + br), h * (ai + bi), h * (ar - br), h * (ai - bi)
