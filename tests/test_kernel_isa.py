@@ -123,18 +123,20 @@ def test_the_bench_reports_the_kernel_selected_here():
 @pytest.mark.slow
 def test_the_float64_grid_passes_with_the_isa_forced_down(tmp_path):
     """The FFI path of the baseline build (SSE2 / NEON), through the same grid and tolerances
-    as the native one: two of tests/test_statevector_kernel.py's cases in a fresh process."""
+    as the native one: two of tests/test_statevector_kernel.py's cases and the QViT's circuit
+    from tests/test_complex_kernel.py, in a fresh process."""
     import sys
 
     env = {**os.environ, "QTL_ISA": "baseline", "QTL_KERNEL_CACHE": str(tmp_path)}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     grid = Path(__file__).with_name("test_statevector_kernel.py")
-    cmd += [str(grid), "-k", "matches_float64 and (4-2 or 12-3)"]
+    complex_grid = grid.with_name("test_complex_kernel.py")  # the QViT's circuit, d = 8
+    cmd += [str(grid), str(complex_grid), "-k", "matches_float64 and (4-2 or 12-3 or 8-2-qvit)"]
     done = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=grid.parent.parent
     )
     assert done.returncode == 0, done.stdout[-2000:]
-    assert "2 passed" in done.stdout
+    assert "3 passed" in done.stdout
     [manifest] = tmp_path.glob("*.json")
     assert '"isa": "baseline"' in manifest.read_text()
 

@@ -33,7 +33,10 @@ On a CPU, real float32 circuits (the study's) leave the per-layer program at the
 ``statevector.cc`` (:mod:`qtl.quantum.kernels`) takes each example's state through every
 layer while it stays in cache and runs the adjoint method back, from the wire vectors and
 layer matrices built here (about 3.5x the per-layer program's speed at n=19, batch 32;
-docs/simulator.md). The per-layer program stays the path everywhere else.
+docs/simulator.md). Complex float32 circuits with a state (the QViT's at two or more layers)
+leave it the same way, to ``complex_circuit.cc``: groups of 8 examples in the SIMD lanes and
+the adjoint method by undoing each unitary gate. The per-layer program stays the path
+everywhere else.
 
 Wire 0 is the most significant bit of the basis index, as in PennyLane. Equality with
 PennyLane (outputs and gradients, every variant) is tested in ``tests/test_fast_sim.py``.
@@ -308,6 +311,41 @@ def _zero_vectors(
             g = _gate(name, angle, dtype)
             v0, v1 = g[..., 0, 0] * v0 + g[..., 0, 1] * v1, g[..., 1, 0] * v0 + g[..., 1, 1] * v1
         parts.append(jnp.stack([v0, v1], -1))
+        order.extend(wires)
+    return _in_wire_order(parts, order)
+
+
+def _zero_pairs(gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array) -> jax.Array:
+    """(B, n, 2, 2): every wire's gates applied to |0>, as real (re, im) pairs per amplitude.
+
+    What ``_zero_vectors`` gives for complex gates, in real arithmetic: its complex
+    elementwise ops (and their gradients) over the batch ran ~2x slower than the complex
+    kernel itself on XLA:CPU at the QViT's sizes.
+    """
+    batch = x.shape[0]
+    parts, order = [], []
+    for wires, ops in _wire_groups_with_angles(gates, n, x, theta):
+        zero = jnp.zeros((batch, len(wires)), x.dtype)
+        ar, ai, br, bi = zero + 1, zero, zero, zero
+        merged: list = []  # R_a(s) R_a(t) = R_a(s + t): one cosine and sine per run of gates
+        for name, angle in ops:
+            if merged and name != "Hadamard" and merged[-1][0] == name:
+                merged[-1] = (name, merged[-1][1] + angle)
+            else:
+                merged.append((name, angle))
+        for name, angle in merged:
+            if name == "Hadamard":
+                h = 1 / np.sqrt(2.0)
+                ar, ai, br, bi = h * (ar + br), h * (ai + bi), h * (ar - br), h * (ai - bi)
+                continue
+            c, s = jnp.cos(angle / 2), jnp.sin(angle / 2)
+            if name == "RY":
+                ar, ai, br, bi = c * ar - s * br, c * ai - s * bi, s * ar + c * br, s * ai + c * bi
+            elif name == "RX":  # [[c, -is], [-is, c]]
+                ar, ai, br, bi = c * ar + s * bi, c * ai - s * br, c * br + s * ai, c * bi - s * ar
+            else:  # RZ: diag(c - is, c + is)
+                ar, ai, br, bi = c * ar + s * ai, c * ai - s * ar, c * br - s * bi, c * bi + s * br
+        parts.append(jnp.stack([jnp.stack([ar, ai], -1), jnp.stack([br, bi], -1)], -2))
         order.extend(wires)
     return _in_wire_order(parts, order)
 
@@ -630,6 +668,65 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return run
 
 
+COMPLEX_KERNEL_QUBITS = 20  # complex_circuit.cc: a group of 8 rows' state is 2^n x 64 bytes
+_COMPLEX_SLOTS = 16  # gradient slices of the complex kernel's backward (summed here)
+
+
+def _complex_kernel_fits(plan: _Plan) -> bool:
+    """Whether the complex-circuit kernel runs this plan: complex amplitudes (RX/RZ gates),
+    2-20 wires, and after the prefix alternating CNOT networks and rotation layers."""
+    kinds = [kind for kind, _ in plan.steps]
+    return (
+        not plan.real
+        and 2 <= plan.n_qubits <= COMPLEX_KERNEL_QUBITS
+        and len(kinds) >= 2
+        and kinds == ["cnot", "local"] * (len(kinds) // 2)
+    )
+
+
+def _complex_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``f(vectors, mats) -> (B, n)`` <Z_i> by ``complex_circuit.cc`` (:mod:`qtl.quantum.kernels`).
+
+    ``vectors`` (B, n, 2, 2) is every wire's state after the prefix and ``mats``
+    (m, n, 2, 2, 2) the rotation layers, complex numbers as (re, im) pairs, so the custom VJP
+    is over real arrays (the kernel returns d/dre + i d/dim, which is that VJP) and JAX's
+    autodiff takes it back through ``.real``/``.imag`` to the angles. The kernel runs groups of
+    8 rows in SIMD lanes and the adjoint method by undoing each (unitary) gate.
+    """
+    n = plan.n_qubits
+    cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
+    maps = [network_indices(n, pairs) for pairs in cnots]
+    nets = np.stack([_network_columns(g) for g, _ in maps])
+    inv = np.stack([_network_columns(i) for _, i in maps])
+    forward, backward = kernels.complex_targets()
+
+    @jax.custom_vjp
+    def run(vectors, mats):
+        out = jax.ShapeDtypeStruct((vectors.shape[0], n), jnp.float32)
+        return jax.ffi.ffi_call(forward, out, vmap_method="sequential")(vectors, mats, nets)
+
+    def run_fwd(vectors, mats):
+        return run(vectors, mats), (vectors, mats)
+
+    def run_bwd(res, g):
+        vectors, mats = res
+        shapes = (
+            jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
+            jax.ShapeDtypeStruct((_COMPLEX_SLOTS, *mats.shape), jnp.float32),
+        )
+        call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
+        dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
+        return dvectors, gram.sum(0)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def _pairs(z: jax.Array) -> jax.Array:
+    """A complex array as float32 (..., 2) (re, im) pairs."""
+    return jnp.stack([jnp.real(z), jnp.imag(z)], -1).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- the simulator
 
 
@@ -654,7 +751,8 @@ def fast_circuit(
     the C++ kernels of :mod:`qtl.quantum.kernels` where they apply (real float32 circuits on
     the CPU, where they build): ``True`` runs the whole circuit in one kernel (one example's
     state at a time, in cache; ``max_state_mb`` and ``layout`` then do not apply) and falls
-    back to the per-layer path with the Gram kernel for plans it does not take; ``"gram"``
+    back to the per-layer path with the Gram kernel for plans it does not take (complex
+    float32 plans with a state run the complex-circuit kernel instead); ``"gram"``
     keeps XLA's per-layer ops with only the rotation gradients native; ``False``: XLA only.
     ``phase``: RX + CNOT circuits with a state run as a real phase polynomial
     (:mod:`qtl.quantum.phase`): exact, but through XLA:CPU's cosines measured 2-4x slower than
@@ -734,6 +832,17 @@ def fast_circuit(
         mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.float32) for g in layers])
         return state_kernel[0](vectors, mats)
 
+    complex_fits = native is True and _complex_kernel_fits(plan)
+    complex_kernel: list = []
+
+    def whole_complex(x: jax.Array, theta: jax.Array) -> jax.Array:
+        if not complex_kernel:
+            complex_kernel.append(_complex_kernel(plan))
+        vectors = _zero_pairs(plan.prefix, n, x, theta)  # U|0> per wire, (re, im) pairs
+        # the layers' matrices take weights only: (m, n, 2, 2), complex is cheap there
+        mats = jnp.stack([_layer_matrices(g, n, x, theta, jnp.complex64) for g in layers])
+        return complex_kernel[0](vectors, _pairs(mats))
+
     def run(x: jax.Array, theta: jax.Array) -> jax.Array:
         squeeze = x.ndim == 1
         x2 = x[None] if squeeze else x
@@ -743,6 +852,9 @@ def fast_circuit(
             return z[0] if squeeze else z
         if state_fits and x2.dtype == jnp.float32 and native_ok():
             z = whole_circuit(x2, theta.astype(jnp.float32))
+            return z[0] if squeeze else z
+        if complex_fits and x2.dtype == jnp.float32 and native_ok() and phase is None:
+            z = whole_complex(x2, theta.astype(jnp.float32))
             return z[0] if squeeze else z
         # index maps built once per call, outside the chunk loop (not re-derived per chunk)
         index = (

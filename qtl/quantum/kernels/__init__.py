@@ -50,11 +50,18 @@ from qtl.utils.errors import Handled
 from qtl.utils.files import atomic_write_bytes
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "wire_gram.cc", HERE / "statevector.cc", HERE / "stream.cc")  # one library
+SOURCES = (  # one library
+    HERE / "wire_gram.cc",
+    HERE / "statevector.cc",
+    HERE / "complex_circuit.cc",
+    HERE / "stream.cc",
+)
 HEADERS = (HERE / "common.h",)
 TARGET = "qtl_wire_gram"
 FORWARD = "qtl_statevector_forward"
 BACKWARD = "qtl_statevector_backward"
+COMPLEX_FORWARD = "qtl_complex_forward"
+COMPLEX_BACKWARD = "qtl_complex_backward"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # QTL_ISA: the instruction set the kernels are built for. "native": whatever this CPU has
 # (the default); the others force it down (for tests and A/B): on x86-64 "avx512"
@@ -357,6 +364,8 @@ def _registered() -> bool:
         (TARGET, lib.QtlWireGram),
         (FORWARD, lib.QtlStatevectorForward),
         (BACKWARD, lib.QtlStatevectorBackward),
+        (COMPLEX_FORWARD, lib.QtlComplexForward),
+        (COMPLEX_BACKWARD, lib.QtlComplexBackward),
     ):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
@@ -370,3 +379,9 @@ def wire_gram_target() -> str | None:
 def statevector_targets() -> tuple[str, str] | None:
     """The whole-circuit kernels' (forward, backward) FFI targets, or None."""
     return (FORWARD, BACKWARD) if _registered() else None
+
+
+def complex_targets() -> tuple[str, str] | None:
+    """The complex-circuit kernels' (forward, backward) FFI targets (``complex_circuit.cc``:
+    few-qubit complex circuits over a large batch, the QViT's), or None."""
+    return (COMPLEX_FORWARD, COMPLEX_BACKWARD) if _registered() else None

@@ -1,0 +1,468 @@
+// Complex-amplitude circuits of few qubits over a very large batch (the QViT's quantum layers:
+// images x tokens x projections rows of d = 4..16 qubits): <Z_i> and the gradient of a loss of
+// them by the adjoint method, on the CPU.
+//
+// Why its own kernel: through XLA these circuits are a chain of tiny complex ops over the
+// whole batch (each streaming every row's state through memory, complex arithmetic unfused),
+// and the whole-circuit kernel of statevector.cc is real-only and vectorises inside one large
+// state. Here the SIMD lanes are *examples*: a group of W rows is simulated together, amplitude
+// j of all W rows in one vector (real and imaginary parts in two), so every gate on every wire
+// is the same vertical multiply-add, a CNOT network moves whole vectors, and no lane shuffle is
+// ever needed. At d = 8 a group's state is 16 KiB (in L1).
+//
+// The backward pass is the adjoint method without stored states: the gates are unitary, so
+// the forward is recomputed to the last layer and then undone gate by gate (x = U^H y) while
+// the cotangent goes back (lam_x = U^H lam_y); each gate's gradient is sum lam_p conj(x_q).
+//
+// The circuit (see qtl/quantum/fast.py): x_0 = P_0 (v_0 (x) ... (x) v_{n-1}), v_w the wire
+// states after the prefix; then for l = 0 .. m - 1: y_l = U_l x_l (a 2x2 on every wire, wire 0
+// first) and x_{l+1} = P_{l+1} y_l; <Z_i> is measured on x_m. The networks come as gather
+// maps (P |s>)[j] = s[G(j)], each given by the images of the single-bit indices (G is linear
+// over GF(2)). Wire w is bit n - 1 - w of the index. Complex numbers travel as (re, im) float
+// pairs, gradients as d/dre + i d/dim.
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kW = 8;  // rows per group: one AVX2 register per part (half an AVX-512 one)
+typedef float F __attribute__((vector_size(kW * 4)));
+
+constexpr int kMaxQubits = 20;
+
+#define QTL_INLINE QTL_ALWAYS_INLINE
+
+struct C {
+  float r, i;
+};
+
+struct Problem {
+  int n = 0, m = 0;
+  int64_t size = 0;
+  std::vector<std::vector<int32_t>> g, ginv;  // (m + 1) full index maps of 2^n entries
+  std::vector<C> u;                           // (m, n, 2, 2)
+};
+
+std::vector<int32_t> FullMap(const int32_t* cols, int n) {
+  std::vector<int32_t> map(size_t{1} << n, 0);
+  for (int64_t j = 1; j < static_cast<int64_t>(map.size()); ++j)
+    map[j] = map[j & (j - 1)] ^ cols[n - 1 - __builtin_ctzll(j)];
+  return map;
+}
+
+void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* inv,
+           Problem& p) {
+  p.n = n;
+  p.m = m;
+  p.size = int64_t{1} << n;
+  for (int l = 0; l <= m; ++l) {
+    p.g.push_back(FullMap(nets + l * n, n));
+    if (inv) p.ginv.push_back(FullMap(inv + l * n, n));
+  }
+  p.u.resize(size_t(m) * n * 4);
+  for (size_t k = 0; k < p.u.size(); ++k) p.u[k] = C{mats[2 * k], mats[2 * k + 1]};
+}
+
+// Scratch that lives with its thread (XLA's pool threads live as long as the process).
+struct Scratch {
+  std::vector<F> sr, si, tr, ti, lr, li;
+  std::vector<F> vr, vi;  // (n, 2) wire states of the group
+  void Fit(int64_t size, int n) {
+    for (auto* v : {&sr, &si, &tr, &ti, &lr, &li})
+      if (static_cast<int64_t>(v->size()) < size) v->resize(size);
+    vr.resize(2 * n);
+    vi.resize(2 * n);
+  }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// The group's wire states (rows b0 .. b0 + rows - 1; lanes past them are |0>).
+void LoadVectors(const Problem& p, const float* vec, int64_t b0, int rows, Scratch& s) {
+  const int n = p.n;
+  for (int w = 0; w < n; ++w)
+    for (int a = 0; a < 2; ++a) {
+      F re = {}, im = {};
+      for (int k = 0; k < kW; ++k) {
+        if (k < rows) {
+          const float* v = vec + ((b0 + k) * n + w) * 4 + a * 2;
+          re[k] = v[0];
+          im[k] = v[1];
+        } else {
+          re[k] = a == 0 ? 1.0f : 0.0f;
+        }
+      }
+      s.vr[w * 2 + a] = re;
+      s.vi[w * 2 + a] = im;
+    }
+}
+
+// out[0 .. 2^(hi - lo)) = the product state of wires lo .. hi - 1 (wire lo most significant).
+QTL_INLINE void Product(const Scratch& s, int lo, int hi, F* outr, F* outi) {
+  outr[0] = F{} + 1.0f;
+  outi[0] = F{};
+  int64_t len = 1;
+  for (int w = lo; w < hi; ++w) {
+    const F v0r = s.vr[2 * w], v0i = s.vi[2 * w], v1r = s.vr[2 * w + 1], v1i = s.vi[2 * w + 1];
+    for (int64_t j = len - 1; j >= 0; --j) {
+      const F pr = outr[j], pi = outi[j];
+      outr[2 * j + 1] = pr * v1r - pi * v1i;
+      outi[2 * j + 1] = pr * v1i + pi * v1r;
+      outr[2 * j] = pr * v0r - pi * v0i;
+      outi[2 * j] = pr * v0i + pi * v0r;
+    }
+    len *= 2;
+  }
+}
+
+// y = U x on wire w for every pair of amplitudes.
+QTL_INLINE void Gate(F* __restrict sr, F* __restrict si, int64_t size, int64_t stride,
+                     const C* u) {
+  const C u00 = u[0], u01 = u[1], u10 = u[2], u11 = u[3];
+  for (int64_t base = 0; base < size; base += 2 * stride)
+    for (int64_t i = base; i < base + stride; ++i) {
+      const F ar = sr[i], ai = si[i], br = sr[i + stride], bi = si[i + stride];
+      sr[i] = u00.r * ar - u00.i * ai + u01.r * br - u01.i * bi;
+      si[i] = u00.r * ai + u00.i * ar + u01.r * bi + u01.i * br;
+      sr[i + stride] = u10.r * ar - u10.i * ai + u11.r * br - u11.i * bi;
+      si[i + stride] = u10.r * ai + u10.i * ar + u11.r * bi + u11.i * br;
+    }
+}
+
+// One gate undone on the state (x = U^H y) and the cotangent (lam_x = U^H lam_y), and the
+// gate's gradient G_pq += lam_p conj(x_q) summed into g (4 complex, per lane).
+QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
+                         F* __restrict li, int64_t size, int64_t stride, const C* u, F* g) {
+  // U^H: h00 = conj(u00), h01 = conj(u10), h10 = conj(u01), h11 = conj(u11)
+  const C h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
+      h11{u[3].r, -u[3].i};
+  F g00r = {}, g00i = {}, g01r = {}, g01i = {}, g10r = {}, g10i = {}, g11r = {}, g11i = {};
+  for (int64_t base = 0; base < size; base += 2 * stride)
+    for (int64_t i = base; i < base + stride; ++i) {
+      const int64_t k = i + stride;
+      const F ar = sr[i], ai = si[i], br = sr[k], bi = si[k];
+      const F x0r = h00.r * ar - h00.i * ai + h01.r * br - h01.i * bi;
+      const F x0i = h00.r * ai + h00.i * ar + h01.r * bi + h01.i * br;
+      const F x1r = h10.r * ar - h10.i * ai + h11.r * br - h11.i * bi;
+      const F x1i = h10.r * ai + h10.i * ar + h11.r * bi + h11.i * br;
+      const F l0r = lr[i], l0i = li[i], l1r = lr[k], l1i = li[k];
+      // lam_p conj(x_q) = (lr xr + li xi) + i (li xr - lr xi)
+      g00r += l0r * x0r + l0i * x0i;
+      g00i += l0i * x0r - l0r * x0i;
+      g01r += l0r * x1r + l0i * x1i;
+      g01i += l0i * x1r - l0r * x1i;
+      g10r += l1r * x0r + l1i * x0i;
+      g10i += l1i * x0r - l1r * x0i;
+      g11r += l1r * x1r + l1i * x1i;
+      g11i += l1i * x1r - l1r * x1i;
+      sr[i] = x0r;
+      si[i] = x0i;
+      sr[k] = x1r;
+      si[k] = x1i;
+      lr[i] = h00.r * l0r - h00.i * l0i + h01.r * l1r - h01.i * l1i;
+      li[i] = h00.r * l0i + h00.i * l0r + h01.r * l1i + h01.i * l1r;
+      lr[k] = h10.r * l0r - h10.i * l0i + h11.r * l1r - h11.i * l1i;
+      li[k] = h10.r * l0i + h10.i * l0r + h11.r * l1i + h11.i * l1r;
+    }
+  g[0] += g00r;
+  g[1] += g00i;
+  g[2] += g01r;
+  g[3] += g01i;
+  g[4] += g10r;
+  g[5] += g10i;
+  g[6] += g11r;
+  g[7] += g11i;
+}
+
+// dst[j] = src[map[j]] for both parts.
+QTL_INLINE void Gather(const F* __restrict sr, const F* __restrict si, F* __restrict dr,
+                       F* __restrict di, const int32_t* map, int64_t size) {
+  for (int64_t j = 0; j < size; ++j) {
+    dr[j] = sr[map[j]];
+    di[j] = si[map[j]];
+  }
+}
+
+// The forward to y_{m-1} (the state after the last rotation layer) in s.sr / s.si.
+QTL_INLINE void ForwardState(const Problem& p, Scratch& s) {
+  const int n = p.n;
+  const int64_t size = p.size;
+  Product(s, 0, n, s.tr.data(), s.ti.data());
+  Gather(s.tr.data(), s.ti.data(), s.sr.data(), s.si.data(), p.g[0].data(), size);
+  for (int l = 0; l < p.m; ++l) {
+    if (l > 0) {
+      Gather(s.sr.data(), s.si.data(), s.tr.data(), s.ti.data(), p.g[l].data(), size);
+      std::swap(s.sr, s.tr);
+      std::swap(s.si, s.ti);
+    }
+    for (int w = 0; w < n; ++w)
+      Gate(s.sr.data(), s.si.data(), size, int64_t{1} << (n - 1 - w), &p.u[(l * n + w) * 4]);
+  }
+}
+
+void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, float* z) {
+  Scratch& s = ThreadScratch();
+  s.Fit(p.size, p.n);
+  LoadVectors(p, vec, b0, rows, s);
+  ForwardState(p, s);
+  // probabilities in the measured order, then <Z_w> by folding: the sum of the first half
+  // minus the second half is wire w's (the most significant left), the halves' sum carries on
+  F* prob = s.tr.data();
+  const int32_t* last = p.g[p.m].data();
+  for (int64_t j = 0; j < p.size; ++j) {
+    const F r = s.sr[last[j]], i = s.si[last[j]];
+    prob[j] = r * r + i * i;
+  }
+  int64_t len = p.size;
+  for (int w = 0; w < p.n; ++w) {
+    const int64_t half = len / 2;
+    F acc = {};
+    for (int64_t j = 0; j < half; ++j) {
+      acc += prob[j] - prob[j + half];
+      prob[j] += prob[j + half];
+    }
+    for (int k = 0; k < rows; ++k) z[(b0 + k) * p.n + w] = acc[k];
+    len = half;
+  }
+}
+
+void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t b0, int rows,
+                   float* dvec, float* gram) {
+  Scratch& s = ThreadScratch();
+  const int n = p.n;
+  const int64_t size = p.size;
+  s.Fit(size, n);
+  LoadVectors(p, vec, b0, rows, s);
+  ForwardState(p, s);
+  // the cotangent of y_{m-1}: lam[k] = 2 y[k] O(Ginv(k)), O(j) = sum_w g_w (-1)^(bit w of j)
+  F* obs = s.tr.data();
+  obs[0] = F{};
+  for (int w = 0; w < n; ++w) {
+    F gw = {};
+    for (int k = 0; k < rows; ++k) gw[k] = gz[(b0 + k) * n + w];
+    const int64_t len = int64_t{1} << w;
+    for (int64_t j = len - 1; j >= 0; --j) {
+      const F o = obs[j];
+      obs[2 * j + 1] = o - gw;
+      obs[2 * j] = o + gw;
+    }
+  }
+  const int32_t* back = p.ginv[p.m].data();
+  for (int64_t k = 0; k < size; ++k) {
+    const F o = 2.0f * obs[back[k]];
+    s.lr[k] = o * s.sr[k];
+    s.li[k] = o * s.si[k];
+  }
+  for (int l = p.m - 1; l >= 0; --l) {
+    for (int w = n - 1; w >= 0; --w) {
+      F g[8] = {};
+      GateBack(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), size,
+               int64_t{1} << (n - 1 - w), &p.u[(l * n + w) * 4], g);
+      float* out = gram + (l * n + w) * 8;
+      for (int q = 0; q < 8; ++q) {
+        double sum = 0;
+        for (int k = 0; k < kW; ++k) sum += g[q][k];
+        out[q] += static_cast<float>(sum);
+      }
+    }
+    // x_l = P_l y_{l-1}: y_{l-1}[k] = x_l[Ginv_l(k)] (the state only while it is needed)
+    const int32_t* inv = p.ginv[l].data();
+    if (l > 0) {
+      Gather(s.sr.data(), s.si.data(), s.tr.data(), s.ti.data(), inv, size);
+      std::swap(s.sr, s.tr);
+      std::swap(s.si, s.ti);
+    }
+    Gather(s.lr.data(), s.li.data(), s.tr.data(), s.ti.data(), inv, size);
+    std::swap(s.lr, s.tr);
+    std::swap(s.li, s.ti);
+  }
+  // s.lr / s.li: the cotangent of the product state A (x) C (A: wires 0 .. h - 1, C: the rest)
+  const int h = n / 2, low = n - h;
+  const int64_t na = int64_t{1} << h, nc = int64_t{1} << low;
+  std::vector<F> ar(na), ai(na), cr(nc), ci(nc), dar(na, F{}), dai(na, F{}), dcr(nc, F{}),
+      dci(nc, F{});
+  Product(s, 0, h, ar.data(), ai.data());
+  Product(s, h, n, cr.data(), ci.data());
+  for (int64_t a = 0; a < na; ++a)
+    for (int64_t c = 0; c < nc; ++c) {
+      const F lr = s.lr[a * nc + c], li = s.li[a * nc + c];
+      // lam conj(C) into dA, lam conj(A) into dC
+      dar[a] += lr * cr[c] + li * ci[c];
+      dai[a] += li * cr[c] - lr * ci[c];
+      dcr[c] += lr * ar[a] + li * ai[a];
+      dci[c] += li * ar[a] - lr * ai[a];
+    }
+  // each wire of a half: its cotangent against the other wires of that half
+  auto wires = [&](int lo, int bits, const std::vector<F>& dr, const std::vector<F>& di) {
+    const int64_t len = int64_t{1} << bits;
+    for (int w = 0; w < bits; ++w) {
+      F outr[2] = {}, outi[2] = {};
+      for (int64_t a = 0; a < len; ++a) {
+        F pr = F{} + 1.0f, pi = F{};
+        for (int u = 0; u < bits; ++u) {
+          if (u == w) continue;
+          const int bit = (a >> (bits - 1 - u)) & 1;
+          const F vr = s.vr[2 * (lo + u) + bit], vi = s.vi[2 * (lo + u) + bit];
+          const F r = pr * vr - pi * vi;
+          pi = pr * vi + pi * vr;
+          pr = r;
+        }
+        const int bit = (a >> (bits - 1 - w)) & 1;
+        outr[bit] += dr[a] * pr + di[a] * pi;  // d conj(prod)
+        outi[bit] += di[a] * pr - dr[a] * pi;
+      }
+      for (int k = 0; k < rows; ++k)
+        for (int b = 0; b < 2; ++b) {
+          float* o = dvec + ((b0 + k) * n + lo + w) * 4 + b * 2;
+          o[0] = outr[b][k];
+          o[1] = outi[b][k];
+        }
+    }
+  };
+  wires(0, h, dar, dai);
+  wires(h, low, dcr, dci);
+}
+
+// Groups of kW rows in `chunks` contiguous chunks; each group is one thread's from start to
+// end, so results do not depend on the schedule.
+void OverGroups(ffi::ThreadPool* pool, int64_t batch, int64_t chunks,
+                const std::function<void(int64_t, int64_t, int)>& f) {
+  const int64_t groups = (batch + kW - 1) / kW;
+  chunks = std::max<int64_t>(1, std::min(chunks, groups));
+  auto run = [&](int64_t t) {
+    for (int64_t q = groups * t / chunks; q < groups * (t + 1) / chunks; ++q)
+      f(t, q * kW, static_cast<int>(std::min<int64_t>(kW, batch - q * kW)));
+  };
+  if (!pool) {
+    for (int64_t t = 0; t < chunks; ++t) run(t);
+    return;
+  }
+  const int64_t threads = std::max<int64_t>(1, pool->num_threads());
+  qtl::ParallelFor(*pool, chunks, threads - 1, run);
+}
+
+bool ShapesOk(int n, int m) { return m >= 1 && n >= 2 && n <= kMaxQubits; }
+
+void ForwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const float* vec,
+                float* z) {
+  const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  OverGroups(pool, batch, 4 * threads, [&](int64_t, int64_t b0, int rows) {
+    ForwardGroup(p, vec, b0, rows, z);
+  });
+}
+
+// gram: (slots, m, n, 2, 2, 2), one slice per chunk of the batch (the caller sums them): no
+// two threads write the same floats, and the sums' order does not depend on the thread count.
+void BackwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const float* vec,
+                 const float* g, float* dvec, float* gram, int64_t slots) {
+  const int64_t per = int64_t{p.m} * p.n * 8;
+  std::fill(gram, gram + slots * per, 0.0f);
+  OverGroups(pool, batch, slots, [&](int64_t chunk, int64_t b0, int rows) {
+    BackwardGroup(p, vec, g, b0, rows, dvec, gram + chunk * per);
+  });
+}
+
+ffi::Error Check(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
+                 ffi::Buffer<ffi::S32>& nets, int64_t& batch, int& n, int& m) {
+  const auto vd = vec.dimensions(), md = mats.dimensions(), nd = nets.dimensions();
+  if (vd.size() != 4 || md.size() != 5 || nd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "complex circuit: expected vec (B, n, 2, 2), mats (m, n, 2, 2, 2), nets (m + 1, n)");
+  batch = vd[0];
+  m = static_cast<int>(md[0]);
+  n = static_cast<int>(md[1]);
+  if (vd[1] != n || vd[2] != 2 || vd[3] != 2 || md[2] != 2 || md[3] != 2 || md[4] != 2 ||
+      nd[0] != m + 1 || nd[1] != n || !ShapesOk(n, m))
+    return ffi::Error::InvalidArgument(
+        "complex circuit: shapes must be vec (B, n, 2, 2), mats (m, n, 2, 2, 2), nets "
+        "(m + 1, n), with m >= 1 and 2 <= n <= 20");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                   ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
+  int64_t batch = 0;
+  int n = 0, m = 0;
+  if (auto err = Check(vec, mats, nets, batch, n, m); err.failure()) return err;
+  if (z->element_count() != static_cast<size_t>(batch * n))
+    return ffi::Error::InvalidArgument("complex circuit: z must be (B, n)");
+  Problem p;
+  Build(n, m, mats.typed_data(), nets.typed_data(), nullptr, p);
+  ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                    ffi::Buffer<ffi::S32> nets, ffi::Buffer<ffi::S32> inv,
+                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dvec,
+                    ffi::ResultBuffer<ffi::F32> gram) {
+  int64_t batch = 0;
+  int n = 0, m = 0;
+  if (auto err = Check(vec, mats, nets, batch, n, m); err.failure()) return err;
+  const auto gd = gram->dimensions();
+  if (inv.dimensions().size() != 2 || inv.dimensions()[0] != m + 1 ||
+      inv.dimensions()[1] != n || g.element_count() != static_cast<size_t>(batch * n) ||
+      dvec->element_count() != vec.element_count() || gd.size() != 6 || gd[1] != m ||
+      gd[2] != n || gd[0] < 1)
+    return ffi::Error::InvalidArgument(
+        "complex circuit: inv like nets, g (B, n) -> dvec like vec, gram (S, m, n, 2, 2, 2)");
+  Problem p;
+  Build(n, m, mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
+  BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
+              gram->typed_data(), gd[0]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The same kernels without XLA, on the calling thread (for the tests that compare builds for
+// different instruction sets on exactly the same inputs). gram: (m, n, 2, 2, 2). 0 on success.
+extern "C" int qtl_complex_forward_plain(int n, int m, int64_t batch, const float* vec,
+                                         const float* mats, const int32_t* nets, float* z) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, nullptr, p);
+  ForwardAll(nullptr, p, batch, vec, z);
+  return 0;
+}
+
+extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const float* vec,
+                                          const float* mats, const int32_t* nets,
+                                          const int32_t* inv, const float* g, float* dvec,
+                                          float* gram) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, inv, p);
+  BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
+  return 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
