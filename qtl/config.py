@@ -350,7 +350,7 @@ class CircuitConfig:
     init: str = "xavier_normal"  # xavier_normal (public design) | normal_2pi | uniform_2pi
     simulator: Simulator = Simulator.fast  # fast (qtl's) | pennylane (reference)
     max_state_mb: float | None = None  # fast: chunk bound of the state vectors; null = auto
-    native_kernel: bool = True  # fast, CPU, real circuits: C++ whole-circuit kernel
+    native_kernel: bool = True  # fast, CPU: the C++ kernels (real and complex circuits)
 
     IDENTITY: ClassVar[tuple[str, ...]] = ("layers", "encoding", "rotation", "entangler", "init")
     # tested equal (test_vit: fast vs PennyLane, chunking, kernel): how, not what

@@ -162,6 +162,10 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     # second process on a busy run directory refused rather than kept waiting
     assert now["train"].pop("devices") == 1
     assert now["train"].pop("wait_for_lock") is False
+    # one process (several: jax.distributed, coordinator and index from the environment)
+    assert now["train"].pop("processes") == 1
+    assert now["train"].pop("coordinator") is None and now["train"].pop("process_id") is None
+    assert now["train"].pop("coordinator_timeout_s") == 300
     # data=medmnist no longer writes a synthetic set when the file is missing: the presets
     # that want the synthetic stand-in say so (demo_qvit, debug=tiny_medmnist), the study's
     # real-data preset reads real files only

@@ -268,10 +268,14 @@ def run_bench(
     layers = {}
     for sim in ("fast", "pennylane"):
         circuit = replace(qvit.circuit, simulator=sim)
+        # PennyLane's states would not fit at large widths (hidden size 16: ~40 GB for the
+        # whole batch): it runs the rows it can hold, compared per circuit
+        r = rows if sim == "fast" else pennylane_rows(qvit.hidden_size, rows)
         layers[sim] = bench_layer(
-            qvit.hidden_size, rows, circuit, steps=steps, max_seconds=max_seconds
+            qvit.hidden_size, r, circuit, steps=steps, max_seconds=max_seconds
         )
-        print(f"quantum layer ({sim}) {layers[sim]['median_ms']:.3f} ms", flush=True)
+        layers[sim].update(rows=r, us_per_circuit=layers[sim]["median_ms"] * 1e3 / r)
+        print(f"quantum layer ({sim}) {layers[sim]['median_ms']:.3f} ms for {r} rows", flush=True)
     if qvit.circuit.layers > 1:  # the real phase-polynomial formulation beside it (opt-in)
         layers["fast_phase"] = bench_layer(
             qvit.hidden_size,
@@ -283,8 +287,10 @@ def run_bench(
         )
         print(f"quantum layer (fast, phase polynomial) {layers['fast_phase']['median_ms']:.3f} ms")
     out["layer"] = layers
-    out["pennylane_over_fast"] = layers["pennylane"]["median_ms"] / layers["fast"]["median_ms"]
-    print(f"PennyLane / fast = {out['pennylane_over_fast']:.1f}x (target >= 30x)", flush=True)
+    out["pennylane_over_fast"] = (
+        layers["pennylane"]["us_per_circuit"] / layers["fast"]["us_per_circuit"]
+    )
+    print(f"PennyLane / fast per circuit = {out['pennylane_over_fast']:.1f}x", flush=True)
     bound = arithmetic_bound(qvit.hidden_size, qvit.circuit.layers, gemm_rate())
     bound["fast_us_per_circuit"] = layers["fast"]["median_ms"] * 1e3 / rows
     bound["x_bound"] = bound["fast_us_per_circuit"] / bound["bound_us_per_circuit"]
