@@ -74,6 +74,11 @@ class Study(ABC):
                     f"{key}={shown} has no meaning in the {self.name} study (this run's "
                     f"study, from data={cfg.data.name}); remove it (default {default!r})."
                 )
+        from qtl.quantum.noise.device_models import check_device_model
+
+        for where, opts in (("head", cfg.head), ("model.circuit", cfg.model.circuit)):
+            if opts.noise.device_model is not None:
+                check_device_model(opts.noise.device_model, f"{where}.noise.device_model")
 
     def identity_keys(self, keys: list[str]) -> list[str]:
         """Which of the schema's flat identity keys define a run of this study."""
