@@ -140,6 +140,9 @@ class Results:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher: dict[str, Any] = field(default_factory=dict)  # KD: the teacher run and its scores
     costs: dict[str, Any] = field(default_factory=dict)  # medmnist: per-image params and FLOPs
+    # the circuit's shots, noise channels, trajectories, device model and its calibration
+    # snapshot (qtl.quantum.noise.describe); empty: exact expectation values
+    quantum_noise: dict[str, Any] = field(default_factory=dict)
     schema_version: int = RESULTS_VERSION
 
     def mean_auroc(self, split: str) -> float | None:
