@@ -176,3 +176,38 @@ def test_fake_backend_model_matches_qiskit_aer_density_matrix():
         ]
     )
     assert np.all(np.abs(mean - ref) < 5 * sem + 1e-4)
+
+
+def test_noise_settings_are_identity_and_records_without_them_resume():
+    from conftest import TINY, compose
+
+    from qtl.record.identity import fingerprint, identity, identity_diffs
+
+    exact = compose(*TINY, "head=dqc")
+    noisy = compose(*TINY, "head=dqc", "head.shots=1000", "head.noise.depolarizing=0.01")
+    new = ("head.noise.", "head.shots", "head.gradient", "model.circuit.noise.")
+    old = {k: v for k, v in identity(exact).items() if not k.startswith(new)}
+    assert identity_diffs(exact, old, identity(exact)) == []  # an old run resumes as exact
+    diffs = " ".join(identity_diffs(noisy, old, identity(noisy)))
+    assert "head.shots" in diffs and "head.noise.depolarizing" in diffs
+    assert fingerprint(exact) != fingerprint(noisy)
+
+
+def test_head_and_quantum_layer_draw_new_keys_every_call():
+    from flax import nnx
+
+    from qtl.models.heads import DQCHead
+    from qtl.quantum.layer import QuantumLayer, QuantumLayerConfig
+
+    cfg = HeadConfig(name=HeadName.dqc, depth=1, shots=64)
+    head = DQCHead(6, 3, cfg, rngs=nnx.Rngs(params=0))
+    feats = jnp.ones((2, 6))
+    a, b = head(feats), head(feats)
+    assert not np.array_equal(a, b)  # the head's key stream advanced
+    exact = DQCHead(6, 3, HeadConfig(name=HeadName.dqc, depth=1), rngs=nnx.Rngs(params=0))
+    assert exact.noisy is None
+    np.testing.assert_array_equal(exact.theta[...], head.theta[...])  # same seed, same init
+    layer = QuantumLayer(4, QuantumLayerConfig(shots=50), rngs=nnx.Rngs(params=1))
+    z = np.asarray(layer(jnp.full((3, 4), 0.3)))
+    ones = (1 - z) * 50 / 2
+    assert np.allclose(ones, np.round(ones), atol=1e-3)  # estimates from 50 bitstrings
