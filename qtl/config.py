@@ -556,6 +556,12 @@ class BenchCircuitConfig:
     rounds: int = 2  # every case again in a fresh process per round: the table shows the spread
     out: str = "${paths.bench_dir}/circuit.json"  # JSON results
     jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
+    # extra fast cases (docs/noise.md): shots = forward with head.shots=noise_shots beside the
+    # exact forward; trajectories = the step with noise_trajectories depolarizing trajectories
+    noise_cases: list[str] = field(default_factory=list)  # [] | shots | trajectories
+    noise_shots: int = 1000  # shots of the shots case
+    noise_trajectories: int = 8  # K of the trajectories case (depolarizing noise_depolarizing)
+    noise_depolarizing: float = 0.001  # its one- and two-qubit depolarizing probability
 
 
 @dataclass
