@@ -211,3 +211,17 @@ def test_head_and_quantum_layer_draw_new_keys_every_call():
     z = np.asarray(layer(jnp.full((3, 4), 0.3)))
     ones = (1 - z) * 50 / 2
     assert np.allclose(ones, np.round(ones), atol=1e-3)  # estimates from 50 bitstrings
+
+
+def test_bench_circuit_noise_cases_expand_and_unknown_ones_are_refused():
+    from qtl.bench.circuit import _noise_case, _validate, noise_cases
+    from qtl.config import BenchCircuitConfig, ConfigError
+
+    cfg = BenchCircuitConfig(qubits=[14, 19], noise_cases=["shots", "trajectories"], rounds=1)
+    labels = [label for _, n, label in noise_cases(cfg) if n == 19]
+    assert labels == ["fast+forward", "fast+shots1000+forward", "fast+depolarizing+K8"]
+    assert _noise_case(cfg, "fast+shots1000+forward") == {"forward_only": True, "shots": 1000}
+    traj = _noise_case(cfg, "fast+depolarizing+K8")
+    assert traj == {"forward_only": False, "depolarizing": 0.001, "trajectories": 8}
+    with pytest.raises(ConfigError, match="bench_circuit.noise_cases"):
+        _validate(BenchCircuitConfig(noise_cases=["crosstalk"]))
