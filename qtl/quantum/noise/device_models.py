@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -41,6 +42,8 @@ PULSES = {"Hadamard": 1, "RX": 2, "RY": 2, "RZ": 0}  # sx pulses per qtl gate on
 
 
 def _fake_provider() -> Any:
+    # qiskit logs every transpiler pass at INFO, and a run's log is at INFO
+    logging.getLogger("qiskit").setLevel(logging.WARNING)
     try:
         from qiskit_ibm_runtime import fake_provider
     except ImportError as err:
