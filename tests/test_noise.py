@@ -225,3 +225,13 @@ def test_bench_circuit_noise_cases_expand_and_unknown_ones_are_refused():
     assert traj == {"forward_only": False, "depolarizing": 0.001, "trajectories": 8}
     with pytest.raises(ConfigError, match="bench_circuit.noise_cases"):
         _validate(BenchCircuitConfig(noise_cases=["crosstalk"]))
+
+
+def test_trajectory_gradients_are_finite_with_every_channel():
+    """Amplitude damping renormalises by branch: no NaN from the branch not taken."""
+    params = uniform(3, CHANNELS["mixed"])
+    spec = CircuitSpec(3, 2, "ring", "rz_ry")
+    f = trajectory_circuit(spec, params, 16)
+    x, theta = _inputs(spec, 4, seed=3)
+    gx, gt = jax.jit(jax.grad(lambda a, t: f(a, t, jax.random.key(0)).sum(), (0, 1)))(x, theta)
+    assert np.isfinite(gx).all() and np.isfinite(gt).all() and np.abs(gt).max() > 0

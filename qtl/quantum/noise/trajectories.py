@@ -163,8 +163,10 @@ class _Noise:
         jump = u < jump_p
         k1 = jnp.asarray(np.array([[0, np.sqrt(gamma)], [0, 0]], np.complex64))
         k0 = jnp.asarray(np.array([[1, 0], [0, np.sqrt(1 - gamma)]], np.complex64))
-        s1 = jax.lax.rsqrt(jnp.maximum(jump_p, _TINY)).astype(_C)
-        s0 = jax.lax.rsqrt(jnp.maximum(1.0 - jump_p, _TINY)).astype(_C)
+        # each branch's norm only where it is taken: the other side of a where still gets a
+        # (zero) cotangent, and 0 * rsqrt'(tiny) = 0 * inf would be NaN
+        s1 = jax.lax.rsqrt(jnp.maximum(jnp.where(jump, jump_p, 1.0), _TINY)).astype(_C)
+        s0 = jax.lax.rsqrt(jnp.maximum(jnp.where(jump, 1.0, 1.0 - jump_p), _TINY)).astype(_C)
         return jnp.where(jump[:, None, None], k1 * s1[:, None, None], k0 * s0[:, None, None])
 
 
