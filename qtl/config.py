@@ -153,6 +153,45 @@ class TaskConfig:
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("name",)  # a label: the labels define the task
 
 
+class Gradient(StrEnum):
+    adjoint = "adjoint"  # the simulator's exact gradient of <Z>, applied at the sampled forward
+    parameter_shift = "parameter_shift"  # shifted circuits, each sampled (what hardware does)
+
+
+@dataclass
+class NoiseConfig:
+    """``<circuit>.noise``: channels after every gate, as quantum trajectories (docs/noise.md)."""
+
+    depolarizing: float = 0.0  # depolarizing probability after every one-qubit gate
+    depolarizing_2q: float | None = None  # two-qubit, after every CNOT; null = depolarizing
+    amplitude_damping: float = 0.0  # amplitude damping gamma on every wire a gate touches
+    phase_damping: float = 0.0  # phase damping gamma on every wire a gate touches
+    readout: float = 0.0  # measurement bit-flip probability per qubit
+    device_model: str | None = None  # IBM fake backend (e.g. fake_manila): its calibration, added
+    trajectories: int = 1  # quantum trajectories per example when any channel is on
+
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "depolarizing",
+        "depolarizing_2q",
+        "amplitude_damping",
+        "phase_damping",
+        "readout",
+        "device_model",
+        "trajectories",
+    )
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
+    # a run recorded before noise existed was noise-free
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "depolarizing": 0.0,
+        "depolarizing_2q": None,
+        "amplitude_damping": 0.0,
+        "phase_damping": 0.0,
+        "readout": 0.0,
+        "device_model": None,
+        "trajectories": 1,
+    }
+
+
 @dataclass
 class HeadConfig:
     name: HeadName = MISSING
@@ -163,6 +202,9 @@ class HeadConfig:
     simulator: Simulator = Simulator.fast  # which simulator runs the circuit (dqc only)
     max_state_mb: float | None = None  # fast: batch chunk bound in MB; null = 8 on CPU, 2048 on GPU
     native_kernel: bool = True  # fast, CPU: C++ whole-circuit kernel (built on first use)
+    shots: int | None = None  # dqc: <Z> from this many measured bitstrings; null = exact
+    gradient: Gradient = Gradient.adjoint  # dqc under shots/noise: adjoint | parameter_shift
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # dqc: noise channels (trajectories)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "name",
@@ -171,7 +213,12 @@ class HeadConfig:
         "entangler",
         "rotation",
         "simulator",
+        "shots",
+        "gradient",
+        "noise",
     )
+    # exact expectation values: what every run computed before shots existed
+    LEGACY: ClassVar[dict[str, Any]] = {"shots": None, "gradient": "adjoint"}
     # batch chunking and the native kernel: tested equal to one pass / to XLA (test_fast_sim,
     # test_native_kernel); their resolved values are recorded per session in the run record
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("max_state_mb", "native_kernel")
@@ -351,8 +398,20 @@ class CircuitConfig:
     simulator: Simulator = Simulator.fast  # fast (qtl's) | pennylane (reference)
     max_state_mb: float | None = None  # fast: chunk bound of the state vectors; null = auto
     native_kernel: bool = True  # fast, CPU: the C++ kernels (real and complex circuits)
+    shots: int | None = None  # <Z> from this many measured bitstrings; null = exact
+    gradient: Gradient = Gradient.adjoint  # under shots/noise: adjoint | parameter_shift
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noise channels (trajectories)
 
-    IDENTITY: ClassVar[tuple[str, ...]] = ("layers", "encoding", "rotation", "entangler", "init")
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "layers",
+        "encoding",
+        "rotation",
+        "entangler",
+        "init",
+        "shots",
+        "gradient",
+        "noise",
+    )
     # tested equal (test_vit: fast vs PennyLane, chunking, kernel): how, not what
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("simulator", "max_state_mb", "native_kernel")
     LEGACY: ClassVar[dict[str, Any]] = {
@@ -361,6 +420,8 @@ class CircuitConfig:
         "rotation": "rx",
         "entangler": "qvit_ring",
         "init": "xavier_normal",
+        "shots": None,
+        "gradient": "adjoint",
     }
 
 
@@ -522,6 +583,12 @@ class BenchCircuitConfig:
     rounds: int = 2  # every case again in a fresh process per round: the table shows the spread
     out: str = "${paths.bench_dir}/circuit.json"  # JSON results
     jemalloc: bool = False  # preload libjemalloc in workers (measured slower here: see README)
+    # extra fast cases (docs/noise.md): shots = forward with head.shots=noise_shots beside the
+    # exact forward; trajectories = the step with noise_trajectories depolarizing trajectories
+    noise_cases: list[str] = field(default_factory=list)  # [] | shots | trajectories
+    noise_shots: int = 1000  # shots of the shots case
+    noise_trajectories: int = 8  # K of the trajectories case (depolarizing noise_depolarizing)
+    noise_depolarizing: float = 0.001  # its one- and two-qubit depolarizing probability
 
 
 @dataclass
@@ -832,6 +899,8 @@ def validate(cfg: QtlConfig) -> None:
             f"(got {len(cfg.backbone.hidden_sizes)} and {len(cfg.backbone.depths)})."
         )
     validate_features(cfg)
+    validate_circuit_options(cfg.head, "head")
+    validate_circuit_options(cfg.model.circuit, "model.circuit")
     if cfg.data.name == DataName.nih_cxr_lt and not cfg.data.root:
         raise ConfigError(
             "data.root is not set: data=nih_cxr_lt needs data.root=<folder with "
@@ -872,3 +941,18 @@ def validate_features(cfg: QtlConfig, *, needed: bool = False) -> None:
             "need the features of freshly flipped and rotated images). Set data.augment=false "
             "(experiment=frozen does), or features.cache=false to train on augmented images."
         )
+
+
+def validate_circuit_options(opts: Any, where: str) -> None:
+    """Shots, gradient and noise of a circuit (``head`` or ``model.circuit``), before training."""
+    if opts.shots is not None and (isinstance(opts.shots, bool) or opts.shots <= 0):
+        raise ConfigError(f"{where}.shots={opts.shots}: expected a positive integer or null.")
+    noise = opts.noise
+    channels = ("depolarizing", "depolarizing_2q", "amplitude_damping", "phase_damping", "readout")
+    for name in channels:
+        value = getattr(noise, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}.noise.{name}={value}: expected a probability in [0, 1].")
+    if noise.trajectories < 1:
+        raise ConfigError(f"{where}.noise.trajectories={noise.trajectories}: expected >= 1.")
+    # noise.device_model names a calibration snapshot: qtl.studies checks it (it needs qiskit)

@@ -130,6 +130,19 @@ CONFIG = [
     (["debug=tiny_medmnist", "distill=joint", "distill.alpha=2"], "distill.alpha"),
     (["debug=tiny_medmnist", "distill=joint", "distill.temperature=0"], "distill.temperature"),
     (["debug=tiny_medmnist", "data.size=100"], "data.size"),
+    (["head=dqc", "head.shots=0"], "head.shots"),
+    (["head=dqc", "head.noise.depolarizing=1.5"], "head.noise.depolarizing"),
+    (["head=dqc", "head.noise.readout=-0.1"], "head.noise.readout"),
+    (["head=dqc", "head.noise.trajectories=0"], "head.noise.trajectories"),
+    (["head=dqc", "head.noise.crosstalk=0.1"], "head.noise.crosstalk"),
+    (["head=dqc", "head.gradient=finite_differences"], "head.gradient"),
+    (["head=dqc", "head.noise.device_model=fake_nosuch"], "head.noise.device_model"),
+    (["head=dqc", "head.noise.device_model=fake_armonk"], "head.noise.device_model"),
+    (["debug=tiny_medmnist", "model=qvit", "model.circuit.shots=-5"], "model.circuit.shots"),
+    (
+        ["debug=tiny_medmnist", "model=qvit", "model.circuit.noise.phase_damping=2"],
+        "model.circuit.noise.phase_damping",
+    ),
 ]
 
 

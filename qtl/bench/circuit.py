@@ -55,6 +55,10 @@ def _validate(cfg: BenchCircuitConfig) -> None:
         raise ConfigError(f"bench_circuit.qubits={list(cfg.qubits)}: need qubit counts >= 2.")
     if cfg.steps < 3 or cfg.batch < 1:
         raise ConfigError("bench_circuit.steps must be >= 3 and bench_circuit.batch >= 1.")
+    if unknown := [k for k in cfg.noise_cases if k not in NOISE_CASES]:
+        raise ConfigError(
+            f"bench_circuit.noise_cases: unknown {unknown}; choose from {', '.join(NOISE_CASES)}."
+        )
     if cfg.rounds < 1:
         raise ConfigError(f"bench_circuit.rounds={cfg.rounds}: need at least 1 round.")
 
@@ -69,7 +73,7 @@ def summarise(results: list[dict]) -> list[dict]:
     }
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
-        groups.setdefault((r["n_qubits"], r["simulator"]), []).append(r)
+        groups.setdefault((r["n_qubits"], r.get("label", r["simulator"])), []).append(r)
     out = []
     for (n, sim), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
@@ -102,6 +106,30 @@ def summarise(results: list[dict]) -> list[dict]:
         if kernels:
             row["kernel"] = " / ".join(sorted(kernels))
         out.append(row)
+    return out
+
+
+NOISE_CASES = ("shots", "trajectories")
+
+
+def noise_cases(cfg: BenchCircuitConfig) -> list[tuple[int, int, str]]:
+    """(round, n, label) of the shots / trajectory cases (``bench_circuit.noise_cases``)."""
+    labels = []
+    for kind in cfg.noise_cases:
+        if kind == "shots":
+            labels += ["fast+forward", f"fast+shots{cfg.noise_shots}+forward"]
+        elif kind == "trajectories":
+            labels.append(f"fast+depolarizing+K{cfg.noise_trajectories}")
+    return [(r, n, lab) for r in range(1, cfg.rounds + 1) for n in cfg.qubits for lab in labels]
+
+
+def _noise_case(cfg: BenchCircuitConfig, label: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"forward_only": label.endswith("+forward")}
+    if "+shots" in label:
+        out["shots"] = cfg.noise_shots
+    if "+depolarizing" in label:
+        out["depolarizing"] = cfg.noise_depolarizing
+        out["trajectories"] = cfg.noise_trajectories
     return out
 
 
@@ -201,6 +229,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
     cases = [
         (r, n, sim) for r in range(1, cfg.rounds + 1) for n in cfg.qubits for sim in cfg.simulators
     ]
+    cases += [(r, n, extra) for r, n, extra in noise_cases(cfg)]
     print(
         f"qtl bench_circuit: {len(cases)} cases, value_and_grad of the DQC head's BCE, "
         f"batch {cfg.batch}, depth {head.depth}, {head.entangler}/{head.rotation}, "
@@ -224,9 +253,11 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
             "max_state_mb": head.max_state_mb,
             "native_kernel": head.native_kernel,
         }
+        if sim.startswith("fast+"):  # a shots / noise case of the fast simulator
+            case.update(simulator="fast", label=sim, **_noise_case(cfg, sim))
         print(f"[{i}/{len(cases)}] round {rnd}: {sim} n={n} ...", end=" ", flush=True)
         started = time.perf_counter()
-        if not available(sim):
+        if not available(case["simulator"]):
             result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
         else:
             result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)

@@ -39,7 +39,21 @@ def run_case(case: dict) -> dict:
     circuit = make(
         case["simulator"], spec, case.get("max_state_mb"), case.get("native_kernel", True)
     )
-    step = jax.value_and_grad(head_loss(circuit))
+    if case.get("shots") or case.get("depolarizing"):  # qtl.quantum.noise on this circuit
+        from types import SimpleNamespace
+
+        from qtl.config import NoiseConfig
+        from qtl.quantum.noise import noisy_circuit
+
+        noise = NoiseConfig(
+            depolarizing=case.get("depolarizing", 0.0), trajectories=case.get("trajectories", 1)
+        )
+        opts = SimpleNamespace(shots=case.get("shots"), gradient="adjoint", noise=noise)
+        noisy = noisy_circuit(spec, circuit, opts)
+        key = jax.random.key(0)
+        circuit = lambda x, theta: noisy(x, theta, key)  # noqa: E731
+    loss = head_loss(circuit)
+    step = loss if case.get("forward_only") else jax.value_and_grad(loss)
     t0 = time.perf_counter()
     if case["simulator"] == "lightning":  # C++ adjoint through a host callback: nothing to jit
         compiled = step

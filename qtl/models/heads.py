@@ -8,6 +8,7 @@ from flax import nnx
 
 from qtl.config import HeadConfig, HeadName, Simulator
 from qtl.quantum.circuit import CircuitSpec, init_theta, pennylane_circuit
+from qtl.quantum.noise import noisy_circuit
 
 
 class CDLHead(nnx.Module):
@@ -26,16 +27,24 @@ class DQCHead(nnx.Module):
     def __init__(self, in_features: int, n_labels: int, cfg: HeadConfig, *, rngs: nnx.Rngs):
         spec = circuit_spec(cfg, n_labels)
         self.pre = nnx.Linear(in_features, n_labels, rngs=rngs)
-        self.theta = nnx.Param(init_theta(rngs.params(), spec.theta_shape, str(cfg.theta_init)))
+        key = rngs.params()
+        self.theta = nnx.Param(init_theta(key, spec.theta_shape, str(cfg.theta_init)))
         self.post = nnx.Linear(n_labels, n_labels, rngs=rngs)
         self.circuit = make_circuit(cfg, n_labels)
+        # shots / noise (head.shots, head.noise): keys from a stream of the seed-drawn key
+        self.noisy = noisy_circuit(spec, self.circuit, cfg)
+        if self.noisy is not None:
+            self.noise_rngs = nnx.Rngs(noise=jax.random.fold_in(key, 0x6E6F))
 
     def angles(self, features: jax.Array) -> jax.Array:
         """Encoding angles in (-pi/2, pi/2)."""
         return jnp.tanh(self.pre(features)) * (jnp.pi / 2)
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        z = self.circuit(self.angles(features), self.theta[...])
+        if self.noisy is not None:
+            z = self.noisy(self.angles(features), self.theta[...], self.noise_rngs.noise())
+        else:
+            z = self.circuit(self.angles(features), self.theta[...])
         return self.post(z)
 
 

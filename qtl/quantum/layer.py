@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qtl.config import CircuitConfig as _C
-from qtl.config import ConfigError
+from qtl.config import ConfigError, NoiseConfig
 from qtl.quantum.circuit import (
     ALL_ENTANGLERS,
     ENCODINGS,
@@ -46,6 +46,9 @@ class QuantumLayerConfig:
     simulator: str = _C.simulator.value
     max_state_mb: float | None = _C.max_state_mb
     native_kernel: bool = _C.native_kernel
+    shots: int | None = _C.shots
+    gradient: str = _C.gradient.value
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # channels, as trajectories
 
 
 def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> None:
@@ -77,7 +80,8 @@ def make_simulator(
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (N, d), weights) -> <Z> (N, d)`` on the configured simulator."""
     validate_quantum(cfg)
-    return _simulator(astuple(cfg), wires)
+    exact = {k: v for k, v in vars(cfg).items() if k not in ("shots", "gradient", "noise")}
+    return _simulator(astuple(QuantumLayerConfig(**exact)), wires)
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,12 +114,23 @@ class QuantumLayer(nnx.Module):
     def __init__(self, wires: int, cfg: QuantumLayerConfig, *, rngs: nnx.Rngs):
         self.spec = layer_spec(cfg, wires)
         self.wires = wires
-        self.weights = nnx.Param(init_weights(rngs.params(), self.spec.theta_shape, cfg.init))
+        key = rngs.params()
+        self.weights = nnx.Param(init_weights(key, self.spec.theta_shape, cfg.init))
         self.circuit = make_simulator(cfg, wires)
+        from qtl.quantum.noise import noisy_circuit
+
+        # shots / noise: a key stream of its own, from this layer's seed-drawn key
+        self.noisy = noisy_circuit(self.spec, self.circuit, cfg)
+        if self.noisy is not None:
+            self.noise_rngs = nnx.Rngs(noise=jax.random.fold_in(key, 0x6E6F))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.wires:
             raise ValueError(f"quantum layer: {x.shape[-1]} features in, built for {self.wires}")
         lead = x.shape[:-1]
-        z = self.circuit(x.reshape(-1, self.wires), self.weights[...])
+        if self.noisy is not None:
+            key = self.noise_rngs.noise()
+            z = self.noisy(x.reshape(-1, self.wires), self.weights[...], key)
+        else:
+            z = self.circuit(x.reshape(-1, self.wires), self.weights[...])
         return z.reshape(*lead, self.wires)

@@ -144,6 +144,9 @@ class Results:
     costs: dict[str, Any] = field(default_factory=dict)  # medmnist: per-image params and FLOPs
     # synthetic (qtl's built-in stand-in data) | real; None: written before qtl recorded it
     data_source: str | None = None
+    # the circuit's shots, noise channels, trajectories, device model and its calibration
+    # snapshot (qtl.quantum.noise.describe); empty: exact expectation values
+    quantum_noise: dict[str, Any] = field(default_factory=dict)
     schema_version: int = RESULTS_VERSION
 
     @property

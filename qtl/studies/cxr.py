@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from qtl.config import ConfigError, DataName, ModelName, QtlConfig
+from qtl.config import ConfigError, DataName, HeadName, ModelName, QtlConfig
 from qtl.record.schema import REAL, SYNTHETIC, Results
 from qtl.studies.base import Predictable, Study
 from qtl.train.driver import RunInputs
@@ -161,6 +161,7 @@ class CxrStudy(Study):
                 "task": cfg.task.name,
                 "head": cfg.head.name.value,
                 "data_source": self.data_source(cfg),
+                "quantum_noise": _noise_record(cfg, len(labels)),
                 # positives per label in train: the report sorts labels by this frequency
                 "train_label_counts": dict(
                     zip(labels, (int(c) for c in splits["train"].labels.sum(axis=0)), strict=True)
@@ -218,3 +219,13 @@ class CxrStudy(Study):
         for name, count in rows:
             print(f"{name:<{width}}  {count:>12,}")
         return rows
+
+
+def _noise_record(cfg: QtlConfig, n_qubits: int) -> dict[str, Any]:
+    """The DQC head's shots and noise for results.json; empty when it is exact (or no DQC)."""
+    from qtl.models.heads import circuit_spec
+    from qtl.quantum.noise import describe, is_active
+
+    if cfg.head.name != HeadName.dqc or not is_active(cfg.head):
+        return {}
+    return describe(circuit_spec(cfg.head, n_qubits), cfg.head)

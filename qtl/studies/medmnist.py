@@ -162,6 +162,7 @@ class MedmnistStudy(Study):
                 "data_source": SYNTHETIC if got.synthetic is not None else REAL,
                 "teacher": dict(teacher.record) if teacher is not None else {},
                 "costs": got.costs,
+                "quantum_noise": _noise_record(cfg),
                 "train_label_counts": {
                     n: int(c) for n, c in zip(names, got.labels["train"].sum(axis=0), strict=True)
                 },
@@ -256,3 +257,16 @@ class MedmnistStudy(Study):
         print("\nQViT vs ViT (parameter-matched) vs teacher (ResNet-18):")
         print(text)
         return rows
+
+
+def _noise_record(cfg: QtlConfig) -> dict[str, Any]:
+    """The quantum layers' shots and noise for results.json; empty when exact (or classical)."""
+    from qtl.quantum.circuit import CircuitSpec
+    from qtl.quantum.noise import describe, is_active
+
+    circuit = cfg.model.circuit
+    if not cfg.model.quantum or not is_active(circuit):
+        return {}
+    wires = max(cfg.model.hidden_size, cfg.model.mlp_size)
+    spec = CircuitSpec(wires, circuit.layers, circuit.entangler, circuit.rotation, circuit.encoding)
+    return describe(spec, circuit)

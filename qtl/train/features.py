@@ -157,17 +157,18 @@ def make_feature_steps(head: nnx.Module, cfg: QtlConfig) -> Steps:
 
     def loss_fn(params, rest, features, labels, mask):
         module = nnx.merge(train_graph, params, rest, copy=True)
-        return masked_bce(module(features), labels, mask)
+        loss = masked_bce(module(features), labels, mask)
+        return loss, _split_head(module)[2]  # the rest: a noisy circuit's key stream advances
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, features, labels, mask, key) -> tuple[TrainState, jax.Array]:
         del key
-        loss, grads = jax.value_and_grad(loss_fn)(
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.rest, features.astype(jnp.float32), labels, mask
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(state.step + 1, params, state.rest, opt_state)
+        new_state = TrainState(state.step + 1, params, rest, opt_state)
         return new_state, nan_unless_finite(loss, grads, new_state)
 
     @jax.jit
