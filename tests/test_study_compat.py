@@ -65,7 +65,10 @@ def test_unfinished_qvit_run_of_the_previous_record_resumes_and_a_real_change_is
     mine = identity(cfg, MedmnistStudy())
     # study: new, null = as before; the data's content: new, recorded on this resume
     content = {k for k in mine if k.startswith("data.content.")}
-    assert content and set(mine) - {"study"} - content < set(old["identity"])
+    # shots, gradient and noise: new, at legacy values (exact <Z>) that are what it computed
+    exact = {k for k in mine if k.startswith(("model.circuit.noise.", "model.circuit.shots",
+                                             "model.circuit.gradient"))}  # fmt: skip
+    assert content and exact and set(mine) - {"study"} - content - exact < set(old["identity"])
     assert not any(k.startswith(("head.", "backbone.", "task.")) for k in mine)
     check_run_dir(cfg, run_dir, path, study=MedmnistStudy(), provenance=dict)
     # a CXR-only setting no longer orphans the QViT run ...
@@ -131,6 +134,24 @@ def _job(overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+EXACT_NOISE = {
+    "depolarizing": 0.0,
+    "depolarizing_2q": None,
+    "amplitude_damping": 0.0,
+    "phase_damping": 0.0,
+    "readout": 0.0,
+    "device_model": None,
+    "trajectories": 1,
+}
+
+
+def _pop_noise_cases(bench_circuit: dict) -> None:
+    """mode=bench_circuit's shots/trajectories cases: added since, off by default."""
+    assert bench_circuit.pop("noise_cases") == []
+    for key in ("noise_shots", "noise_trajectories", "noise_depolarizing"):
+        bench_circuit.pop(key)
+
+
 @pytest.mark.parametrize(
     ("snapshot", "overrides"),
     [
@@ -150,6 +171,8 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
 
     before = yaml.safe_load((DATA / "cfg_job_v2" / f"{snapshot}.yaml").read_text())
     now = _job(overrides)
+    if now.get("bench_circuit"):  # its noise cases: new, none by default
+        _pop_noise_cases(now["bench_circuit"])
     for section in ("bench_circuit", "bench_step", "bench_data", "bench_features"):
         assert section in before  # then: every mode carried every benchmark's settings
         if now["mode"] != section:
@@ -166,6 +189,10 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     assert now["train"].pop("processes") == 1
     assert now["train"].pop("coordinator") is None and now["train"].pop("process_id") is None
     assert now["train"].pop("coordinator_timeout_s") == 300
+    # shots and noise on every circuit (docs/noise.md): new knobs, at exact expectation values
+    for circuit in (now["head"], now["model"]["circuit"]):
+        assert (circuit.pop("shots"), circuit.pop("gradient")) == (None, "adjoint")
+        assert circuit.pop("noise") == EXACT_NOISE
     # data=medmnist no longer writes a synthetic set when the file is missing: the presets
     # that want the synthetic stand-in say so (demo_qvit, debug=tiny_medmnist), the study's
     # real-data preset reads real files only
@@ -187,6 +214,8 @@ def test_a_benchmarks_settings_in_its_own_mode_are_the_ones_every_mode_showed_be
     before = yaml.safe_load((DATA / "cfg_job_v2" / "default.yaml").read_text())
     now = _job([f"mode={section}"])
     assert now["mode"] == section
+    if section == "bench_circuit":
+        _pop_noise_cases(now[section])
     resolved = OmegaConf.to_container(OmegaConf.create(now), resolve=True)
     then = OmegaConf.to_container(OmegaConf.create(before), resolve=True)
     if section == "bench_step":  # ./bench/step.json now, bench/step.json then: one file
