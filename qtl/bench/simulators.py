@@ -164,7 +164,10 @@ def _qulacs(spec: CircuitSpec) -> CircuitFn:
 
     def f_bwd(res: tuple, g: jax.Array) -> tuple:
         x, theta = res
-        shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(theta.shape, theta.dtype))
+        shapes = (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(theta.shape, theta.dtype),
+        )
 
         def host(x: np.ndarray, t: np.ndarray, g: np.ndarray) -> tuple:
             dx, dt = backward(x, t, g)
