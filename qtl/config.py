@@ -576,7 +576,7 @@ class BenchCircuitConfig:
     features: int = 2048  # head input width (ResNet-50's pooled features)
     simulators: list[str] = field(
         default_factory=lambda: ["fast", "pennylane", "tensorcircuit", "lightning"]
-    )  # fast | pennylane | tensorcircuit | lightning; missing packages are reported, not fatal
+    )  # fast | pennylane | tensorcircuit | lightning | qulacs (bench extra); missing: a note
     steps: int = 30  # timed steps per case, after warm-up
     warmup: int = 2  # untimed steps after compilation
     max_seconds: float = 600.0  # per-case budget: fewer timed steps (>= 3) when a case is slow

@@ -44,6 +44,12 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def skipped(case: dict) -> dict:
+    """The record of a peer whose package is not installed: a note, never an error."""
+    sim = case["simulator"]
+    return {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
+
+
 def _validate(cfg: BenchCircuitConfig) -> None:
     unknown = [s for s in cfg.simulators if s not in REQUIRES]
     if unknown:
@@ -131,6 +137,38 @@ def _noise_case(cfg: BenchCircuitConfig, label: str) -> dict[str, Any]:
         out["depolarizing"] = cfg.noise_depolarizing
         out["trajectories"] = cfg.noise_trajectories
     return out
+
+
+def fast_lead(summary: list[dict]) -> list[dict]:
+    """Per n: the fastest peer (every simulator but ``fast`` that ran and agreed with it) and
+    fast's lead over it, as peer median / fast median (> 1: fast is ahead)."""
+    out = []
+    for n in sorted({r["n_qubits"] for r in summary}):
+        rows = [r for r in summary if r["n_qubits"] == n and r["status"] == "ok"]
+        fast = next((r for r in rows if r["simulator"] == "fast"), None)
+        peers = [r for r in rows if r["simulator"] != "fast"]
+        if fast is None or not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_ms"])
+        out.append(
+            {
+                "n_qubits": n,
+                "best_peer": best["simulator"],
+                "peer_median_ms": best["median_ms"],
+                "fast_median_ms": fast["median_ms"],
+                "lead": best["median_ms"] / fast["median_ms"],
+            }
+        )
+    return out
+
+
+def format_lead(leads: list[dict]) -> str:
+    """One line per n: fast's lead over the best peer."""
+    return "\n".join(
+        f"n={d['n_qubits']}: fast {d['fast_median_ms']:.1f} ms, best peer {d['best_peer']} "
+        f"{d['peer_median_ms']:.1f} ms: fast leads {d['lead']:.1f}x"
+        for d in leads
+    )
 
 
 def _kernel_name(kernel: dict | None) -> str:
@@ -258,7 +296,7 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
         print(f"[{i}/{len(cases)}] round {rnd}: {sim} n={n} ...", end=" ", flush=True)
         started = time.perf_counter()
         if not available(case["simulator"]):
-            result = {**case, "status": f"skipped: {REQUIRES[sim]} is not installed"}
+            result = skipped(case)
         else:
             result = run_worker("qtl.bench.circuit_worker", case, env, 2 * cfg.max_seconds + 600)
         result["load"] = load_average()  # the 1/5/15-minute load when the case ended
@@ -273,10 +311,16 @@ def bench_circuit(cfg: BenchCircuitConfig, head: HeadConfig) -> dict[str, Any]:
                 flush=True,
             )
     payload["summary"] = summarise(payload["results"])
+    payload["fast_lead"] = fast_lead(payload["summary"])
     payload["load_end"] = load_average()
     write_json(out, payload)
     table = format_table(payload["results"])
     print("\n" + table)
+    if payload["fast_lead"]:
+        print(
+            "\nfast's lead over the best peer (median over rounds):\n"
+            + format_lead(payload["fast_lead"])
+        )
     print(f"\nload: {payload['load_start']} at the start, {payload['load_end']} at the end")
     print(f"written: {out}")
     return payload
