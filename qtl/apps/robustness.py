@@ -56,7 +56,9 @@ def check_grid(r: RobustnessConfig) -> None:
         raise ConfigError("robustness.depolarizing is empty: list probabilities (0 = none)")
     for i, p in enumerate(r.depolarizing):
         if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"robustness.depolarizing[{i}]={p}: expected a probability in [0, 1].")
+            raise ConfigError(
+                f"robustness.depolarizing[{i}]={p}: expected a probability in [0, 1]."
+            )
     if r.trajectories < 1:
         raise ConfigError(f"robustness.trajectories={r.trajectories}: expected >= 1.")
     if r.device_models:
@@ -110,8 +112,9 @@ def _reseed(model: Any, seed: int) -> None:
     import jax
     from flax import nnx
 
-    keys = nnx.state(model, nnx.RngKey)
-    flat = nnx.to_flat_state(keys)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.RngKey))
+    if not flat:
+        return
     for path, var in flat:
         name = ".".join(str(k) for k in path)
         var.set_value(jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode())))
@@ -211,10 +214,9 @@ def _row(run_dir: Path, ev: RunEvaluator | None, point: Point, metrics: dict[str
 
 
 def evaluate_runs(r: RobustnessConfig, cfg: QtlConfig, scratch: Path, show: bool) -> list[dict]:
-    """One row per run x grid point (a run without a circuit: one row per point, the same
-    value); a run that cannot be evaluated gets one row with its reason."""
+    """One row per run x grid point (a run without a circuit: the same value at every point);
+    a run or a point that cannot be evaluated gets a row with its reason, the others go on."""
     from qtl.progress import bar
-    from qtl.utils.errors import QtlError
 
     runs = find_runs(Path(r.runs).expanduser())  # type: ignore[arg-type]
     points = grid(r)
@@ -225,16 +227,22 @@ def evaluate_runs(r: RobustnessConfig, cfg: QtlConfig, scratch: Path, show: bool
                 ev = RunEvaluator(run_dir, cfg.paths, r.split, scratch, show=False)
                 batch = ev.cfg.train.eval_batch_size
                 flat = None if ev.where is not None else ev.evaluate(None, 1, batch)
-                for point in points:
-                    metrics = flat if flat is not None else ev.evaluate(
-                        point, r.trajectories, batch
-                    )
-                    rows.append(_row(run_dir, ev, point, metrics))
-                    pbar.update(1)
-            except (QtlError, OSError, ValueError, KeyError) as err:
-                rows.append(_row(run_dir, None, points[0], {}, f"{type(err).__name__}: {err}"))
+            except Exception as err:  # listed in the table, the other runs go on
+                rows.append(_row(run_dir, None, points[0], {}, _reason(err)))
                 pbar.update(len(points))
+                continue
+            for point in points:
+                try:
+                    metrics = flat or ev.evaluate(point, r.trajectories, batch)
+                    rows.append(_row(run_dir, ev, point, metrics))
+                except Exception as err:
+                    rows.append(_row(run_dir, ev, point, {}, _reason(err)))
+                pbar.update(1)
     return rows
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:500]
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:

@@ -58,7 +58,26 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
         part = sweep.of_study(study)
         paths.append(section(part, where, cfg, logger))
         mark_section(part, where, paths[-1])  # "(synthetic data)" where a reader looks
-    return paths[0] if len(paths) == 1 else _index(out, studies, paths)
+    report = paths[0] if len(paths) == 1 else _index(out, studies, paths)
+    append_robustness(out, report)
+    return report
+
+
+def append_robustness(out: Path, report: Path) -> None:
+    """The table (and figure) of ``mode=robustness`` run with ``robustness.out`` = this
+    report folder, as a section of report.md; nothing when there is none."""
+    import os
+
+    table = out / "robustness.md"
+    if not table.is_file():
+        return
+    _, _, body = table.read_text().partition("\n")  # without its title
+    lines = ["", "## Robustness under shots and noise", body.replace("\n## ", "\n### ")]
+    figure = out / "robustness.png"
+    if figure.is_file():
+        lines.append(f"![robustness]({os.path.relpath(figure, report.parent)})")
+    with report.open("a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _index(out: Path, studies: list[str], paths: list[Path]) -> Path:
