@@ -265,7 +265,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _cell(v: Any) -> Any:
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6f}"
+        return "" if math.isnan(v) else f"{v:.8g}"
     return "" if v is None else v
 
 
