@@ -26,7 +26,11 @@ def sweep(synth_root, tmp_path_factory) -> Path:
     """A sweep-like folder: cxr8-dqc/seed0 and cxr8-cdl/seed0, finished (one epoch each)."""
     root = tmp_path_factory.mktemp("robust-sweep")
     for head in ("dqc", "cdl"):
-        cfg = compose(*TINY, f"data.root={synth_root}", f"head={head}", "train.max_epochs=1")
+        # one circuit layer: the noisy points compile a trajectory program per gate
+        depth = ["head.depth=1"] if head == "dqc" else []
+        cfg = compose(
+            *TINY, f"data.root={synth_root}", f"head={head}", "train.max_epochs=1", *depth
+        )
         train_and_evaluate(cfg, root / f"cxr8-{head}" / "seed0")
     return root
 
