@@ -15,7 +15,7 @@ from conftest import TINY, compose
 from qtl.apps import one_line
 from qtl.apps.robustness import main as robustness_main
 from qtl.apps.train import train_and_evaluate
-from qtl.report.build import append_robustness
+from qtl.report.robustness import append_robustness
 from qtl.utils.errors import EXIT_INPUT
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ from qtl.config import ConfigError, LoggerConfig, LoggerName, ReportConfig
 from qtl.report import figures as figs
 from qtl.report import markdown
 from qtl.report.collect import Sweep, collect
+from qtl.report.robustness import append_robustness
 from qtl.report.stats import compare
 from qtl.report.synthetic import mark_section
 from qtl.report.tables import (
@@ -61,23 +62,6 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
     report = paths[0] if len(paths) == 1 else _index(out, studies, paths)
     append_robustness(out, report)
     return report
-
-
-def append_robustness(out: Path, report: Path) -> None:
-    """The table (and figure) of ``mode=robustness`` run with ``robustness.out`` = this
-    report folder, as a section of report.md; nothing when there is none."""
-    import os
-
-    table = out / "robustness.md"
-    if not table.is_file():
-        return
-    _, _, body = table.read_text().partition("\n")  # without its title
-    lines = ["", "## Robustness under shots and noise", body.replace("\n## ", "\n### ")]
-    figure = out / "robustness.png"
-    if figure.is_file():
-        lines.append(f"![robustness]({os.path.relpath(figure, report.parent)})")
-    with report.open("a") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 def _index(out: Path, studies: list[str], paths: list[Path]) -> Path:
