@@ -126,6 +126,12 @@ def write_figure(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
         ax_s.set_xscale("log")
         ticks = sorted({*finite, exact_x})
         ax_s.set_xticks(ticks, [("exact" if t == exact_x else f"{t:g}") for t in ticks])
+        ax_s.minorticks_off()
+    strengths = sorted({k[2] for k in table if k[2] > 0})
+    if len(strengths) > 1:  # 0, 1e-3, 1e-2: log-spaced strengths, with 0 on the linear part
+        ax_p.set_xscale("symlog", linthresh=strengths[0])
+        ax_p.set_xticks([0, *strengths], ["0", *(f"{p:g}" for p in strengths)])
+        ax_p.minorticks_off()
     ax_s.set_xlabel("shots (no gate noise)")
     ax_p.set_xlabel("depolarizing p per gate (exact shots; squares: device models)")
     for ax in (ax_s, ax_p):
