@@ -52,6 +52,7 @@ class Mode(StrEnum):
     bench_features = "bench_features"  # head epoch times on NIH-sized features; extraction img/s
     predict = "predict"  # a finished run's (or export's) class/label probabilities for images
     export = "export"  # a finished run -> a folder loadable without qtl's training code
+    robustness = "robustness"  # finished runs' test metric under a grid of shots and noise
 
 
 class HeadName(StrEnum):
@@ -679,6 +680,19 @@ class ExportConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """``mode=robustness``: finished runs re-evaluated on a split under shots and noise."""
+
+    runs: str | None = None  # a finished run folder, or a folder searched for them (a sweep)
+    shots: list[Any] = field(default_factory=lambda: [100, 1000, 10000, None])  # null = exact
+    depolarizing: list[float] = field(default_factory=lambda: [0.0, 0.001, 0.01])  # per gate
+    device_models: list[str] = field(default_factory=list)  # IBM fake backends (noise extra)
+    trajectories: int = 8  # quantum trajectories per example when a gate channel is on
+    split: str = "test"  # the split evaluated
+    out: str | None = None  # folder of robustness.csv/.md/.png; null = this mode's own folder
+
+
+@dataclass
 class PathsConfig:
     """Every root qtl reads or writes (conf/paths/default.yaml derives them from ``root``)."""
 
@@ -723,6 +737,7 @@ class QtlConfig:
     bench_features: BenchFeaturesConfig | None = None  # mode=bench_features
     predict: PredictConfig | None = None  # mode=predict (conf/mode/predict.yaml)
     export: ExportConfig | None = None  # mode=export (conf/mode/export.yaml)
+    robustness: RobustnessConfig | None = None  # mode=robustness (conf/mode/robustness.yaml)
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "study",
@@ -752,6 +767,7 @@ class QtlConfig:
         "bench_features",
         "predict",  # the other modes' own settings: no run computes with them
         "export",
+        "robustness",
     )
     # null: the study data.name selects, which is what a qtl without the field ran
     LEGACY: ClassVar[dict[str, Any]] = {"study": None}

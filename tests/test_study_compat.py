@@ -181,6 +181,7 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     assert now.pop("study") is None  # a new key: null selects data's study, as before
     # the settings of mode=predict and mode=export: new keys, there in their own mode only
     assert now.pop("predict") is None and now.pop("export") is None
+    assert now.pop("robustness") is None  # mode=robustness's settings, likewise
     # knobs added since, at the defaults that keep the old behaviour: one device, and a
     # second process on a busy run directory refused rather than kept waiting
     assert now["train"].pop("devices") == 1

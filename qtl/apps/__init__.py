@@ -30,6 +30,7 @@ APPS: dict[Mode, str] = {
     Mode.bench_features: "qtl.apps.bench_features",
     Mode.predict: "qtl.apps.predict",
     Mode.export: "qtl.apps.export",
+    Mode.robustness: "qtl.apps.robustness",
 }
 
 

@@ -9,6 +9,7 @@ from qtl.config import ConfigError, LoggerConfig, LoggerName, ReportConfig
 from qtl.report import figures as figs
 from qtl.report import markdown
 from qtl.report.collect import Sweep, collect
+from qtl.report.robustness import append_robustness
 from qtl.report.stats import compare
 from qtl.report.synthetic import mark_section
 from qtl.report.tables import (
@@ -58,7 +59,9 @@ def write_report(cfg: ReportConfig, logger: LoggerConfig | None = None) -> Path:
         part = sweep.of_study(study)
         paths.append(section(part, where, cfg, logger))
         mark_section(part, where, paths[-1])  # "(synthetic data)" where a reader looks
-    return paths[0] if len(paths) == 1 else _index(out, studies, paths)
+    report = paths[0] if len(paths) == 1 else _index(out, studies, paths)
+    append_robustness(out, report)
+    return report
 
 
 def _index(out: Path, studies: list[str], paths: list[Path]) -> Path:
