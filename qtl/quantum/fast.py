@@ -633,9 +633,11 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(vectors, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
 
     ``vectors`` (B, n, 2) is every wire's state after the prefix, ``mats`` (m, n, 2, 2) the
-    rotation layers. The kernel takes each example's state through every layer in cache and
-    returns, in the backward pass, the cotangent of ``vectors`` and each gate's 2x2 Gram D;
-    dU = D U^-T, as in ``_rotate_native``.
+    rotation layers, or (B, m, n, 2, 2) each row's own (the noise trajectories' layers with
+    their Paulis folded in, :mod:`qtl.quantum.noise.pauli_frame`). The kernel takes each
+    example's state through every layer in cache and returns, in the backward pass, the
+    cotangent of ``vectors`` and each gate's 2x2 Gram D (per row); dU = D U^-T, as in
+    ``_rotate_native``.
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
@@ -656,16 +658,28 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
         vectors, mats = res
         shapes = (
             jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
-            jax.ShapeDtypeStruct((vectors.shape[0], *mats.shape), jnp.float32),
+            jax.ShapeDtypeStruct((vectors.shape[0], *mats.shape[-4:]), jnp.float32),
         )
         call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
         dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
         flat = mats.reshape(-1, 2, 2)
-        dmats = jnp.matmul(gram.sum(0).reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
+        gram = gram if mats.ndim == 5 else gram.sum(0)  # a row's own layers: its own Grams
+        dmats = jnp.matmul(gram.reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
         return dvectors, dmats.reshape(mats.shape)
 
     run.defvjp(run_fwd, run_bwd)
     return run
+
+
+def row_state_kernel(spec: CircuitSpec) -> tuple[_Plan, Callable] | None:
+    """The whole-circuit kernel taking one set of layer matrices per row: ``(plan,
+    f(vectors (R, n, 2), mats (R, m, n, 2, 2)) -> (R, n))``, float32, with the adjoint
+    gradient of both; None where it does not run this circuit here (complex amplitudes, fewer
+    than 4 wires, another shape of plan, no native kernels on this backend)."""
+    plan = compile_plan(spec)
+    if not (_state_kernel_fits(plan) and native_ok() and kernels.statevector_targets()):
+        return None
+    return plan, _state_kernel(plan)
 
 
 COMPLEX_KERNEL_QUBITS = 20  # complex_circuit.cc: a group of 8 rows' state is 2^n x 64 bytes
