@@ -30,13 +30,20 @@ def _inputs(spec: CircuitSpec, batch: int, seed: int = 0):
     return x, 2.0 * jax.random.normal(kt, spec.theta_shape)
 
 
-@pytest.mark.parametrize(
-    "spec", [CircuitSpec(5, 2), CircuitSpec(4, 3, "even_odd", encoding="ry")], ids=str
-)
+SPECS = [
+    CircuitSpec(5, 2),  # the DQC family: real, statevector.cc
+    CircuitSpec(4, 3, "even_odd", encoding="ry"),
+    CircuitSpec(3, 2, "ring", "rz_ry"),  # complex amplitudes: complex_circuit.cc
+    CircuitSpec(4, 2, "qvit_ring", "rx", "rx"),  # the QViT's layers
+    CircuitSpec(3, 1, "qvit_ring", "rx", "rx"),  # one layer: a product state, no kernel
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_same_events_same_trajectories_and_gradients(spec):
     """Row by row, the Pauli-frame trajectory is the gate-by-gate one with the same draws."""
     params = uniform(spec.n_qubits, PAULI)
-    params = type(params)(**{**params.__dict__, "pulses": {"RY": 2}})  # repeated channels too
+    params = type(params)(**{**params.__dict__, "pulses": {"RY": 2, "RX": 2}})  # repeated too
     k, batch = 6, 3
     frame = pauli_frame_circuit(spec, params, k)
     gates = trajectory_circuit(spec, params, k)
@@ -57,11 +64,11 @@ def test_same_events_same_trajectories_and_gradients(spec):
         np.testing.assert_allclose(ga, gb, atol=5e-5, rtol=1e-4)
 
 
-def test_mean_and_gradient_match_default_mixed():
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=str)
+def test_mean_and_gradient_match_default_mixed(spec):
     """Pauli channels and readout: the trajectory mean and its theta gradient within 5 sigma of
     the density matrix's (central differences of default.mixed for the gradient)."""
-    spec = CircuitSpec(4, 2)
-    params = uniform(4, PAULI)
+    params = uniform(spec.n_qubits, PAULI)
     x, theta = _inputs(spec, 1, seed=1)
     xb, tb = np.asarray(x[0], np.float64), np.asarray(theta, np.float64)
     one = jax.jit(pauli_frame_circuit(spec, params, 1))
@@ -73,7 +80,7 @@ def test_mean_and_gradient_match_default_mixed():
     exact = np.asarray(fast_circuit(spec)(x, theta))[0]
     assert np.abs(ref - exact).max() > 10 * sem.max()  # the noise moved the values
 
-    w = np.array([1.0, -0.5, 0.3, 2.0])
+    w = np.array([1.0, -0.5, 0.3, 2.0, -1.0])[: spec.n_qubits]
     f = pauli_frame_circuit(spec, params, 50)
     grad = jax.grad(lambda t, key: (f(x, t, key)[0] * w).sum())
     draws = np.asarray(
@@ -100,10 +107,8 @@ def test_routing_keys_and_where_it_does_not_apply():
     a, b = f(x, theta, jax.random.key(3)), f(x, theta, jax.random.key(3))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, f(x, theta, jax.random.key(4)))
-    # amplitude damping, complex amplitudes, fewer than 4 wires: the gate-by-gate path
+    # amplitude damping, a real circuit of fewer than 4 wires: the gate-by-gate path
     assert pauli_frame_circuit(spec, uniform(5, NoiseConfig(amplitude_damping=0.1)), 2) is None
-    rz = CircuitSpec(5, 2, rotation="rz_ry")
-    assert pauli_frame_circuit(rz, uniform(5, PAULI), 2) is None
     assert pauli_frame_circuit(CircuitSpec(3, 2), uniform(3, PAULI), 2) is None
     damped = HeadConfig(name=HeadName.dqc, noise=NoiseConfig(amplitude_damping=0.05))
     g = jax.jit(noisy_circuit(spec, fast_circuit(spec), damped))

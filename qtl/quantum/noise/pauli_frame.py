@@ -6,19 +6,22 @@ gates inserted, drawn with probabilities that do not depend on the state or the 
 A Pauli inserted after a CNOT is pushed back through the CNOTs before it in its network (a
 Clifford conjugation: X^a Z^b -> X^(M^-1 a) Z^(M^T b) for the network's GF(2) basis map M,
 up to a global phase) to the rotation layer before that network, and every Pauli is then
-folded into that wire's 2x2 (real for the study's H/RY circuit: Y is i XZ, and a global phase
-does not change <Z>). So a trajectory is the exact circuit with its own prefix vectors and
-layer matrices, and all B x K rows run through ``statevector.cc`` in one call, its adjoint
-gradient included (:func:`qtl.quantum.fast.row_state_kernel`); the bookkeeping is a few
-(B K, n) operations per gate in JAX. Same law as :mod:`qtl.quantum.noise.trajectories` (the
-same events from the same uniforms give the same trajectories: ``with_uniforms``, tested),
-and the gradient of the trajectory mean is unbiased (branch probabilities are constants).
+folded into that wire's 2x2 (Y is i XZ, and a global phase does not change <Z>, so the
+study's H/RY circuit stays real). So a trajectory is the exact circuit with its own prefix
+vectors and layer matrices, and all B x K rows run through the exact simulator's whole-circuit
+kernel in one call, its adjoint gradient included (:func:`qtl.quantum.fast.row_state_kernel`:
+``statevector.cc`` for real circuits, ``complex_circuit.cc`` for RX/RZ ones such as the
+QViT's); the bookkeeping is a few (B K, n) operations per gate in JAX. Same law as
+:mod:`qtl.quantum.noise.trajectories` (the same events from the same uniforms give the same
+trajectories: ``with_uniforms``, tested), and the gradient of the trajectory mean is unbiased
+(branch probabilities are constants).
 
 Where it applies: Pauli channels only (amplitude damping, and so a device model's thermal
 relaxation, changes branch probabilities with the state: it stays on the gate-by-gate path),
-real-amplitude circuits the whole-circuit kernel runs (>= 4 wires, H/RY/CNOT, the DQC head's),
-on a CPU with the native kernels. Elsewhere (the QViT's complex RX circuits, a GPU) the
-gate-by-gate path runs.
+circuits a whole-circuit kernel runs (a prefix, then CNOT networks and rotation layers; real
+ones with >= 4 wires, complex ones with 2-20) on a CPU with the native kernels, and one-layer
+circuits anywhere (the QViT's default: a product state read through the last network as
+parities, no state vector). Elsewhere (a GPU, ``QTL_NATIVE=0``) the gate-by-gate path runs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
-from qtl.quantum.fast import cnot_network_matrix, row_state_kernel
+from qtl.quantum.fast import cnot_network_matrix, compile_plan, row_state_kernel
 from qtl.quantum.noise.channels import NoiseParams, apply_readout, phase_flip_probability
 from qtl.quantum.noise.trajectories import count_events
 
@@ -115,16 +118,22 @@ def _apply_pauli(x: jax.Array, z: jax.Array, a: jax.Array, vector: bool) -> jax.
     return jnp.stack([jnp.where(x[..., None], r1, r0), jnp.where(x[..., None], r0, r1)], -2)
 
 
-def _gate(name: str, angle: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
-    """(*shape, 2, 2) float32 matrices of a real gate (H or RY)."""
+def _gate(name: str, angle: jax.Array | None, shape: tuple[int, ...], dtype) -> jax.Array:
+    """(*shape, 2, 2) matrices of one gate kind (float32 for H/RY, complex64 for RX/RZ)."""
     if name == "Hadamard":
-        return jnp.broadcast_to(jnp.asarray(_H), (*shape, 2, 2))
-    if name != "RY":
-        raise ValueError(f"Pauli-frame trajectories: gate {name} is not real (H, RY, CNOT)")
-    c, s = jnp.cos(angle / 2), jnp.sin(angle / 2)
-    return jnp.broadcast_to(
-        jnp.stack([jnp.stack([c, -s], -1), jnp.stack([s, c], -1)], -2), (*shape, 2, 2)
-    )
+        return jnp.broadcast_to(jnp.asarray(_H, dtype), (*shape, 2, 2))
+    c, s = jnp.cos(angle / 2).astype(dtype), jnp.sin(angle / 2).astype(dtype)
+    if name == "RY":
+        rows = [[c, -s], [s, c]]
+    elif name == "RX":
+        rows = [[c, -1j * s], [-1j * s, c]]
+    elif name == "RZ":
+        zero = jnp.zeros_like(c)
+        rows = [[c - 1j * s, zero], [zero, c + 1j * s]]
+    else:
+        raise ValueError(f"Pauli-frame trajectories: gate {name} is not supported")
+    mat = jnp.stack([jnp.stack(r, -1) for r in rows], -2)
+    return jnp.broadcast_to(mat, (*shape, 2, 2))
 
 
 def _local(
@@ -135,6 +144,7 @@ def _local(
     u: jax.Array,
     frame: tuple[jax.Array, jax.Array],
     vector: bool,
+    dtype,
 ) -> jax.Array:
     """Every wire's gates and Paulis in order, then the frame pushed back from the next
     network: (M, n, 2) states of |0> (``vector``, the prefix) or (M, n, 2, 2) matrices.
@@ -150,9 +160,9 @@ def _local(
     for wires in by_signature.values():
         k = len(wires)
         if vector:
-            a = jnp.broadcast_to(jnp.array([1.0, 0.0], jnp.float32), (rows, k, 2))
+            a = jnp.broadcast_to(jnp.array([1.0, 0.0], dtype), (rows, k, 2))
         else:
-            a = jnp.broadcast_to(jnp.eye(2, dtype=jnp.float32), (rows, k, 2, 2))
+            a = jnp.broadcast_to(jnp.eye(2, dtype=dtype), (rows, k, 2, 2))
         for j, item in enumerate(gates.get(wires[0], [])):
             column = [gates[w][j] for w in wires]
             if item[0] == "gate":
@@ -166,7 +176,7 @@ def _local(
                     else:
                         flat = [int(np.ravel_multi_index(s.index, theta.shape)) for s in syms]
                         angle = jnp.broadcast_to(flat_theta[np.array(flat)], (rows, k))
-                g = _gate(item[1], angle, (rows, k))
+                g = _gate(item[1], angle, (rows, k), dtype)
                 if vector:
                     a = jnp.einsum("mkij,mkj->mki", g, a)
                 else:
@@ -219,6 +229,10 @@ def _frame(cnots: list, n: int, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     return push(bits_x, cols_x), push(bits_z, cols_z)
 
 
+def _pairs(z: jax.Array) -> jax.Array:
+    return jnp.stack([jnp.real(z), jnp.imag(z)], -1).astype(jnp.float32)
+
+
 def _event_probabilities(segments: list, events: int) -> np.ndarray:
     """(events,) the probability that each event draws a non-identity Pauli."""
     probs = np.zeros(events)
@@ -253,10 +267,6 @@ def pauli_frame_circuit(
     At p = 1e-3 and n = 19 (152 events) ~14% of the trajectories draw one."""
     if not pauli_only(params):
         return None
-    found = row_state_kernel(spec)
-    if found is None:
-        return None
-    _, kernel = found
     n, k = spec.n_qubits, int(trajectories)
     ops = list(record_tape(spec).operations)
     events = count_events(ops, params)
@@ -265,19 +275,36 @@ def pauli_frame_circuit(
     kinds = [kind for kind, _ in segments]
     if kinds != ["local"] + ["cnot", "local"] * ((len(kinds) - 2) // 2) + ["cnot"]:
         return None
+    real = compile_plan(spec).real
+    kernel = None
+    if len(kinds) == 2:  # one layer: a product state, measured through the last network
+        masks = jnp.asarray(cnot_network_matrix(n, [(c, t) for c, t, _ in segments[1][1]]))
+    else:
+        found = row_state_kernel(spec)
+        if found is None:
+            return None
+        kernel = found[1]
+    dtype = jnp.float32 if real else jnp.complex64
 
     def rows_z(rows: jax.Array, theta: jax.Array, u: jax.Array) -> jax.Array:
         """(R, n) <Z> of each row's trajectory, its events from the uniforms u (R, events)."""
         frames = [_frame(body, n, u) for kind, body in segments if kind == "cnot"]
         locals_ = [body for kind, body in segments if kind == "local"]
-        vectors = _local(locals_[0], n, rows, theta, u, frames[0], vector=True)
+        vectors = _local(locals_[0], n, rows, theta, u, frames[0], True, dtype)
+        if kernel is None:  # <Z_i> = prod over wires w of row i of the network's map: <Z_w>
+            p = jnp.real(vectors) ** 2 + jnp.imag(vectors) ** 2  # |.|^2, smooth at 0
+            zw = (p[..., 0] - p[..., 1]).astype(jnp.float32)
+            z = jnp.prod(jnp.where(masks[None] == 1, zw[:, None, :], 1.0), axis=-1)
+            return apply_readout(z, params) if params.readout else z
         mats = jnp.stack(
             [
-                _local(body, n, rows, theta, u, frames[i + 1], vector=False)
+                _local(body, n, rows, theta, u, frames[i + 1], False, dtype)
                 for i, body in enumerate(locals_[1:])
             ],
             axis=1,
         )  # (R, m, n, 2, 2)
+        if not real:  # the complex kernel takes (re, im) pairs
+            vectors, mats = _pairs(vectors), _pairs(mats)
         z = kernel(vectors, mats)
         return apply_readout(z, params) if params.readout else z
 
