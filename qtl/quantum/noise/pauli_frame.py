@@ -98,12 +98,12 @@ def _pauli_bits(idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (idx == 1) | (idx == 2), idx >= 2
 
 
-def _depolarize(u: jax.Array, p: float) -> jax.Array:
+def _depolarize(u: jax.Array, p: float | jax.Array) -> jax.Array:
     # the gate-by-gate path's draw (trajectories._Noise.depolarize), expression for expression
     return jnp.where(u < p, 1 + jnp.minimum((u / p * 3).astype(jnp.int32), 2), 0)
 
 
-def _depolarize_2q(u: jax.Array, p: float) -> jax.Array:
+def _depolarize_2q(u: jax.Array, p: float | jax.Array) -> jax.Array:
     return jnp.where(u < p, 1 + jnp.minimum((u / p * 15).astype(jnp.int32), 14), 0)
 
 
@@ -199,34 +199,47 @@ def _local(
 
 def _frame(cnots: list, n: int, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The (x, z) bits (M, n) of every Pauli drawn after this network's CNOTs, pushed back
-    to before the network: after CNOTs V = pairs[:k+1], X^a Z^b moves to X^(M^-1 a) Z^(M^T b)."""
+    to before the network: after CNOTs V = pairs[:k+1], X^a Z^b moves to X^(M^-1 a) Z^(M^T b).
+    All the network's draws at once (a few ops, whatever its size: a small program)."""
     rows = u.shape[0]
-    bits_x, cols_x, bits_z, cols_z = [], [], [], []
     pairs = [(c, t) for c, t, _ in cnots]
+    dep_cols, dep_p, dep_x, dep_z = [], [], [], []  # per two-qubit event: (2, n) images
+    flip_cols, flip_q, flip_z = [], [], []
     for k, (c, t, events) in enumerate(cnots):
         inv = cnot_network_matrix(n, pairs[: k + 1][::-1])  # M^-1: columns are X images
         fwd_t = cnot_network_matrix(n, pairs[: k + 1]).T  # M^T: columns are Z images
         for event in events:
-            draw = u[:, event[1]]
             if event[0] == "dep2":
-                idx = _depolarize_2q(draw, event[2])
-                for w, pauli in ((c, idx // 4), (t, idx % 4)):
-                    px, pz = _pauli_bits(pauli)
-                    bits_x.append(px)
-                    cols_x.append(inv[:, w])
-                    bits_z.append(pz)
-                    cols_z.append(fwd_t[:, w])
+                dep_cols.append(event[1])
+                dep_p.append(event[2])
+                dep_x.append(np.stack([inv[:, c], inv[:, t]]))
+                dep_z.append(np.stack([fwd_t[:, c], fwd_t[:, t]]))
             else:  # flip on wire event[3]
-                bits_z.append(draw < event[2])
-                cols_z.append(fwd_t[:, event[3]])
+                flip_cols.append(event[1])
+                flip_q.append(event[2])
+                flip_z.append(fwd_t[:, event[3]])
+    x_bits, x_images, z_bits, z_images = [], [], [], []
+    if dep_cols:
+        p = jnp.asarray(np.array(dep_p, np.float32))
+        idx = _depolarize_2q(u[:, np.array(dep_cols)], p)  # (M, E), as one event at a time
+        for side, pauli in enumerate((idx // 4, idx % 4)):  # control, target
+            px, pz = _pauli_bits(pauli)
+            x_bits.append(px)
+            z_bits.append(pz)
+            x_images.append(np.stack(dep_x)[:, side])
+            z_images.append(np.stack(dep_z)[:, side])
+    if flip_cols:
+        q = jnp.asarray(np.array(flip_q, np.float32))
+        z_bits.append(u[:, np.array(flip_cols)] < q)
+        z_images.append(np.stack(flip_z))
 
-    def push(bits: list, cols: list) -> jax.Array:
+    def push(bits: list, images: list) -> jax.Array:
         if not bits:
             return jnp.zeros((rows, n), bool)
-        b = jnp.stack(bits, 1).astype(jnp.int32)
-        return (b @ jnp.asarray(np.stack(cols).astype(np.int32))) % 2 == 1
+        b = jnp.concatenate(bits, 1).astype(jnp.int32)
+        return (b @ jnp.asarray(np.concatenate(images).astype(np.int32))) % 2 == 1
 
-    return push(bits_x, cols_x), push(bits_z, cols_z)
+    return push(x_bits, x_images), push(z_bits, z_images)
 
 
 def _pairs(z: jax.Array) -> jax.Array:
@@ -327,11 +340,16 @@ def pauli_frame_circuit(
         hits = total - clean.sum()
 
         def noisy_rows(_=None):
+            # one kernel call: the B noise-free rows (uniforms of 1 draw no Pauli), then the
+            # rows that drew one (padded to the capacity with row 0, masked out)
             index = jnp.nonzero(~clean, size=cap, fill_value=0)[0]
-            valid = (jnp.arange(cap) < hits)[:, None]
-            z = jnp.where(valid, rows_z(rows[index], theta, u[index]), 0.0)
+            ones = jnp.ones((batch, events), u.dtype)
+            both = rows_z(
+                jnp.concatenate([x2, rows[index]]), theta, jnp.concatenate([ones, u[index]])
+            )
+            exact, z = both[:batch], both[batch:]
+            z = jnp.where((jnp.arange(cap) < hits)[:, None], z, 0.0)
             sums = jnp.zeros((batch, n), z.dtype).at[index // k].add(z)
-            exact = rows_z(x2, theta, jnp.ones((batch, events), u.dtype))  # readout included
             return (clean.reshape(batch, k).sum(1)[:, None] * exact + sums) / k
 
         return jax.lax.cond(hits <= cap, noisy_rows, every_row)
