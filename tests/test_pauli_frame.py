@@ -32,14 +32,13 @@ def _inputs(spec: CircuitSpec, batch: int, seed: int = 0):
 
 SPECS = [
     CircuitSpec(5, 2),  # the DQC family: real, statevector.cc
-    CircuitSpec(4, 3, "even_odd", encoding="ry"),
-    CircuitSpec(3, 2, "ring", "rz_ry"),  # complex amplitudes: complex_circuit.cc
-    CircuitSpec(4, 2, "qvit_ring", "rx", "rx"),  # the QViT's layers
+    CircuitSpec(4, 2, "qvit_ring", "rx", "rx"),  # the QViT's layers: complex_circuit.cc
     CircuitSpec(3, 1, "qvit_ring", "rx", "rx"),  # one layer: a product state, no kernel
+    CircuitSpec(3, 2, "ring", "rz_ry"),  # complex (RZ, RY); against default.mixed below
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", SPECS[:3], ids=str)
 def test_same_events_same_trajectories_and_gradients(spec):
     """Row by row, the Pauli-frame trajectory is the gate-by-gate one with the same draws."""
     params = uniform(spec.n_qubits, PAULI)
@@ -64,7 +63,7 @@ def test_same_events_same_trajectories_and_gradients(spec):
         np.testing.assert_allclose(ga, gb, atol=5e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=str)
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[3]], ids=str)
 def test_mean_and_gradient_match_default_mixed(spec):
     """Pauli channels and readout: the trajectory mean and its theta gradient within 5 sigma of
     the density matrix's (central differences of default.mixed for the gradient)."""
@@ -84,12 +83,14 @@ def test_mean_and_gradient_match_default_mixed(spec):
     f = pauli_frame_circuit(spec, params, 50)
     grad = jax.grad(lambda t, key: (f(x, t, key)[0] * w).sum())
     draws = np.asarray(
-        jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, jax.random.split(jax.random.key(2), 60))
-    ).reshape(60, -1)
+        jax.jit(jax.vmap(grad, in_axes=(None, 0)))(theta, jax.random.split(jax.random.key(2), 40))
+    ).reshape(40, -1)
+    picked = [0, tb.size // 3, tb.size // 2, tb.size - 1]  # a few weights: default.mixed is slow
+    draws = draws[:, picked]
     g_mean, g_sem = draws.mean(0), draws.std(0) / np.sqrt(len(draws))
     h = 1e-4
     want = []
-    for i in range(tb.size):
+    for i in picked:
         e = np.zeros(tb.size)
         e[i] = h
         up = mixed_z(spec, params, xb, tb + e.reshape(tb.shape))
@@ -128,8 +129,8 @@ def test_row_kernel_is_the_shared_kernel_row_by_row():
     mats = jnp.stack([_layer_matrices(g, 6, x, theta, jnp.float32) for g in layers])
     rows = jnp.broadcast_to(mats, (4, *mats.shape))
     w = jax.random.normal(jax.random.key(1), (4, 6))
-    shared = jax.value_and_grad(lambda v, m: (kernel(v, m) * w).sum(), (0, 1))(vectors, mats)
-    per_row = jax.value_and_grad(lambda v, m: (kernel(v, m) * w).sum(), (0, 1))(vectors, rows)
+    step = jax.jit(jax.value_and_grad(lambda v, m: (kernel(v, m) * w).sum(), (0, 1)))
+    shared, per_row = step(vectors, mats), step(vectors, rows)
     assert shared[0] == per_row[0]
     np.testing.assert_array_equal(shared[1][0], per_row[1][0])
     np.testing.assert_allclose(shared[1][1], per_row[1][1].sum(0), rtol=1e-5, atol=1e-6)
@@ -148,14 +149,15 @@ def test_clean_trajectories_run_once_per_example():
     key = jax.random.key(9)
     table = jax.random.uniform(key, (batch * k, dedup.events))
     assert 4 < int((table < 0.01).any(1).sum()) < batch * k // 2  # some rows, not most
-    want = np.asarray(dedup.with_uniforms(x, theta, table)).reshape(batch, k, -1).mean(1)
+    want = jax.jit(dedup.with_uniforms)(x, theta, table)
+    want = np.asarray(want).reshape(batch, k, -1).mean(1)
     w = jax.random.normal(jax.random.key(1), (batch, 5))
     results = []
     for f in (dedup, every):
         val, grads = jax.jit(
             jax.value_and_grad(lambda a, t, f=f: (f(a, t, key) * w).sum(), (0, 1))
         )(x, theta)
-        np.testing.assert_allclose(f(x, theta, key), want, atol=2e-6)
+        np.testing.assert_allclose(jax.jit(f)(x, theta, key), want, atol=2e-6)
         results.append((val, *grads))
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
