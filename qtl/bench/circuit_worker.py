@@ -101,6 +101,9 @@ def run_case(case: dict) -> dict:
         result["kernel"] = {**selected(), "used": result["native_kernel_used"] or "xla"}
         if result["native_kernel_used"] is None:
             result["kernel"]["kernel"] = "xla"
+        if case.get("depolarizing"):  # which trajectory simulator (docs/noise.md)
+            pauli = result["native_kernel_used"] == "statevector"
+            result["trajectory_path"] = "pauli_frame" if pauli else "gate_by_gate"
     device_peak(result)
     if diff is not None:
         result["max_abs_diff_vs_fast"] = diff

@@ -633,9 +633,11 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(vectors, mats) -> (B, n)`` <Z_i> by :mod:`qtl.quantum.kernels` (``statevector.cc``).
 
     ``vectors`` (B, n, 2) is every wire's state after the prefix, ``mats`` (m, n, 2, 2) the
-    rotation layers. The kernel takes each example's state through every layer in cache and
-    returns, in the backward pass, the cotangent of ``vectors`` and each gate's 2x2 Gram D;
-    dU = D U^-T, as in ``_rotate_native``.
+    rotation layers, or (B, m, n, 2, 2) each row's own (the noise trajectories' layers with
+    their Paulis folded in, :mod:`qtl.quantum.noise.pauli_frame`). The kernel takes each
+    example's state through every layer in cache and returns, in the backward pass, the
+    cotangent of ``vectors`` and each gate's 2x2 Gram D (per row); dU = D U^-T, as in
+    ``_rotate_native``.
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
@@ -656,16 +658,34 @@ def _state_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
         vectors, mats = res
         shapes = (
             jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
-            jax.ShapeDtypeStruct((vectors.shape[0], *mats.shape), jnp.float32),
+            jax.ShapeDtypeStruct((vectors.shape[0], *mats.shape[-4:]), jnp.float32),
         )
         call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
         dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
         flat = mats.reshape(-1, 2, 2)
-        dmats = jnp.matmul(gram.sum(0).reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
+        gram = gram if mats.ndim == 5 else gram.sum(0)  # a row's own layers: its own Grams
+        dmats = jnp.matmul(gram.reshape(-1, 2, 2), _inverse_t(flat), precision=_HIGHEST)
         return dvectors, dmats.reshape(mats.shape)
 
     run.defvjp(run_fwd, run_bwd)
     return run
+
+
+def row_state_kernel(spec: CircuitSpec) -> tuple[_Plan, Callable] | None:
+    """A whole-circuit kernel taking one set of layer matrices per row, float32, with the
+    adjoint gradient of both inputs: ``(plan, f(vectors, mats) -> (R, n))``. Real circuits
+    (``statevector.cc``): vectors (R, n, 2), mats (R, m, n, 2, 2); complex ones
+    (``complex_circuit.cc``, ``plan.real`` False): vectors (R, n, 2, 2) and mats
+    (R, m, n, 2, 2, 2) as (re, im) pairs. None where neither runs this circuit here (another
+    shape of plan, a real circuit of fewer than 4 wires, no native kernels on this backend)."""
+    plan = compile_plan(spec)
+    if not native_ok():
+        return None
+    if _state_kernel_fits(plan) and kernels.statevector_targets():
+        return plan, _state_kernel(plan)
+    if _complex_kernel_fits(plan) and kernels.complex_targets():
+        return plan, _complex_kernel(plan)
+    return None
 
 
 COMPLEX_KERNEL_QUBITS = 20  # complex_circuit.cc: a group of 8 rows' state is 2^n x 64 bytes
@@ -688,10 +708,11 @@ def _complex_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(vectors, mats) -> (B, n)`` <Z_i> by ``complex_circuit.cc`` (:mod:`qtl.quantum.kernels`).
 
     ``vectors`` (B, n, 2, 2) is every wire's state after the prefix and ``mats``
-    (m, n, 2, 2, 2) the rotation layers, complex numbers as (re, im) pairs, so the custom VJP
-    is over real arrays (the kernel returns d/dre + i d/dim, which is that VJP) and JAX's
-    autodiff takes it back through ``.real``/``.imag`` to the angles. The kernel runs groups of
-    8 rows in SIMD lanes and the adjoint method by undoing each (unitary) gate.
+    (m, n, 2, 2, 2) the rotation layers (or (B, m, n, 2, 2, 2), each row's own), complex
+    numbers as (re, im) pairs, so the custom VJP is over real arrays (the kernel returns
+    d/dre + i d/dim, which is that VJP) and JAX's autodiff takes it back through
+    ``.real``/``.imag`` to the angles. The kernel runs groups of 8 rows in SIMD lanes and the
+    adjoint method by undoing each (unitary) gate.
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
@@ -710,13 +731,15 @@ def _complex_kernel(plan: _Plan) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
     def run_bwd(res, g):
         vectors, mats = res
+        per_row = mats.ndim == 6  # each row's own layers: the kernel returns each row's gradient
+        slots = mats.shape if per_row else (_COMPLEX_SLOTS, *mats.shape)
         shapes = (
             jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
-            jax.ShapeDtypeStruct((_COMPLEX_SLOTS, *mats.shape), jnp.float32),
+            jax.ShapeDtypeStruct(slots, jnp.float32),
         )
         call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
         dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
-        return dvectors, gram.sum(0)
+        return dvectors, gram if per_row else gram.sum(0)
 
     run.defvjp(run_fwd, run_bwd)
     return run

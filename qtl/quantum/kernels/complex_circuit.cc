@@ -44,11 +44,17 @@ struct C {
   float r, i;
 };
 
+// A complex number per lane: one coefficient of a gate for each row of a group.
+struct FC {
+  F r, i;
+};
+
 struct Problem {
   int n = 0, m = 0;
   int64_t size = 0;
   std::vector<std::vector<int32_t>> g, ginv;  // (m + 1) full index maps of 2^n entries
-  std::vector<C> u;                           // (m, n, 2, 2)
+  std::vector<C> u;                           // (m, n, 2, 2), when every row shares them
+  const float* row_mats = nullptr;  // else (B, m, n, 2, 2, 2): each row's own (noise frames)
 };
 
 std::vector<int32_t> FullMap(const int32_t* cols, int n) {
@@ -67,6 +73,7 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
     p.g.push_back(FullMap(nets + l * n, n));
     if (inv) p.ginv.push_back(FullMap(inv + l * n, n));
   }
+  if (!mats) return;
   p.u.resize(size_t(m) * n * 4);
   for (size_t k = 0; k < p.u.size(); ++k) p.u[k] = C{mats[2 * k], mats[2 * k + 1]};
 }
@@ -75,6 +82,7 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
 struct Scratch {
   std::vector<F> sr, si, tr, ti, lr, li;
   std::vector<F> vr, vi;  // (n, 2) wire states of the group
+  std::vector<FC> u;      // (m, n, 2, 2) the group's gates, per lane
   void Fit(int64_t size, int n) {
     for (auto* v : {&sr, &si, &tr, &ti, &lr, &li})
       if (static_cast<int64_t>(v->size()) < size) v->resize(size);
@@ -108,6 +116,26 @@ void LoadVectors(const Problem& p, const float* vec, int64_t b0, int rows, Scrat
     }
 }
 
+// The group's gates as lane vectors: p.u in every lane, or each row's own (lanes past the
+// group's rows get the unit matrix).
+void GroupGates(const Problem& p, int64_t b0, int rows, Scratch& s) {
+  const size_t count = size_t(p.m) * p.n * 4;
+  s.u.resize(count);
+  if (!p.row_mats) {
+    for (size_t k = 0; k < count; ++k) s.u[k] = FC{F{} + p.u[k].r, F{} + p.u[k].i};
+    return;
+  }
+  for (size_t k = 0; k < count; ++k) {
+    FC f{F{} + ((k % 4 == 0 || k % 4 == 3) ? 1.0f : 0.0f), F{}};
+    for (int lane = 0; lane < rows; ++lane) {
+      const float* c = p.row_mats + ((b0 + lane) * count + k) * 2;
+      f.r[lane] = c[0];
+      f.i[lane] = c[1];
+    }
+    s.u[k] = f;
+  }
+}
+
 // out[0 .. 2^(hi - lo)) = the product state of wires lo .. hi - 1 (wire lo most significant).
 QTL_INLINE void Product(const Scratch& s, int lo, int hi, F* outr, F* outi) {
   outr[0] = F{} + 1.0f;
@@ -128,8 +156,8 @@ QTL_INLINE void Product(const Scratch& s, int lo, int hi, F* outr, F* outi) {
 
 // y = U x on wire w for every pair of amplitudes.
 QTL_INLINE void Gate(F* __restrict sr, F* __restrict si, int64_t size, int64_t stride,
-                     const C* u) {
-  const C u00 = u[0], u01 = u[1], u10 = u[2], u11 = u[3];
+                     const FC* u) {
+  const FC u00 = u[0], u01 = u[1], u10 = u[2], u11 = u[3];
   for (int64_t base = 0; base < size; base += 2 * stride)
     for (int64_t i = base; i < base + stride; ++i) {
       const F ar = sr[i], ai = si[i], br = sr[i + stride], bi = si[i + stride];
@@ -143,9 +171,9 @@ QTL_INLINE void Gate(F* __restrict sr, F* __restrict si, int64_t size, int64_t s
 // One gate undone on the state (x = U^H y) and the cotangent (lam_x = U^H lam_y), and the
 // gate's gradient G_pq += lam_p conj(x_q) summed into g (4 complex, per lane).
 QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
-                         F* __restrict li, int64_t size, int64_t stride, const C* u, F* g) {
+                         F* __restrict li, int64_t size, int64_t stride, const FC* u, F* g) {
   // U^H: h00 = conj(u00), h01 = conj(u10), h10 = conj(u01), h11 = conj(u11)
-  const C h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
+  const FC h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
       h11{u[3].r, -u[3].i};
   F g00r = {}, g00i = {}, g01r = {}, g01i = {}, g10r = {}, g10i = {}, g11r = {}, g11i = {};
   for (int64_t base = 0; base < size; base += 2 * stride)
@@ -207,7 +235,7 @@ QTL_INLINE void ForwardState(const Problem& p, Scratch& s) {
       std::swap(s.si, s.ti);
     }
     for (int w = 0; w < n; ++w)
-      Gate(s.sr.data(), s.si.data(), size, int64_t{1} << (n - 1 - w), &p.u[(l * n + w) * 4]);
+      Gate(s.sr.data(), s.si.data(), size, int64_t{1} << (n - 1 - w), &s.u[(l * n + w) * 4]);
   }
 }
 
@@ -215,6 +243,7 @@ void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, floa
   Scratch& s = ThreadScratch();
   s.Fit(p.size, p.n);
   LoadVectors(p, vec, b0, rows, s);
+  GroupGates(p, b0, rows, s);
   ForwardState(p, s);
   // probabilities in the measured order, then <Z_w> by folding: the sum of the first half
   // minus the second half is wire w's (the most significant left), the halves' sum carries on
@@ -244,6 +273,7 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
   const int64_t size = p.size;
   s.Fit(size, n);
   LoadVectors(p, vec, b0, rows, s);
+  GroupGates(p, b0, rows, s);
   ForwardState(p, s);
   // the cotangent of y_{m-1}: lam[k] = 2 y[k] O(Ginv(k)), O(j) = sum_w g_w (-1)^(bit w of j)
   F* obs = s.tr.data();
@@ -268,7 +298,13 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
     for (int w = n - 1; w >= 0; --w) {
       F g[8] = {};
       GateBack(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), size,
-               int64_t{1} << (n - 1 - w), &p.u[(l * n + w) * 4], g);
+               int64_t{1} << (n - 1 - w), &s.u[(l * n + w) * 4], g);
+      if (p.row_mats) {  // each row's own gradient: gram (B, m, n, 2, 2, 2)
+        for (int k = 0; k < rows; ++k)
+          for (int q = 0; q < 8; ++q)
+            gram[(((b0 + k) * p.m + l) * n + w) * 8 + q] = g[q][k];
+        continue;
+      }
       float* out = gram + (l * n + w) * 8;
       for (int q = 0; q < 8; ++q) {
         double sum = 0;
@@ -364,25 +400,39 @@ void ForwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const fl
 
 // gram: (slots, m, n, 2, 2, 2), one slice per chunk of the batch (the caller sums them): no
 // two threads write the same floats, and the sums' order does not depend on the thread count.
+// With each row's own gates (p.row_mats), gram is (B, m, n, 2, 2, 2), each row's gradient.
 void BackwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const float* vec,
                  const float* g, float* dvec, float* gram, int64_t slots) {
   const int64_t per = int64_t{p.m} * p.n * 8;
+  if (p.row_mats) {
+    const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+    OverGroups(pool, batch, 4 * threads, [&](int64_t, int64_t b0, int rows) {
+      BackwardGroup(p, vec, g, b0, rows, dvec, gram);
+    });
+    return;
+  }
   std::fill(gram, gram + slots * per, 0.0f);
   OverGroups(pool, batch, slots, [&](int64_t chunk, int64_t b0, int rows) {
     BackwardGroup(p, vec, g, b0, rows, dvec, gram + chunk * per);
   });
 }
 
+// mats: (m, n, 2, 2, 2) shared by every row, or (B, m, n, 2, 2, 2) each row's own (per_row).
 ffi::Error Check(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
-                 ffi::Buffer<ffi::S32>& nets, int64_t& batch, int& n, int& m) {
+                 ffi::Buffer<ffi::S32>& nets, int64_t& batch, int& n, int& m, bool& per_row) {
   const auto vd = vec.dimensions(), md = mats.dimensions(), nd = nets.dimensions();
-  if (vd.size() != 4 || md.size() != 5 || nd.size() != 2)
+  per_row = md.size() == 6;
+  if (vd.size() != 4 || (md.size() != 5 && !per_row) || nd.size() != 2 ||
+      (per_row && md[0] != vd[0]))
     return ffi::Error::InvalidArgument(
-        "complex circuit: expected vec (B, n, 2, 2), mats (m, n, 2, 2, 2), nets (m + 1, n)");
+        "complex circuit: expected vec (B, n, 2, 2), mats (m, n, 2, 2, 2) or "
+        "(B, m, n, 2, 2, 2), nets (m + 1, n)");
+  const size_t o = per_row ? 1 : 0;  // mats' first layer axis
   batch = vd[0];
-  m = static_cast<int>(md[0]);
-  n = static_cast<int>(md[1]);
-  if (vd[1] != n || vd[2] != 2 || vd[3] != 2 || md[2] != 2 || md[3] != 2 || md[4] != 2 ||
+  m = static_cast<int>(md[o]);
+  n = static_cast<int>(md[o + 1]);
+  if (vd[1] != n || vd[2] != 2 || vd[3] != 2 || md[o + 2] != 2 || md[o + 3] != 2 ||
+      md[o + 4] != 2 ||
       nd[0] != m + 1 || nd[1] != n || !ShapesOk(n, m))
     return ffi::Error::InvalidArgument(
         "complex circuit: shapes must be vec (B, n, 2, 2), mats (m, n, 2, 2, 2), nets "
@@ -394,11 +444,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<
                    ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
   int64_t batch = 0;
   int n = 0, m = 0;
-  if (auto err = Check(vec, mats, nets, batch, n, m); err.failure()) return err;
+  bool per_row = false;
+  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
   if (z->element_count() != static_cast<size_t>(batch * n))
     return ffi::Error::InvalidArgument("complex circuit: z must be (B, n)");
   Problem p;
-  Build(n, m, mats.typed_data(), nets.typed_data(), nullptr, p);
+  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), nullptr, p);
+  if (per_row) p.row_mats = mats.typed_data();
   ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
   return ffi::Error::Success();
 }
@@ -409,16 +461,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> gram) {
   int64_t batch = 0;
   int n = 0, m = 0;
-  if (auto err = Check(vec, mats, nets, batch, n, m); err.failure()) return err;
+  bool per_row = false;
+  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
   const auto gd = gram->dimensions();
   if (inv.dimensions().size() != 2 || inv.dimensions()[0] != m + 1 ||
       inv.dimensions()[1] != n || g.element_count() != static_cast<size_t>(batch * n) ||
       dvec->element_count() != vec.element_count() || gd.size() != 6 || gd[1] != m ||
-      gd[2] != n || gd[0] < 1)
+      gd[2] != n || gd[0] < 1 || (per_row && gd[0] != batch))
     return ffi::Error::InvalidArgument(
-        "complex circuit: inv like nets, g (B, n) -> dvec like vec, gram (S, m, n, 2, 2, 2)");
+        "complex circuit: inv like nets, g (B, n) -> dvec like vec, gram (S, m, n, 2, 2, 2) "
+        "(S = B with each row's own mats)");
   Problem p;
-  Build(n, m, mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
+  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
+  if (per_row) p.row_mats = mats.typed_data();
   BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
               gram->typed_data(), gd[0]);
   return ffi::Error::Success();

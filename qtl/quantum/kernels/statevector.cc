@@ -225,11 +225,13 @@ QTL_INLINE void GramRow(const V* lam, const V* y, int64_t p, int lb, double (*c)
   Grams(lam, y, p, 1, c + 4, lb - 4);
 }
 
+using Layers = std::vector<std::vector<Gate>>;  // layer -> bit -> gate
+
 struct Problem {
   int n = 0, m = 0, lb = 0;
   int64_t rows = 0, width = 0;  // the state as (rows, width = 2^lb)
   std::vector<Map> nets, inv;   // m + 1 networks: P_0 .. P_m (inv: their inverses)
-  std::vector<std::vector<Gate>> gates, gates_t;  // layer -> bit -> U_l (and U_l^T)
+  Layers gates, gates_t;  // layer -> bit -> U_l (and U_l^T), when every row shares them
   std::vector<std::pair<int, int>> tiles;         // the high bits' tile passes [lo, hi)
   int64_t size() const { return rows * width; }
   int64_t vectors() const { return width / kLanes; }
@@ -304,26 +306,28 @@ QTL_ROW void CotangentRow(const float* __restrict y, int32_t h, const int32_t* _
 }
 
 // x = U_0 P_0 (a (x) c): the product state through the first network and the first layer.
-QTL_INLINE void ProductLayer(const Problem& p, const float* __restrict a,
-                             const float* __restrict c, float* __restrict x) {
+QTL_INLINE void ProductLayer(const Problem& p, const std::vector<Gate>& gates,
+                             const float* __restrict a, const float* __restrict c,
+                             float* __restrict x) {
   const Map& g = p.nets[0];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
     ProductRow(a, c, g.hi[r], g.lo.data(), p.width, p.lb, row);
-    RotateRow(reinterpret_cast<V*>(row), p.vectors(), p.gates[0].data(), p.lb);
+    RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
-  HighGates(p, x, p.gates[0]);
+  HighGates(p, x, gates);
 }
 
 // x = U_l P_l (prev), for a later layer l.
-QTL_INLINE void GatherLayer(const Problem& p, int l, const float* prev, float* x) {
+QTL_INLINE void GatherLayer(const Problem& p, int l, const std::vector<Gate>& gates,
+                            const float* prev, float* x) {
   const Map& g = p.nets[l];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
     GatherRow(prev, g.hi[r], g.lo.data(), p.width, row);
-    RotateRow(reinterpret_cast<V*>(row), p.vectors(), p.gates[l].data(), p.lb);
+    RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
-  HighGates(p, x, p.gates[l]);
+  HighGates(p, x, gates);
 }
 
 // z[w] = <Z_w> of the state y after the last network P_m: from the probabilities' column
@@ -436,15 +440,15 @@ void ProductTableGrad(const float* v, int k, const std::vector<float>& t, const 
   }
 }
 
-QTL_CLONES void ForwardOne(const Problem& p, const float* v, float* z) {
+QTL_CLONES void ForwardOne(const Problem& p, const Layers& gates, const float* v, float* z) {
   Scratch& s = ThreadScratch();
   float* x = s.State(0, p.size());
   float* y = s.State(1, p.size());
   const float* a = ProductTable(v, p.n - p.lb, s.hi);
   const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
-  ProductLayer(p, a, c, x);
+  ProductLayer(p, gates[0], a, c, x);
   for (int l = 1; l < p.m; ++l) {
-    GatherLayer(p, l, x, y);
+    GatherLayer(p, l, gates[l], x, y);
     std::swap(x, y);
   }
   Measure(p, x, s.colsum, s.rowsum, z);
@@ -452,8 +456,8 @@ QTL_CLONES void ForwardOne(const Problem& p, const float* v, float* z) {
 
 // The tile passes of the backward step of layer l: the high bits' Grams of (lam, y), then
 // U_l^T on lam's high bits. With several tile passes, every Gram is taken before lam changes.
-QTL_INLINE void HighBackward(const Problem& p, int l, float* lam, const float* y,
-                             double (*c)[4]) {
+QTL_INLINE void HighBackward(const Problem& p, const std::vector<Gate>& gates_t, float* lam,
+                             const float* y, double (*c)[4]) {
   alignas(64) V lbuf[kTileWidth << kTileBits];
   alignas(64) V ybuf[kTileWidth << kTileBits];
   const bool fused = p.tiles.size() == 1;
@@ -466,16 +470,16 @@ QTL_INLINE void HighBackward(const Problem& p, int l, float* lam, const float* y
         LoadTile(ybuf, y, first, stride, count);
         Grams(lbuf, ybuf, count * kTileWidth, kTileWidth, c + lo, hi - lo);
         if (!fused) continue;
-        Gates(lbuf, count * kTileWidth, kTileWidth, &p.gates_t[l][lo], hi - lo);
+        Gates(lbuf, count * kTileWidth, kTileWidth, &gates_t[lo], hi - lo);
         StoreTile(lbuf, lam, first, stride, count);
       }
   }
   if (fused) return;
-  HighGates(p, lam, p.gates_t[l]);
+  HighGates(p, lam, gates_t);
 }
 
-QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, float* dv,
-                            float* gram) {
+QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers& gates_t,
+                            const float* v, const float* g, float* dv, float* gram) {
   Scratch& s = ThreadScratch();
   const float* a = ProductTable(v, p.n - p.lb, s.hi);
   const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
@@ -488,8 +492,8 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, fl
   for (int l = 0; l < p.m; ++l) ys[l] = s.State(l, size);
   float* lam = s.State(p.m, size);
   float* mu = s.State(p.m + 1, size);
-  ProductLayer(p, a, c, ys[0]);
-  for (int l = 1; l < p.m; ++l) GatherLayer(p, l, ys[l - 1], ys[l]);
+  ProductLayer(p, gates[0], a, c, ys[0]);
+  for (int l = 1; l < p.m; ++l) GatherLayer(p, l, gates[l], ys[l - 1], ys[l]);
 
   // d loss / d y_m[j] = 2 y_m[j] O(j'), j' = P_m^-1 j the index after the last network, where
   // O(j') = sum_w g_w (1 - 2 bit_w(j')) = orow[j' >> lb] + ocol[j' & mask]
@@ -518,9 +522,9 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, fl
         GatherRow(mu, back.hi[r], back.lo.data(), p.width, row);
       GramRow(reinterpret_cast<const V*>(row), reinterpret_cast<const V*>(yrow), nv, p.lb, cl);
     }
-    HighBackward(p, l, lam, y, cl);
+    HighBackward(p, gates_t[l], lam, y, cl);
     for (int64_t r = 0; r < p.rows; ++r)
-      RotateRow(reinterpret_cast<V*>(lam + r * p.width), nv, p.gates_t[l].data(), p.lb);
+      RotateRow(reinterpret_cast<V*>(lam + r * p.width), nv, gates_t[l].data(), p.lb);
     std::swap(lam, mu);  // mu: d loss / d x_l
   }
 
@@ -556,8 +560,23 @@ QTL_CLONES void BackwardOne(const Problem& p, const float* v, const float* g, fl
         gram[(l * p.n + w) * 4 + k] = static_cast<float>(grams[(l * p.n + p.n - 1 - w) * 4 + k]);
 }
 
-// The circuit of p.n wires and p.m layers: mats (m, n, 2, 2), nets (m + 1, n), inv like nets
-// or null (forward only).
+// One set of layers' gates from mats (m, n, 2, 2), and their transposes when gates_t is given.
+void BuildGates(const float* mats, int n, int m, Layers& gates, Layers* gates_t) {
+  gates.resize(m);
+  if (gates_t) gates_t->resize(m);
+  for (int l = 0; l < m; ++l) {
+    gates[l].resize(n);
+    if (gates_t) (*gates_t)[l].resize(n);
+    for (int b = 0; b < n; ++b) {
+      const float* u = mats + (l * n + (n - 1 - b)) * 4;
+      gates[l][b] = MakeGate(u, b, false);
+      if (gates_t) (*gates_t)[l][b] = MakeGate(u, b, true);
+    }
+  }
+}
+
+// The circuit of p.n wires and p.m layers: mats (m, n, 2, 2) or null (per-row layers, built
+// per example), nets (m + 1, n), inv like nets or null (forward only).
 void Build(const float* mats, const int32_t* nets, const int32_t* inv, Problem& p) {
   p.lb = std::min(p.n, kLowBits);
   p.width = int64_t{1} << p.lb;
@@ -566,31 +585,30 @@ void Build(const float* mats, const int32_t* nets, const int32_t* inv, Problem& 
     p.nets.push_back(MakeMap(nets + l * p.n, p.n, p.lb));
     if (inv) p.inv.push_back(MakeMap(inv + l * p.n, p.n, p.lb));
   }
-  p.gates.assign(p.m, std::vector<Gate>(p.n));
-  p.gates_t.assign(p.m, std::vector<Gate>(p.n));
-  for (int l = 0; l < p.m; ++l)
-    for (int b = 0; b < p.n; ++b) {
-      const float* u = mats + (l * p.n + (p.n - 1 - b)) * 4;
-      p.gates[l][b] = MakeGate(u, b, false);
-      p.gates_t[l][b] = MakeGate(u, b, true);
-    }
+  if (mats) BuildGates(mats, p.n, p.m, p.gates, &p.gates_t);
   for (int lo = p.lb; lo < p.n; lo += kTileBits)
     p.tiles.emplace_back(lo, std::min(p.n, lo + kTileBits));
 }
 
 // Checks the shapes and builds the circuit: vec (B, n, 2) every wire's state after the
-// prefix, mats (m, n, 2, 2), nets (m + 1, n); inv like nets, when given.
+// prefix, mats (m, n, 2, 2) shared by every row or (B, m, n, 2, 2) one set per row (the noise
+// trajectories' Pauli frames: qtl/quantum/noise/pauli_frame.py), nets (m + 1, n); inv like
+// nets, when given. per_row: whether mats has a row axis (then p holds no gates).
 ffi::Error Setup(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
                  ffi::Buffer<ffi::S32>& nets, ffi::Buffer<ffi::S32>* inv, Problem& p,
-                 int64_t& batch) {
-  const auto vd = vec.dimensions(), md = mats.dimensions(), nd = nets.dimensions();
-  if (vd.size() != 3 || md.size() != 4 || nd.size() != 2)
+                 int64_t& batch, bool& per_row) {
+  const auto vd = vec.dimensions(), full = mats.dimensions(), nd = nets.dimensions();
+  per_row = full.size() == 5;
+  if (vd.size() != 3 || (full.size() != 4 && !per_row) || nd.size() != 2 ||
+      (per_row && full[0] != vd[0]))
     return ffi::Error::InvalidArgument(
-        "statevector: expected vec (B, n, 2), mats (m, n, 2, 2), nets (m + 1, n)");
+        "statevector: expected vec (B, n, 2), mats (m, n, 2, 2) or (B, m, n, 2, 2), "
+        "nets (m + 1, n)");
+  const size_t o = per_row ? 1 : 0;  // mats' first layer axis
   batch = vd[0];
-  p.m = static_cast<int>(md[0]);
-  p.n = static_cast<int>(md[1]);
-  if (vd[1] != p.n || vd[2] != 2 || md[2] != 2 || md[3] != 2 || nd[0] != p.m + 1 ||
+  p.m = static_cast<int>(full[o]);
+  p.n = static_cast<int>(full[o + 1]);
+  if (vd[1] != p.n || vd[2] != 2 || full[o + 2] != 2 || full[o + 3] != 2 || nd[0] != p.m + 1 ||
       nd[1] != p.n || p.m < 1 || p.n < 4 || p.n > 30)
     return ffi::Error::InvalidArgument(
         "statevector: shapes must be vec (B, n, 2), mats (m, n, 2, 2), nets (m + 1, n), "
@@ -598,8 +616,19 @@ ffi::Error Setup(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
   if (inv && (inv->dimensions().size() != 2 || inv->dimensions()[0] != p.m + 1 ||
               inv->dimensions()[1] != p.n))
     return ffi::Error::InvalidArgument("statevector: inv must be shaped like nets (m + 1, n)");
-  Build(mats.typed_data(), nets.typed_data(), inv ? inv->typed_data() : nullptr, p);
+  Build(per_row ? nullptr : mats.typed_data(), nets.typed_data(),
+        inv ? inv->typed_data() : nullptr, p);
   return ffi::Error::Success();
+}
+
+// One row's layers when every row has its own (built in its thread, reused between rows).
+struct RowLayers {
+  Layers gates, gates_t;
+};
+
+RowLayers& ThreadLayers() {
+  thread_local RowLayers layers;
+  return layers;
 }
 
 // Examples in contiguous chunks, a few per thread; each example is one thread's from start
@@ -612,15 +641,32 @@ void OverExamples(ffi::ThreadPool& pool, int64_t batch, const std::function<void
   });
 }
 
+// row_mats: null when every row runs p's layers, else (B, m, n, 2, 2).
 void ForwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch, const float* v,
-                float* z) {
-  OverExamples(pool, batch, [&](int64_t b) { ForwardOne(p, v + b * p.n * 2, z + b * p.n); });
+                const float* row_mats, float* z) {
+  OverExamples(pool, batch, [&](int64_t b) {
+    const Layers* gates = &p.gates;
+    if (row_mats) {
+      RowLayers& own = ThreadLayers();
+      BuildGates(row_mats + b * p.m * p.n * 4, p.n, p.m, own.gates, nullptr);
+      gates = &own.gates;
+    }
+    ForwardOne(p, *gates, v + b * p.n * 2, z + b * p.n);
+  });
 }
 
 void BackwardAll(ffi::ThreadPool& pool, const Problem& p, int64_t batch, const float* v,
-                 const float* g, float* dv, float* gram) {
+                 const float* row_mats, const float* g, float* dv, float* gram) {
   OverExamples(pool, batch, [&](int64_t b) {
-    BackwardOne(p, v + b * p.n * 2, g + b * p.n, dv + b * p.n * 2, gram + b * p.m * p.n * 4);
+    const Layers *gates = &p.gates, *gates_t = &p.gates_t;
+    if (row_mats) {
+      RowLayers& own = ThreadLayers();
+      BuildGates(row_mats + b * p.m * p.n * 4, p.n, p.m, own.gates, &own.gates_t);
+      gates = &own.gates;
+      gates_t = &own.gates_t;
+    }
+    BackwardOne(p, *gates, *gates_t, v + b * p.n * 2, g + b * p.n, dv + b * p.n * 2,
+                gram + b * p.m * p.n * 4);
   });
 }
 
@@ -628,10 +674,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<
                    ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
   Problem p;
   int64_t batch = 0;
-  if (auto err = Setup(vec, mats, nets, nullptr, p, batch); err.failure()) return err;
+  bool per_row = false;
+  if (auto err = Setup(vec, mats, nets, nullptr, p, batch, per_row); err.failure()) return err;
   if (z->element_count() != static_cast<size_t>(batch * p.n))
     return ffi::Error::InvalidArgument("statevector: z must be (B, n)");
-  ForwardAll(pool, p, batch, vec.typed_data(), z->typed_data());
+  ForwardAll(pool, p, batch, vec.typed_data(), per_row ? mats.typed_data() : nullptr,
+             z->typed_data());
   return ffi::Error::Success();
 }
 
@@ -641,14 +689,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> gram) {
   Problem p;
   int64_t batch = 0;
-  if (auto err = Setup(vec, mats, nets, &inv, p, batch); err.failure()) return err;
+  bool per_row = false;
+  if (auto err = Setup(vec, mats, nets, &inv, p, batch, per_row); err.failure()) return err;
   if (g.element_count() != static_cast<size_t>(batch * p.n) ||
       dvec->element_count() != vec.element_count() ||
       gram->element_count() != static_cast<size_t>(batch * p.m * p.n * 4))
     return ffi::Error::InvalidArgument(
         "statevector: g (B, n) -> dvec like vec, gram (B, m, n, 2, 2)");
-  BackwardAll(pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
-              gram->typed_data());
+  BackwardAll(pool, p, batch, vec.typed_data(), per_row ? mats.typed_data() : nullptr,
+              g.typed_data(), dvec->typed_data(), gram->typed_data());
   return ffi::Error::Success();
 }
 
@@ -665,7 +714,7 @@ extern "C" int qtl_statevector_forward_plain(int n, int m, int64_t batch, const 
   p.n = n;
   p.m = m;
   Build(mats, nets, nullptr, p);
-  for (int64_t b = 0; b < batch; ++b) ForwardOne(p, vec + b * n * 2, z + b * n);
+  for (int64_t b = 0; b < batch; ++b) ForwardOne(p, p.gates, vec + b * n * 2, z + b * n);
   return 0;
 }
 
@@ -679,7 +728,8 @@ extern "C" int qtl_statevector_backward_plain(int n, int m, int64_t batch, const
   p.m = m;
   Build(mats, nets, inv, p);
   for (int64_t b = 0; b < batch; ++b)
-    BackwardOne(p, vec + b * n * 2, g + b * n, dvec + b * n * 2, gram + b * m * n * 4);
+    BackwardOne(p, p.gates, p.gates_t, vec + b * n * 2, g + b * n, dvec + b * n * 2,
+                gram + b * m * n * 4);
   return 0;
 }
 

@@ -56,10 +56,12 @@ def noisy_circuit(
         return None
     params = noise_params(spec, opts.noise)
     shots = opts.shots
-    if params.gate_noise:
+    if params.gate_noise:  # Pauli channels on the exact kernel where it runs, else gate by gate
+        from qtl.quantum.noise.pauli_frame import pauli_frame_circuit
         from qtl.quantum.noise.trajectories import trajectory_circuit
 
-        mean = trajectory_circuit(spec, params, opts.noise.trajectories)
+        k = opts.noise.trajectories
+        mean = pauli_frame_circuit(spec, params, k) or trajectory_circuit(spec, params, k)
     else:
 
         def mean(x, theta, key):

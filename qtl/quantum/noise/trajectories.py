@@ -130,14 +130,26 @@ class _State:
 
 
 class _Noise:
-    """Draws the Kraus branches of one chunk of trajectories, one key per noise event."""
+    """Draws the Kraus branches of one chunk of trajectories, one key per noise event; or
+    reads them from ``table`` (M, events) from column ``offset`` on (the same events for
+    another simulator of them: :func:`count_events`)."""
 
-    def __init__(self, params: NoiseParams, key: jax.Array, m: int):
+    def __init__(
+        self,
+        params: NoiseParams,
+        key: jax.Array | None,
+        m: int,
+        table: jax.Array | None = None,
+        offset: int = 0,
+    ):
         self.params, self.key, self.m, self.event = params, key, m, 0
+        self.table, self.offset = table, offset
         self.pauli = jnp.asarray(_PAULI)
 
     def _uniform(self) -> jax.Array:
         self.event += 1
+        if self.table is not None:
+            return self.table[:, self.offset + self.event - 1]
         return jax.random.uniform(jax.random.fold_in(self.key, self.event), (self.m,))
 
     def depolarize(self, p: float) -> jax.Array:
@@ -213,6 +225,27 @@ def _run_ops(ops, state: _State, noise: _Noise, params: NoiseParams, x, theta) -
             _wire_channels(state, noise, w, mat if r == 0 else eye, dep, ad, pd)
 
 
+def count_events(ops: list, params: NoiseParams) -> int:
+    """How many uniforms ``_run_ops`` draws for ``ops``: one per channel that acts, per gate
+    (and pulse), in tape order. The column order of ``with_uniforms``' table."""
+    cnot_ad, cnot_pd = params.cnot_damping()
+    count = 0
+    for op in ops:
+        reps = params.pulses.get(op.name, 1)
+        wires = op.wires.tolist()
+        if op.name == "CNOT":
+            c, t = wires
+            per = int(params.pair(c, t) > 0)
+            for w in (c, t):
+                per += int(cnot_ad[w] > 0) + int(phase_flip_probability(cnot_pd[w]) > 0)
+        else:
+            (w,) = wires
+            per = int(params.depolarizing[w] > 0) + int(params.amplitude_damping[w] > 0)
+            per += int(phase_flip_probability(params.phase_damping[w]) > 0)
+        count += reps * per
+    return count
+
+
 def _blocks(ops: list, size: int) -> list[list]:
     """The tape cut into the product-state prefix and blocks of ~``size`` gates."""
     first = next((i for i, op in enumerate(ops) if op.name == "CNOT"), len(ops))
@@ -230,23 +263,28 @@ def trajectory_circuit(
     blocks = _blocks(ops, max(4, n))
     k = int(trajectories)
 
-    def chunk_fn(x: jax.Array, theta: jax.Array, key: jax.Array) -> jax.Array:
+    offsets = np.cumsum([0] + [count_events(block, params) for block in blocks]).tolist()
+
+    def chunk_fn(
+        x: jax.Array, theta: jax.Array, key: jax.Array | None, table: jax.Array | None = None
+    ) -> jax.Array:
         m = x.shape[0]
-        noise = _Noise(params, key, m)
+        noise = _Noise(params, key, m, table)
         state = _State(n, m)
         _run_ops(blocks[0], state, noise, params, x, theta)
         state.expand()
         amps = state.full
         for b, block in enumerate(blocks[1:]):
 
-            def run_block(amps, x, theta, key, block=block, b=b):
+            def run_block(amps, x, theta, key, table, block=block, b=b):
                 s = _State(n, m)
                 s.vectors, s.full = None, amps
-                nz = _Noise(params, jax.random.fold_in(key, 1 + b), m)
+                sub = None if key is None else jax.random.fold_in(key, 1 + b)
+                nz = _Noise(params, sub, m, table, offsets[1 + b])
                 _run_ops(block, s, nz, params, x, theta)
                 return s.full
 
-            amps = jax.checkpoint(run_block)(amps, x, theta, key)
+            amps = jax.checkpoint(run_block)(amps, x, theta, key, table)
         s = _State(n, m)
         s.vectors, s.full = None, amps
         return s.z()
@@ -274,4 +312,13 @@ def trajectory_circuit(
         z = z.astype(x.dtype)
         return z[0] if squeeze else z
 
+    def with_uniforms(x: jax.Array, theta: jax.Array, table: jax.Array) -> jax.Array:
+        """(B K, n) single-trajectory <Z> (readout included), row b K + j example b's j-th,
+        its events read from ``table`` (B K, ``count_events``) instead of drawn: one chunk."""
+        rows = jnp.repeat(x.astype(jnp.float32), k, axis=0)
+        z = chunk_fn(rows, theta.astype(jnp.float32), None, table.astype(jnp.float32))
+        return apply_readout(z, params) if params.readout else z
+
+    run.with_uniforms = with_uniforms  # type: ignore[attr-defined]
+    run.events = offsets[-1]  # type: ignore[attr-defined]
     return run
