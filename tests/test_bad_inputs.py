@@ -68,7 +68,7 @@ def test_every_error_class_qtl_defines_is_mapped_or_handled():
     for name, cls in found.items():
         if issubclass(cls, QtlError):
             assert cls.exit_code in (1, 2, 3, 4), name
-    # the ones the issue named, through the one mapping
+    # the MedMNIST format errors, through the one mapping
     from qtl.data.medmnist import MedMNISTFormatError
 
     err = MedMNISTFormatError("x.npz", "val_labels", "missing")
