@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qtl.config import CircuitConfig as _C
-from qtl.config import ConfigError, NoiseConfig
+from qtl.config import ConfigError, DeviceConfig, NoiseConfig
 from qtl.quantum.circuit import (
     ALL_ENTANGLERS,
     ENCODINGS,
@@ -49,6 +49,7 @@ class QuantumLayerConfig:
     shots: int | None = _C.shots
     gradient: str = _C.gradient.value
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # channels, as trajectories
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # a PennyLane device runs it
 
 
 def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> None:
@@ -80,7 +81,8 @@ def make_simulator(
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (N, d), weights) -> <Z> (N, d)`` on the configured simulator."""
     validate_quantum(cfg)
-    exact = {k: v for k, v in vars(cfg).items() if k not in ("shots", "gradient", "noise")}
+    noisy = ("shots", "gradient", "noise", "device")  # noisy_circuit's options, not the simulator's
+    exact = {k: v for k, v in vars(cfg).items() if k not in noisy}
     return _simulator(astuple(QuantumLayerConfig(**exact)), wires)
 
 
