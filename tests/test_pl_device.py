@@ -57,14 +57,14 @@ def _value_and_grads(f, x, theta, w, key):
 
 
 EXACT = [
-    ("default.mixed", {}),
-    ("lightning.qubit", {}),
-    pytest.param("qiskit.aer", {"method": "statevector"}, marks=needs_qiskit),
+    pytest.param("default.mixed", {}, id="default.mixed"),
+    pytest.param("lightning.qubit", {}, id="lightning.qubit"),
+    pytest.param("qiskit.aer", {"method": "statevector"}, marks=needs_qiskit, id="qiskit.aer"),
 ]
 
 
 @pytest.mark.parametrize("spec", [DQC, QVIT], ids=["dqc", "qvit"])
-@pytest.mark.parametrize(("name", "options"), EXACT, ids=[e[0] if isinstance(e, tuple) else "qiskit.aer" for e in EXACT])  # fmt: skip
+@pytest.mark.parametrize(("name", "options"), EXACT)
 def test_exact_device_value_and_gradient_equal_the_fast_simulator(spec, name, options):
     opts = _opts(name, **options)
     x, theta = _inputs(spec)
