@@ -7,6 +7,7 @@ device; bad devices are one-line errors naming the field."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 
@@ -185,7 +186,9 @@ def test_bad_devices_are_one_line_errors_naming_the_field(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_dqc_run_trains_on_default_mixed_and_records_the_device(synth_root, tmp_path):
+def test_tiny_dqc_run_on_default_mixed_records_the_device_and_robustness_takes_one(
+    synth_root, tmp_path
+):
     from conftest import TINY, compose
 
     from qtl.apps.train import train_and_evaluate
@@ -200,3 +203,20 @@ def test_tiny_dqc_run_trains_on_default_mixed_and_records_the_device(synth_root,
     assert 0.0 <= results["auroc"]["test"]["mean"] <= 1.0
     # a device run is another experiment: its own identity and fingerprint
     assert fingerprint(cfg) != fingerprint(compose(*over))
+    # mode=robustness on another exact device reproduces the recorded score
+    from qtl.apps.robustness import main as robustness_main
+
+    out = tmp_path / "robust"
+    rob = compose(
+        "mode=robustness",
+        f"robustness.runs={tmp_path / 'run'}",
+        "robustness.shots=[null]",
+        "robustness.depolarizing=[0]",
+        "robustness.device.name=lightning.qubit",
+        f"robustness.out={out}",
+    )
+    assert robustness_main(rob, None)["failed"] == []
+    with (out / "robustness.csv").open(newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["circuit"] == "head on lightning.qubit"
+    assert float(row["auroc"]) == pytest.approx(results["auroc"]["test"]["mean"], abs=1e-5)
