@@ -705,8 +705,7 @@ class RobustnessConfig:
     depolarizing: list[float] = field(default_factory=lambda: [0.0, 0.001, 0.01])  # per gate
     device_models: list[str] = field(default_factory=list)  # IBM fake backends (noise extra)
     trajectories: int = 8  # quantum trajectories per example when a gate channel is on
-    # every point on this PennyLane device (its channels exact, no trajectories); null = qtl's
-    device: DeviceConfig = field(default_factory=DeviceConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # every point on this PL device
     split: str = "test"  # the split evaluated
     out: str | None = None  # folder of robustness.csv/.md/.png; null = this mode's own folder
 
