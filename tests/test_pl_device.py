@@ -67,6 +67,8 @@ EXACT = [
 @pytest.mark.parametrize("spec", [DQC, QVIT], ids=["dqc", "qvit"])
 @pytest.mark.parametrize(("name", "options"), EXACT)
 def test_exact_device_value_and_gradient_equal_the_fast_simulator(spec, name, options):
+    if name == "qiskit.aer" and spec is QVIT:
+        pytest.skip("qiskit.aer: the DQC circuit covers it (each aer case takes ~10 s)")
     opts = _opts(name, **options)
     x, theta = _inputs(spec)
     w = jnp.asarray(np.random.default_rng(0).normal(size=(3, spec.n_qubits)), jnp.float32)
@@ -86,7 +88,9 @@ def test_device_picks_its_own_gradient_and_parameter_shift_agrees():
     x, theta = _inputs(DQC)
     w = jnp.ones((3, 4), jnp.float32)
     a = _value_and_grads(device_circuit(DQC, shift), x, theta, w, jax.random.key(0))
-    b = _value_and_grads(device_circuit(DQC, _opts("default.mixed")), x, theta, w, None)
+    b = _value_and_grads(
+        device_circuit(DQC, _opts("default.mixed")), x, theta, w, jax.random.key(0)
+    )
     for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(u, v, atol=1e-5)
 
@@ -134,7 +138,7 @@ def test_qiskit_aer_samples_and_records_its_plugin():
     exact = np.asarray(fast_circuit(DQC)(x, theta), np.float64)
     assert np.all(np.abs(z - exact) <= 5 * np.sqrt((1 - exact**2) / 2000) + 1e-6)
     rec = runner(DQC, opts).record()
-    assert rec["name"] == "qiskit.aer" and rec["plugin"] == "pennylane-qiskit"
+    assert rec["name"] == "qiskit.aer" and rec["plugin"].lower() == "pennylane-qiskit"
     assert rec["shots"] == 2000 and rec["plugin_version"]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +81,9 @@ def make_simulator(
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (N, d), weights) -> <Z> (N, d)`` on the configured simulator."""
     validate_quantum(cfg)
-    noisy = ("shots", "gradient", "noise", "device")  # noisy_circuit's options, not the simulator's
+    noisy = ("shots", "gradient", "noise", "device")  # noisy_circuit's, the last fields
     exact = {k: v for k, v in vars(cfg).items() if k not in noisy}
-    return _simulator(astuple(QuantumLayerConfig(**exact)), wires)
+    return _simulator(tuple(exact.values()), wires)
 
 
 @functools.lru_cache(maxsize=64)
