@@ -58,7 +58,7 @@ def noisy_circuit(
     if getattr(opts, "device", None) is not None and opts.device.name is not None:
         from qtl.quantum.device import device_circuit  # the device samples and adds the noise
 
-        return device_circuit(spec, opts)
+        return device_circuit(spec, opts, "model.circuit" if hasattr(opts, "layers") else "head")
     if not is_active(opts):
         return None
     params = noise_params(spec, opts.noise)
