@@ -371,25 +371,18 @@ def _has_channels(noise: Any) -> bool:
     return any((getattr(noise, f) or 0) > 0 for f in fields) or noise.device_model is not None
 
 
-_PAULI = None
-
-
-def _paulis() -> list[np.ndarray]:
-    global _PAULI
-    if _PAULI is None:
-        _PAULI = [
-            np.eye(2),
-            np.array([[0, 1], [1, 0]], complex),
-            np.array([[0, -1j], [1j, 0]]),
-            np.diag([1.0, -1.0]).astype(complex),
-        ]
-    return _PAULI
+_PAULIS = (  # I, X, Y, Z
+    np.eye(2, dtype=complex),
+    np.array([[0, 1], [1, 0]], complex),
+    np.array([[0, -1j], [1j, 0]]),
+    np.diag([1.0, -1.0]).astype(complex),
+)
 
 
 @functools.lru_cache(maxsize=64)
 def _two_qubit_depolarizing(p: float) -> tuple[np.ndarray, ...]:
     """Each of the 15 non-identity two-qubit Paulis with probability p/15."""
-    paulis = _paulis()
+    paulis = _PAULIS
     kraus = [np.sqrt(1 - p) * np.eye(4, dtype=complex)]
     for a in range(4):
         for b in range(4):
