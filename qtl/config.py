@@ -194,6 +194,19 @@ class NoiseConfig:
 
 
 @dataclass
+class DeviceConfig:
+    """``<circuit>.device``: run the circuit on a PennyLane device instead (docs/noise.md)."""
+
+    name: str | None = None  # PennyLane device (default.mixed | lightning.qubit | qiskit.aer | ..)
+    options: dict[str, Any] = field(default_factory=dict)  # qml.device kwargs; no credentials
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("name", "options")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ()
+    # a run recorded before devices existed ran on qtl's own simulator
+    LEGACY: ClassVar[dict[str, Any]] = {"name": None, "options": {}}
+
+
+@dataclass
 class HeadConfig:
     name: HeadName = MISSING
     depth: int = 3  # variational layers (dqc only)
@@ -206,6 +219,7 @@ class HeadConfig:
     shots: int | None = None  # dqc: <Z> from this many measured bitstrings; null = exact
     gradient: Gradient = Gradient.adjoint  # dqc under shots/noise: adjoint | parameter_shift
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # dqc: noise channels (trajectories)
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # dqc: a PennyLane device runs it
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "name",
@@ -217,6 +231,7 @@ class HeadConfig:
         "shots",
         "gradient",
         "noise",
+        "device",
     )
     # exact expectation values: what every run computed before shots existed
     LEGACY: ClassVar[dict[str, Any]] = {"shots": None, "gradient": "adjoint"}
@@ -402,6 +417,7 @@ class CircuitConfig:
     shots: int | None = None  # <Z> from this many measured bitstrings; null = exact
     gradient: Gradient = Gradient.adjoint  # under shots/noise: adjoint | parameter_shift
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # noise channels (trajectories)
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # a PennyLane device runs it
 
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "layers",
@@ -412,6 +428,7 @@ class CircuitConfig:
         "shots",
         "gradient",
         "noise",
+        "device",
     )
     # tested equal (test_vit: fast vs PennyLane, chunking, kernel): how, not what
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("simulator", "max_state_mb", "native_kernel")
@@ -688,6 +705,7 @@ class RobustnessConfig:
     depolarizing: list[float] = field(default_factory=lambda: [0.0, 0.001, 0.01])  # per gate
     device_models: list[str] = field(default_factory=list)  # IBM fake backends (noise extra)
     trajectories: int = 8  # quantum trajectories per example when a gate channel is on
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # every point on this PL device
     split: str = "test"  # the split evaluated
     out: str | None = None  # folder of robustness.csv/.md/.png; null = this mode's own folder
 

@@ -143,6 +143,27 @@ CONFIG = [
         ["debug=tiny_medmnist", "model=qvit", "model.circuit.noise.phase_damping=2"],
         "model.circuit.noise.phase_damping",
     ),
+    # a PennyLane device (docs/noise.md): unknown, cannot run the channels, too few wires,
+    # a credential or a qtl-owned option in its options, shots <= 0
+    (["head=dqc", "head.device.name=nosuch.qubit"], "head.device.name"),
+    (
+        ["head=dqc", "head.device.name=lightning.qubit", "head.noise.depolarizing=0.01"],
+        "head.device.name",
+    ),
+    (["head=dqc", "head.device.name=default.mixed", "head.shots=0"], "head.shots"),
+    (
+        ["head=dqc", "head.device.name=default.mixed", "+head.device.options.token=abc"],
+        "head.device.options.token",
+    ),
+    (
+        ["head=dqc", "head.device.name=default.mixed", "+head.device.options.wires=2"],
+        "head.device.options.wires",
+    ),
+    (
+        ["debug=tiny_medmnist", "model=qvit", "model.hidden_size=24",
+         "model.circuit.device.name=default.mixed"],
+        "model.circuit.device",
+    ),  # fmt: skip
 ]
 
 

@@ -68,6 +68,8 @@ def test_unfinished_qvit_run_of_the_previous_record_resumes_and_a_real_change_is
     # shots, gradient and noise: new, at legacy values (exact <Z>) that are what it computed
     exact = {k for k in mine if k.startswith(("model.circuit.noise.", "model.circuit.shots",
                                              "model.circuit.gradient"))}  # fmt: skip
+    # the PennyLane device: new, null = qtl's own simulator, what it ran on
+    exact |= {k for k in mine if k.startswith("model.circuit.device.")}
     assert content and exact and set(mine) - {"study"} - content - exact < set(old["identity"])
     assert not any(k.startswith(("head.", "backbone.", "task.")) for k in mine)
     check_run_dir(cfg, run_dir, path, study=MedmnistStudy(), provenance=dict)
@@ -194,6 +196,8 @@ def test_cfg_job_shows_the_values_it_showed_before(snapshot, overrides):
     for circuit in (now["head"], now["model"]["circuit"]):
         assert (circuit.pop("shots"), circuit.pop("gradient")) == (None, "adjoint")
         assert circuit.pop("noise") == EXACT_NOISE
+        # a PennyLane device in place of qtl's simulator: none (docs/noise.md)
+        assert circuit.pop("device") == {"name": None, "options": {}}
     # data=medmnist no longer writes a synthetic set when the file is missing: the presets
     # that want the synthetic stand-in say so (demo_qvit, debug=tiny_medmnist), the study's
     # real-data preset reads real files only

@@ -43,6 +43,11 @@ def check_grid(r: RobustnessConfig) -> None:
 
         for i, name in enumerate(r.device_models):  # the qubit count is checked per run
             check_device_model(name, f"robustness.device_models[{i}]")
+    if r.device.name is not None:  # a PennyLane device for every point (docs/noise.md)
+        from qtl.quantum.device import check_name, check_options, options_of
+
+        check_name(r.device.name, "robustness.device.name")
+        check_options(options_of(r.device), "robustness.device.options")
 
 
 def main(cfg: QtlConfig, run_dir: Path | None = None) -> dict[str, Any]:

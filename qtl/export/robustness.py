@@ -49,8 +49,11 @@ def circuit_field(cfg: QtlConfig) -> str | None:
     return None
 
 
-def with_point(cfg: QtlConfig, where: str, point: Point, trajectories: int) -> QtlConfig:
-    """The run's config with its circuit's shots and noise replaced by ``point``."""
+def with_point(
+    cfg: QtlConfig, where: str, point: Point, trajectories: int, device: Any = None
+) -> QtlConfig:
+    """The run's config with its circuit's shots and noise replaced by ``point`` (and its
+    simulator by ``device``, a DeviceConfig naming a PennyLane device)."""
     from qtl.config import NoiseConfig, validate_circuit_options
 
     out = copy.deepcopy(cfg)
@@ -61,6 +64,8 @@ def with_point(cfg: QtlConfig, where: str, point: Point, trajectories: int) -> Q
         device_model=point.device_model,
         trajectories=trajectories if (point.depolarizing or point.device_model) else 1,
     )
+    if device is not None and device.name is not None:
+        opts.device = copy.deepcopy(device)
     validate_circuit_options(opts, where)
     return out
 
@@ -132,8 +137,11 @@ class RunEvaluator:
         steps = make_steps(model, cfg, self.objective)
         return model, steps, init_state(model, cfg, steps.tx)
 
-    def evaluate(self, point: Point | None, trajectories: int, batch_size: int) -> dict[str, Any]:
-        """The study's metrics of the split at ``point`` (None: the run as trained)."""
+    def evaluate(
+        self, point: Point | None, trajectories: int, batch_size: int, device: Any = None
+    ) -> dict[str, Any]:
+        """The study's metrics of the split at ``point`` (None: the run as trained), on
+        ``device`` (a DeviceConfig; None or no name: the run's own simulator or device)."""
         from flax import nnx
 
         from qtl.evaluate.predict import predict
@@ -144,7 +152,7 @@ class RunEvaluator:
                 from qtl.quantum.noise.device_models import check_device_model
 
                 check_device_model(point.device_model, "robustness.device_models", self.wires)
-            cfg = with_point(cfg, self.where, point, trajectories)
+            cfg = with_point(cfg, self.where, point, trajectories, device)
         model = self.study.predictable(cfg).model
         nnx.update(model, self.weights)
         _reseed(model, cfg.seed)
@@ -192,11 +200,15 @@ def evaluate_runs(r: RobustnessConfig, cfg: QtlConfig, scratch: Path, show: bool
                 continue
             for point in points:
                 try:
-                    metrics = flat or ev.evaluate(point, r.trajectories, batch)
+                    metrics = flat or ev.evaluate(point, r.trajectories, batch, r.device)
                     rows.append(_row(run_dir, ev, point, metrics))
                 except Exception as err:
                     rows.append(_row(run_dir, ev, point, {}, _reason(err)))
                 pbar.update(1)
+    if r.device.name is not None:  # where the circuit ran, in the table's circuit column
+        for row in rows:
+            if row["circuit"] not in ("", "none"):
+                row["circuit"] = f"{row['circuit']} on {r.device.name}"
     return rows
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qtl.config import CircuitConfig as _C
-from qtl.config import ConfigError, NoiseConfig
+from qtl.config import ConfigError, DeviceConfig, NoiseConfig
 from qtl.quantum.circuit import (
     ALL_ENTANGLERS,
     ENCODINGS,
@@ -49,6 +49,7 @@ class QuantumLayerConfig:
     shots: int | None = _C.shots
     gradient: str = _C.gradient.value
     noise: NoiseConfig = field(default_factory=NoiseConfig)  # channels, as trajectories
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # a PennyLane device runs it
 
 
 def validate_quantum(cfg: QuantumLayerConfig, where: str = "model.circuit") -> None:
@@ -80,8 +81,9 @@ def make_simulator(
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``f(x (N, d), weights) -> <Z> (N, d)`` on the configured simulator."""
     validate_quantum(cfg)
-    exact = {k: v for k, v in vars(cfg).items() if k not in ("shots", "gradient", "noise")}
-    return _simulator(astuple(QuantumLayerConfig(**exact)), wires)
+    noisy = ("shots", "gradient", "noise", "device")  # noisy_circuit's, the last fields
+    exact = {k: v for k, v in vars(cfg).items() if k not in noisy}
+    return _simulator(tuple(exact.values()), wires)
 
 
 @functools.lru_cache(maxsize=64)

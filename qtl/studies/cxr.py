@@ -54,6 +54,7 @@ class CxrStudy(Study):
         "model.circuit.rotation",
         "model.circuit.entangler",
         "model.circuit.init",
+        "model.circuit.device.name",
         "model.cnn_stem",
         "model.cnn_widths",
         "model.cnn_depths",
@@ -91,6 +92,11 @@ class CxrStudy(Study):
                 f"data={cfg.data.name}: the CXR study's synthetic data is data=synthetic "
                 "(data.synthetic=true), its real data data=nih_cxr_lt (data.synthetic=false)."
             )
+        if cfg.head.name == HeadName.dqc and cfg.head.device.name is not None:
+            from qtl.models.heads import circuit_spec
+            from qtl.quantum.device import check_device
+
+            check_device(circuit_spec(cfg.head, len(cfg.task.labels)), cfg.head, "head")
 
     def data_source(self, cfg: QtlConfig) -> str:
         """synthetic (data=synthetic: qtl's generated CXR-LT) | real (data=nih_cxr_lt)."""

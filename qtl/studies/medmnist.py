@@ -44,6 +44,7 @@ class MedmnistStudy(Study):
         "head.simulator",
         "head.max_state_mb",
         "head.native_kernel",
+        "head.device.name",
         "features.cache",
     )
     # what does not define a MedMNIST run: the CXR task, head and backbone, the CXR images'
@@ -112,6 +113,10 @@ class MedmnistStudy(Study):
             )
         if d.mode != DistillMode.none and not d.teacher:
             raise ConfigError("distill.teacher is empty: name a preset (resnet18) or a run folder.")
+        if m.quantum and m.circuit.device.name is not None:
+            from qtl.quantum.device import check_device
+
+            check_device(_widest(cfg), m.circuit, "model.circuit")
 
     def data_content(self, cfg: QtlConfig) -> dict[str, str]:
         """The ``.npz`` the run reads: its label arrays' hash and its image arrays' sizes and
@@ -261,12 +266,18 @@ class MedmnistStudy(Study):
 
 def _noise_record(cfg: QtlConfig) -> dict[str, Any]:
     """The quantum layers' shots and noise for results.json; empty when exact (or classical)."""
-    from qtl.quantum.circuit import CircuitSpec
     from qtl.quantum.noise import describe, is_active
 
     circuit = cfg.model.circuit
     if not cfg.model.quantum or not is_active(circuit):
         return {}
+    return describe(_widest(cfg), circuit)
+
+
+def _widest(cfg: QtlConfig) -> Any:
+    """The widest quantum layer's circuit (what a device must hold; what the record names)."""
+    from qtl.quantum.circuit import CircuitSpec
+
+    c = cfg.model.circuit
     wires = max(cfg.model.hidden_size, cfg.model.mlp_size)
-    spec = CircuitSpec(wires, circuit.layers, circuit.entangler, circuit.rotation, circuit.encoding)
-    return describe(spec, circuit)
+    return CircuitSpec(wires, c.layers, c.entangler, c.rotation, c.encoding)

@@ -42,6 +42,9 @@ def is_active(opts: Any) -> bool:
         noise.phase_damping,
         noise.readout,
     )
+    device = getattr(opts, "device", None)
+    if device is not None and device.name is not None:  # a PennyLane device, not qtl's simulator
+        return True
     return opts.shots is not None or any(c > 0 for c in channels) or noise.device_model is not None
 
 
@@ -52,6 +55,10 @@ def noisy_circuit(
 
     ``exact``: the configured simulator (used when no channel acts between gates).
     """
+    if getattr(opts, "device", None) is not None and opts.device.name is not None:
+        from qtl.quantum.device import device_circuit  # the device samples and adds the noise
+
+        return device_circuit(spec, opts, "model.circuit" if hasattr(opts, "layers") else "head")
     if not is_active(opts):
         return None
     params = noise_params(spec, opts.noise)
@@ -108,4 +115,8 @@ def describe(spec: CircuitSpec, opts: Any) -> dict[str, Any]:
     }
     if noise.device_model is not None:
         out["calibration"] = noise_params(spec, noise).source
+    if getattr(opts, "device", None) is not None and opts.device.name is not None:
+        from qtl.quantum.device import runner
+
+        out["device"] = runner(spec, opts).record()  # name, options, plugin; absent = qtl's
     return out
