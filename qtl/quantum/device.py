@@ -140,7 +140,7 @@ class DeviceRunner:
     """The circuit as tapes on one PennyLane device: forward, and the device's VJP."""
 
     def __init__(self, spec: CircuitSpec, opts: Any, where: str):
-        from qtl.quantum.noise import noise_params
+        from qtl.quantum.noise.params import noise_params
 
         self.spec = spec
         self.where = where

@@ -16,20 +16,11 @@ from typing import Any
 import jax
 
 from qtl.quantum.circuit import CircuitSpec
-from qtl.quantum.noise.channels import NoiseParams, apply_readout, combine, uniform
+from qtl.quantum.noise.channels import apply_readout
+from qtl.quantum.noise.params import noise_params
 from qtl.quantum.shots import parameter_shift, sample_z, straight_through
 
 Noisy = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def noise_params(spec: CircuitSpec, noise: Any) -> NoiseParams:
-    """The per-qubit channels of ``noise`` (a NoiseConfig): a device model plus explicit ones."""
-    explicit = uniform(spec.n_qubits, noise)
-    if noise.device_model is None:
-        return explicit
-    from qtl.quantum.noise.device_models import device_params
-
-    return combine(device_params(noise.device_model, spec.n_qubits), explicit)
 
 
 def is_active(opts: Any) -> bool:
