@@ -152,7 +152,8 @@ def test_cxr_export_loads_without_the_run_and_predicts_the_same(cxr_run, synth_r
     )  # fmt: skip
     card = (folder / "README.md").read_text()
     assert "SYNTHETIC" in card.split("\n\n")[1]  # said first, under the title
-    assert "not for clinical use" in card and "simulator" in card
+    assert "not for clinical use" in card and "exact state vector" in card
+    assert "dqc head on cxr" in card and "a circuit of" in card  # said by the CXR study
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["data_source"] == "synthetic" and manifest["study"] == "cxr"
     weights = load_file(folder / "model.safetensors")
@@ -219,7 +220,8 @@ def test_medmnist_predict_and_export_give_the_runs_class_probabilities(
     )
     labels = json.loads((exported / "labels.json").read_text())
     assert labels["outputs"] == names and labels["task"] == "ordinal"
-    assert "SYNTHETIC" in (exported / "README.md").read_text()
+    card = (exported / "README.md").read_text()
+    assert "SYNTHETIC" in card and "qvit on MedMNIST" in card and "exact state vector" in card
     _predict(exported, folder, tmp_path / "export.csv")
     _, again = _read_csv(tmp_path / "export.csv")
     for x, y in zip(rows, again, strict=True):
@@ -248,3 +250,16 @@ def test_summary_and_report_mark_synthetic_runs(cxr_run, tmp_path, capsys):
     runs_md = (report.parent / "tables" / "runs.md").read_text()
     assert runs_md.splitlines()[0].endswith("(synthetic data)")
     assert RunFiles(job, create=False).read_results().synthetic
+
+
+def test_the_model_card_says_how_the_circuits_ran():
+    from qtl.export.write import _circuit_sentence
+
+    assert "classical model" in _circuit_sentence(None, {})
+    head = {"simulator": "fast"}
+    assert "exact state vector" in _circuit_sentence(head, {})
+    assert "exact state vector" in _circuit_sentence(head, {"exact": True, "shots": None})
+    noisy = _circuit_sentence(head, {"exact": False, "shots": 1000})
+    assert "finite shots" in noisy and "exact state vector" not in noisy
+    device = _circuit_sentence(head, {"exact": False, "device": {"name": "lightning.qubit"}})
+    assert "`lightning.qubit`" in device and "simulator (" not in device

@@ -146,27 +146,36 @@ def _scores(results: Any) -> list[str]:
     return rows if len(rows) > 2 else ["(no test metrics recorded)"]
 
 
+def _circuit_sentence(circuit: dict[str, Any] | None, noise: dict[str, Any]) -> str:
+    """How the model's circuits were run, from the record (exact, shots/noise, a device)."""
+    if circuit is None:
+        return "A classical model (no quantum circuit)."
+    device = (noise.get("device") or {}).get("name")
+    if device:
+        return (
+            f"The quantum circuits were run on the PennyLane device `{device}` (settings in "
+            "results.json, `quantum_noise`); a real device's results may differ from it."
+        )
+    where = f"a classical simulator (`{circuit.get('simulator')}`)"
+    if noise and not noise.get("exact", True):
+        return (
+            f"The quantum circuits were run on {where} with finite shots and/or noise models "
+            "(settings in results.json, `quantum_noise`), not on quantum hardware."
+        )
+    return (
+        f"The quantum circuits were run on {where}: an exact state vector, no shot noise or "
+        "hardware noise, not quantum hardware."
+    )
+
+
 def model_card(results: Any, predictor: Predictor, source: str) -> str:
     """README.md of the export: what the model is, what it was trained on (synthetic or real,
     said first), its metrics, how to use it and its limits."""
-    cfg = results.config
-    data = cfg.get("data", {})
-    if results.study == "medmnist":
-        what = (
-            f"{results.model or cfg.get('model', {}).get('name')} on MedMNIST "
-            f"{data.get('flag')} ({data.get('size')} px, {predictor.task})"
-            + (f", distilled ({results.distill})" if results.distill != "none" else "")
-        )
-        dataset = f"MedMNIST {data.get('flag')}"
-    else:
-        head = cfg.get("head", {})
-        what = (
-            f"{cfg.get('backbone', {}).get('name')} backbone + {results.head} head on "
-            f"{results.task} ({len(predictor.outputs)} labels)"
-        )
-        if results.head == "dqc":
-            what += f", a circuit of {len(predictor.outputs)} qubits, depth {head.get('depth')}"
-        dataset = "NIH-CXR-LT (NIH ChestX-ray14 images)"
+    from qtl.studies import get as get_study
+
+    data = results.config.get("data", {})
+    facts = get_study(results.study).card_facts(results, predictor.outputs, predictor.task)
+    what, dataset = facts.what, facts.dataset
     if source == "synthetic":
         trained = (
             "> **Trained on SYNTHETIC data.** This model was trained and tested on qtl's built-in "
@@ -175,15 +184,7 @@ def model_card(results: Any, predictor: Predictor, source: str) -> str:
         )
     else:
         trained = f"> **Trained on real data**: {dataset} ({data.get('name')})."
-    simulator = (
-        cfg.get("head", {}).get("simulator")
-        if results.study == "cxr"
-        else cfg.get("model", {}).get("circuit", {}).get("simulator")
-    )
-    quantum = (
-        f"The quantum circuits were run on a classical simulator (`{simulator}`: an exact state "
-        "vector, no shot noise or hardware noise), not on quantum hardware."
-    )
+    quantum = _circuit_sentence(facts.circuit, results.quantum_noise or {})
     sizes = ", ".join(f"{k} {v}" for k, v in results.split_sizes.items())
     lines = [
         f"# qtl model: {results.label or results.run} (seed {results.seed})",
@@ -224,9 +225,7 @@ def model_card(results: Any, predictor: Predictor, source: str) -> str:
         "## Limits",
         "",
         "- A research model: **not for clinical use**, not validated for diagnosis.",
-        f"- {quantum}"
-        if "dqc" in str(results.head) or "qvit" in str(results.model)
-        else "- A classical model (no quantum circuit).",
+        f"- {quantum}",
         "- Trained on one dataset and one seed; scores on other hospitals' or devices' images "
         "are unknown. See `metrics.json` and `provenance.json` for the full record.",
         "",

@@ -40,6 +40,15 @@ class Predictable:
     backbone_weights: str | None = None
 
 
+@dataclasses.dataclass
+class CardFacts:
+    """What an export's model card says of the model (``Study.card_facts``)."""
+
+    what: str  # one line: architecture, task, circuit size
+    dataset: str  # the real dataset's name, said when the run used real data
+    circuit: dict[str, Any] | None  # the recorded options of its circuit; None: classical
+
+
 def schema_default(key: str) -> Any:
     """The schema's default of a dotted field (``backbone.freeze``); MISSING when it has none."""
     cls: Any = QtlConfig
@@ -146,6 +155,13 @@ class Study(ABC):
     def predictable(self, cfg: QtlConfig) -> Predictable:
         """The run's model for prediction and export (see :class:`Predictable`)."""
         raise ConfigError(f"the {self.name} study does not support mode=predict or mode=export")
+
+    def card_facts(self, results: Results, outputs: list[str], task: str) -> CardFacts:
+        """What an export's model card says of the model: a one-line description, the dataset's
+        name and the options of its circuit (None for a classical model)."""
+        data = results.config.get("data", {})
+        return CardFacts(f"{results.label or results.run} ({len(outputs)} outputs, {task})",
+                         str(data.get("name")), None)  # fmt: skip
 
     @abstractmethod
     def format_scores(self, results: Results) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from qtl.config import ConfigError, DataName, HeadName, ModelName, QtlConfig
 from qtl.record.schema import REAL, SYNTHETIC, Results
-from qtl.studies.base import Predictable, Study
+from qtl.studies.base import CardFacts, Predictable, Study
 from qtl.train.driver import RunInputs
 
 
@@ -205,6 +205,18 @@ class CxrStudy(Study):
             task="multi-label",
             backbone_weights=weights,
         )
+
+    def card_facts(self, results: Results, outputs: list[str], task: str) -> CardFacts:
+        cfg = results.config
+        head = cfg.get("head", {})
+        what = (
+            f"{cfg.get('backbone', {}).get('name')} backbone + {results.head} head on "
+            f"{results.task} ({len(outputs)} labels)"
+        )
+        quantum = results.head == "dqc"
+        if quantum:
+            what += f", a circuit of {len(outputs)} qubits, depth {head.get('depth')}"
+        return CardFacts(what, "NIH-CXR-LT (NIH ChestX-ray14 images)", head if quantum else None)
 
     def format_scores(self, results: Results) -> str:
         return format_auroc_table(results)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from qtl.config import ConfigError, DistillMode, ModelName, QtlConfig
 from qtl.record.schema import REAL, SYNTHETIC, Results
-from qtl.studies.base import Predictable, Study
+from qtl.studies.base import CardFacts, Predictable, Study
 from qtl.train.driver import RunInputs
 
 _MODELS = "model=vit | model=qvit | model=resnet18"
@@ -204,6 +204,17 @@ class MedmnistStudy(Study):
             },
             task=info.task.value,
         )
+
+    def card_facts(self, results: Results, outputs: list[str], task: str) -> CardFacts:
+        cfg = results.config
+        data, model = cfg.get("data", {}), cfg.get("model", {})
+        what = (
+            f"{results.model or model.get('name')} on MedMNIST {data.get('flag')} "
+            f"({data.get('size')} px, {task})"
+            + (f", distilled ({results.distill})" if results.distill != "none" else "")
+        )
+        circuit = model.get("circuit") if model.get("quantum") else None
+        return CardFacts(what, f"MedMNIST {data.get('flag')}", circuit)
 
     def format_scores(self, results: Results) -> str:
         return format_medmnist_table(results)
