@@ -235,3 +235,35 @@ def test_trajectory_gradients_are_finite_with_every_channel():
     x, theta = _inputs(spec, 4, seed=3)
     gx, gt = jax.jit(jax.grad(lambda a, t: f(a, t, jax.random.key(0)).sum(), (0, 1)))(x, theta)
     assert np.isfinite(gx).all() and np.isfinite(gt).all() and np.abs(gt).max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "study,prefix",
+    [
+        (["head=dqc", "head.depth=1"], "head"),
+        (["debug=tiny_medmnist", "model=qvit", "model.quantum=[q]"], "model.circuit"),
+    ],
+    ids=["dqc", "qvit"],
+)
+def test_a_noisy_run_trains_and_records_its_noise(study, prefix, synth_root, tmp_path):
+    """The documented command, one epoch: shots, depolarizing noise and 8 trajectories per
+    example train end to end and land in results.json with what produced them."""
+    import json
+
+    from conftest import TINY, compose
+
+    from qtl.apps.train import train_and_evaluate
+
+    base = TINY if study[0].startswith("head") else []
+    noisy = [f"{prefix}.shots=1000", f"{prefix}.noise.depolarizing=0.01",
+             f"{prefix}.noise.trajectories=8"]  # fmt: skip
+    cfg = compose(*base, *study, f"data.root={synth_root}", "train.max_epochs=1", *noisy)
+    train_and_evaluate(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    noise = results["quantum_noise"]
+    assert noise["exact"] is False and noise["shots"] == 1000 and noise["trajectories"] == 8
+    assert noise["channels"]["depolarizing"] == 0.01
+    assert noise["channels"]["depolarizing_2q"] == 0.01  # null follows the one-qubit value
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(rows) == 1 and np.isfinite([rows[0]["train_loss"], rows[0]["val_loss"]]).all()
