@@ -35,3 +35,28 @@ def _session_workdir(tmp_path_factory):
 def synth_root(tmp_path_factory) -> Path:
     """One tiny synthetic dataset shared by the session's end-to-end tests."""
     return tmp_path_factory.mktemp("synthetic")
+
+
+# The longest files first (their totals in a `make test` on the 2-core EPYC, descending):
+# pytest-xdist hands whole files to the workers in collection order (--dist loadfile), so a
+# long file collected last would keep one worker busy while the other has finished.
+_LONGEST_FIRST = (
+    "test_slurm.py",
+    "test_devices.py",
+    "test_search.py",
+    "test_fast_sim.py",
+    "test_kernel_isa.py",
+    "test_sweep_stop.py",
+    "test_processes.py",
+    "test_bench_step.py",
+    "test_train_e2e.py",
+    "test_noise.py",
+    "test_native_kernel.py",
+    "test_install.py",
+    "test_qvit_study.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable for the rest
