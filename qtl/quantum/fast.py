@@ -186,6 +186,21 @@ def _gate(name: str, angle: jax.Array | None, dtype) -> jax.Array:
     return jnp.stack([jnp.stack(r, -1) for r in rows], -2)
 
 
+def column_angles(
+    name: str, syms: list, x: jax.Array, flat_theta: jax.Array, theta_shape: tuple[int, ...]
+) -> jax.Array | None:
+    """The angles of one gate on several wires: (B, wires) from the inputs, (wires,) from the
+    weights, None for a fixed gate. One gate reads either inputs or weights on all its wires."""
+    if syms[0] is None:
+        return None
+    if {s.array for s in syms} != {syms[0].array}:
+        raise ValueError(f"gate {name} mixes input and weight angles")
+    if syms[0].array == "x":
+        return x[:, np.array([s.index[0] for s in syms])]
+    flat = [int(np.ravel_multi_index(s.index, theta_shape)) for s in syms]
+    return flat_theta[np.array(flat)]
+
+
 def _layer_matrices(
     gates: dict[int, list], n: int, x: jax.Array, theta: jax.Array, dtype
 ) -> jax.Array:
@@ -202,16 +217,7 @@ def _layer_matrices(
     for signature, wires in by_signature.items():
         u = jnp.broadcast_to(jnp.eye(2, dtype=dtype), (*lead, len(wires), 2, 2))
         for j, name in enumerate(signature):
-            syms = [gates[w][j][1] for w in wires]
-            angle = None
-            if syms[0] is not None:
-                if {s.array for s in syms} != {syms[0].array}:
-                    raise ValueError(f"fast simulator: gate {name} mixes input and weight angles")
-                if syms[0].array == "x":
-                    angle = x[:, np.array([s.index[0] for s in syms])]
-                else:
-                    flat = [np.ravel_multi_index(s.index, theta.shape) for s in syms]
-                    angle = flat_theta[np.array(flat)]
+            angle = column_angles(name, [gates[w][j][1] for w in wires], x, flat_theta, theta.shape)
             u = jnp.matmul(
                 jnp.broadcast_to(_gate(name, angle, dtype), u.shape), u, precision=_HIGHEST
             )

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
-from qtl.quantum.fast import cnot_network_matrix, compile_plan, row_state_kernel
+from qtl.quantum.fast import cnot_network_matrix, column_angles, compile_plan, row_state_kernel
 from qtl.quantum.noise.channels import NoiseParams, apply_readout, phase_flip_probability
 from qtl.quantum.noise.trajectories import count_events
 
@@ -167,15 +167,9 @@ def _local(
             column = [gates[w][j] for w in wires]
             if item[0] == "gate":
                 syms: list[Symbol | None] = [c[2] for c in column]
-                angle = None
-                if syms[0] is not None:
-                    if {s.array for s in syms} != {syms[0].array}:
-                        raise ValueError(f"Pauli frames: gate {item[1]} mixes x and theta")
-                    if syms[0].array == "x":
-                        angle = x[:, np.array([s.index[0] for s in syms])]
-                    else:
-                        flat = [int(np.ravel_multi_index(s.index, theta.shape)) for s in syms]
-                        angle = jnp.broadcast_to(flat_theta[np.array(flat)], (rows, k))
+                angle = column_angles(item[1], syms, x, flat_theta, theta.shape)
+                if angle is not None and syms[0].array != "x":
+                    angle = jnp.broadcast_to(angle, (rows, k))
                 g = _gate(item[1], angle, (rows, k), dtype)
                 if vector:
                     a = jnp.einsum("mkij,mkj->mki", g, a)
