@@ -37,6 +37,18 @@ def synth_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic")
 
 
+# Runs that need more training rows than debug=tiny's; a folder of its own, because a
+# synthetic set asked for with other sizes replaces the one in data.root, under any run
+# (this worker's or a SLURM job it started) still reading it.
+LARGE_SIZES = "data.synth_sizes={train:400,val:48,test:48,external:40}"
+
+
+@pytest.fixture(scope="session")
+def synth_root_large(tmp_path_factory) -> Path:
+    """A second synthetic dataset, with ``LARGE_SIZES``, shared like ``synth_root``."""
+    return tmp_path_factory.mktemp("synthetic-large")
+
+
 # The longest files first (their totals in a `make test` on the 2-core EPYC, descending):
 # pytest-xdist hands whole files to the workers in collection order (--dist loadfile), so a
 # long file collected last would keep one worker busy while the other has finished.

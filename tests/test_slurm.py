@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, launch
+from conftest import LARGE_SIZES, ROOT, TINY, launch
 from helpers import read_metrics as _metrics
 from helpers import read_results
 
@@ -149,13 +149,14 @@ def test_grid_on_slurm_then_rerun_trains_nothing(slurm_cluster, workdir, synth_r
     assert sum("finished already (results.json) - nothing to train" in x for x in logs) >= 4
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, workdir, synth_root):
+def test_preempted_job_checkpoints_requeues_and_resumes(
+    slurm_cluster, workdir, synth_root_large
+):
     """SIGUSR2 from SLURM (as before a time limit or on preemption) in the middle of an
     epoch: checkpoint, `scontrol requeue` by submitit, resume at the next batch with the
     same W&B run - and the history equals an uninterrupted twin's."""
     args = [
-        "-m", *TINY, f"data.root={synth_root}",
-        "data.synth_sizes={train:400,val:48,test:48,external:40}", "data.limit=400",
+        "-m", *TINY, f"data.root={synth_root_large}", LARGE_SIZES, "data.limit=400",
         "train.batch_size=2", "train.max_epochs=2", "head=cdl", "logger=wandb",
         "name=preempted,twin", "hydra.sweep.dir=multirun/slurm-preempt/${name}", *SMALL_JOBS,
     ]  # fmt: skip
@@ -267,15 +268,15 @@ def _task_pid(sweep: Path, rank: int) -> int | None:
 
 
 def test_a_two_task_run_survives_a_killed_task_by_requeue_and_equals_one_process(
-    slurm_cluster, workdir, synth_root
+    slurm_cluster, workdir, synth_root_large
 ):
     """train.processes=2: SLURM starts two tasks (tasks_per_node follows train.processes),
     JAX joins them from SLURM's environment. Task 1 is killed (SIGKILL) in epoch 2; task 0
     stops at its next collective and requeues the job; both tasks restart, resume after
     epoch 1 and finish the run a single process trains (tolerance: tests/test_processes.py)."""
     data = [
-        *TINY, f"data.root={synth_root}", "head=cdl", "train.max_epochs=2",
-        "data.synth_sizes={train:400,val:48,test:48,external:40}", "data.limit=400",
+        *TINY, f"data.root={synth_root_large}", "head=cdl", "train.max_epochs=2",
+        LARGE_SIZES, "data.limit=400",
         "train.batch_size=4",
     ]  # fmt: skip
     twin = workdir / "multirun" / "slurm-two-tasks-twin"

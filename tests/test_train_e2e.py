@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, compose, launch
+from conftest import LARGE_SIZES, ROOT, TINY, compose, launch
 from helpers import read_metrics as _metrics
 from helpers import read_results
 
@@ -97,16 +97,16 @@ def test_same_seed_same_batches_for_both_heads(synth_root, tmp_path, monkeypatch
         np.testing.assert_array_equal(ka, kb)
 
 
-def test_kill_and_rerun_resumes_exactly(synth_root, tmp_path):
+def test_kill_and_rerun_resumes_exactly(synth_root_large, tmp_path):
     """SIGKILL mid-training, rerun the same command: no repeated or lost epoch, and the
     resumed history equals an uninterrupted run's."""
     args = [
         *TINY,
-        f"data.root={synth_root}",
+        f"data.root={synth_root_large}",
         "head=cdl",
         "train.max_epochs=4",
         "data.limit=400",
-        "data.synth_sizes={train:400,val:48,test:48,external:40}",
+        LARGE_SIZES,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -125,8 +125,8 @@ def test_kill_and_rerun_resumes_exactly(synth_root, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
+    out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, f"ended before it was killed:\n{out[-3000:]}"
     done_before = len(_metrics(run_dir))
     assert 1 <= done_before < 4 and not (run_dir / "results.json").exists()
 
