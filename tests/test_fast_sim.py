@@ -26,7 +26,6 @@ from qtl.quantum.circuit import (
     CircuitSpec,
     dqc_ansatz,
     entangler_pairs,
-    pennylane_circuit,
     ring_pairs,
 )
 from qtl.quantum.dressed import head_loss, init_params
@@ -81,10 +80,26 @@ def _case(spec: CircuitSpec, batch: int, seed: int):
     return params, features, labels
 
 
+def _pennylane_adjoint(spec: CircuitSpec):
+    """The reference: PennyLane's default.qubit in complex128 with its own adjoint gradients.
+
+    The same circuit as ``pennylane_circuit`` (backprop, run op by op through JAX); equal to it
+    within 1e-15 on this grid, and 5-10x faster to evaluate, since default.qubit then
+    simulates in NumPy instead of dispatching (and compiling) every gate as a JAX op."""
+    device = qml.device("default.qubit", wires=spec.n_qubits)
+
+    @qml.qnode(device, interface="jax", diff_method="adjoint")
+    def qnode(x, theta):
+        dqc_ansatz(x, theta, spec)
+        return [qml.expval(qml.PauliZ(w)) for w in range(spec.n_qubits)]
+
+    return lambda x, theta: jnp.stack(qnode(x, theta), axis=-1)
+
+
 def _reference(spec: CircuitSpec, params, features, labels):
     """Loss, gradients and <Z> from PennyLane in complex128 (x64)."""
     with jax.enable_x64(True):
-        circuit = pennylane_circuit(spec)
+        circuit = _pennylane_adjoint(spec)
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         f64, l64 = jnp.asarray(features, jnp.float64), jnp.asarray(labels, jnp.float64)
         value, grads = jax.value_and_grad(head_loss(circuit), argnums=(0, 1))(p64, f64, l64)
@@ -222,11 +237,11 @@ def test_qvit_family_fast_equals_pennylane_float64(n, depth, encoding, rotation,
     theta = rng.normal(0, 1.0, spec.theta_shape)
     readout = rng.normal(size=(5, n))
     with jax.enable_x64(True):
-        reference = pennylane_circuit(spec)
+        reference = _pennylane_adjoint(spec)
         args64 = (jnp.asarray(x, jnp.float64), jnp.asarray(theta, jnp.float64))
-        ref_z = np.asarray(jax.jit(reference)(*args64))
+        ref_z = np.asarray(reference(*args64))
         ref_loss = _readout_loss(reference, jnp.asarray(readout))
-        ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(*args64)
+        ref_grads = jax.grad(ref_loss, argnums=(0, 1))(*args64)
     circuit = fast_circuit(spec)
     args32 = (jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
     z = jax.jit(circuit)(*args32)
@@ -256,11 +271,11 @@ def test_rx_cnot_phase_polynomial_equals_pennylane_float64(n, depth, entangler):
     theta = rng.normal(0, 1.0, spec.theta_shape)
     readout = rng.normal(size=(5, n))
     with jax.enable_x64(True):
-        reference = pennylane_circuit(spec)
+        reference = _pennylane_adjoint(spec)
         args64 = (jnp.asarray(x, jnp.float64), jnp.asarray(theta, jnp.float64))
-        ref_z = np.asarray(jax.jit(reference)(*args64))
+        ref_z = np.asarray(reference(*args64))
         ref_loss = _readout_loss(reference, jnp.asarray(readout))
-        ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(*args64)
+        ref_grads = jax.grad(ref_loss, argnums=(0, 1))(*args64)
     circuit = fast_circuit(spec, phase=True)
     args32 = (jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
     np.testing.assert_allclose(np.asarray(jax.jit(circuit)(*args32)), ref_z, atol=ATOL)

@@ -21,15 +21,19 @@ from helpers import read_metrics
 pytestmark = pytest.mark.slow
 
 EPOCHS = 25  # long enough that no run ends while the test stops the sweep
+# submitit's local executor starts its jobs further apart (~10 s on a loaded 2-core machine,
+# where a tiny epoch takes ~0.1 s): the first run must still be going when the second commits
+# its first epoch
+SUBMITIT_EPOCHS = 60
 
 
-def _args(sweep: Path, synth_root: Path) -> list[str]:
+def _args(sweep: Path, synth_root: Path, epochs: int = EPOCHS) -> list[str]:
     return [
         "-m",
         *TINY,
         "head=cdl",
-        f"train.max_epochs={EPOCHS}",
-        f"train.patience={EPOCHS}",
+        f"train.max_epochs={epochs}",
+        f"train.patience={epochs}",
         f"data.root={synth_root}",
         "hydra/launcher=workstation",
         "hydra.launcher.gpus=[]",
@@ -162,7 +166,9 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
     """The SLURM launcher's stop, on submitit's local executor (same launcher code; the local
     executor's cancel is SIGINT where SLURM's scancel sends SIGTERM)."""
     sweep = tmp_path / "sweep"
-    pool = [a for a in _args(sweep, synth_root) if not a.startswith("hydra.launcher.")]
+    pool = [
+        a for a in _args(sweep, synth_root, SUBMITIT_EPOCHS) if not a.startswith("hydra.launcher.")
+    ]
     args = [
         *[a for a in pool if a != "hydra/launcher=workstation"],
         "hydra/launcher=submitit_local",
@@ -209,4 +215,4 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
     assert logs.count("resuming") >= 2
     for run in _run_dirs(sweep):
-        assert [r["epoch"] for r in read_metrics(run)] == list(range(1, EPOCHS + 1))
+        assert [r["epoch"] for r in read_metrics(run)] == list(range(1, SUBMITIT_EPOCHS + 1))
