@@ -34,10 +34,45 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using qtl::Flip;
-using qtl::kLanes;
-using qtl::Load;
-using qtl::V;
+// The vector is the machine's own register width (qtl::V, 16 floats, is a pair or four of
+// them off AVX-512): a 16-float group through GatesK<3> is 16 AVX2 registers before the
+// gate coefficients, so GCC kept it on the stack, and every gate paid store-to-load
+// forwarding of half-vectors (measured: the row pass 3x slower on an AVX2 Zen 3).
+#if defined(__AVX512F__)
+constexpr int kVecBits = 4;
+#elif defined(__AVX__)
+constexpr int kVecBits = 3;
+#else  // SSE2, NEON: 128-bit registers
+constexpr int kVecBits = 2;
+#endif
+constexpr int64_t kLanes = int64_t{1} << kVecBits;
+typedef float V __attribute__((vector_size(4 * kLanes)));
+typedef int I __attribute__((vector_size(4 * kLanes)));
+
+QTL_ALWAYS_INLINE V Load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// The vector with lane l replaced by lane l ^ (1 << B), B < kVecBits.
+template <int B>
+QTL_ALWAYS_INLINE V Flip(V v) {
+  static_assert(B < kVecBits);
+#if defined(__AVX512F__)
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  if constexpr (B == 3) return QTL_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#elif defined(__AVX__)
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+#else
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1);
+#endif
+}
 
 constexpr int kTileBits = 8;  // a tile: 2^8 rows of kTileWidth vectors (32 KiB, in L1)
 constexpr int kTileWidth = 2;  // per row: measured ~8% faster than 1 at n = 19 (4: no better)
@@ -78,7 +113,7 @@ Gate MakeGate(const float* u, int bit, bool transpose) {
   float m[2][2] = {{u[0], u[1]}, {u[2], u[3]}};
   if (transpose) std::swap(m[0][1], m[1][0]);
   Gate g{m[0][0], m[0][1], m[1][0], m[1][1], {}, {}};
-  if (bit < 4)
+  if (bit < kVecBits)
     for (int l = 0; l < kLanes; ++l) {
       const int p = (l >> bit) & 1;
       g.a[l] = m[p][p];
@@ -189,40 +224,51 @@ QTL_INLINE void Grams(const V* lam, const V* y, int64_t count, int64_t s, double
   GramsBy<QTL_GRAM_GROUP>(lam, y, count, s, c, bits);
 }
 
-// Every low bit's gate on one row of p vectors (lb >= 4 bits: 4 inside each vector).
-QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
-  const V a0 = Load(g[0].a), b0 = Load(g[0].b), a1 = Load(g[1].a), b1 = Load(g[1].b);
-  const V a2 = Load(g[2].a), b2 = Load(g[2].b), a3 = Load(g[3].a), b3 = Load(g[3].b);
-  for (int64_t v = 0; v < p; ++v) {
-    V x = row[v];
-    x = a0 * x + b0 * Flip<0>(x);
-    x = a1 * x + b1 * Flip<1>(x);
-    x = a2 * x + b2 * Flip<2>(x);
-    x = a3 * x + b3 * Flip<3>(x);
-    row[v] = x;
+// x = a * x + b * Flip<B>(x) for the in-vector bits B .. kVecBits - 1.
+template <int B>
+QTL_INLINE V InVector(V x, const V* a, const V* b) {
+  if constexpr (B == kVecBits) {
+    return x;
+  } else {
+    return InVector<B + 1>(a[B] * x + b[B] * Flip<B>(x), a, b);
   }
-  Gates(row, p, 1, g + 4, lb - 4);
+}
+
+// Every low bit's gate on one row of p vectors (lb >= kVecBits: those inside each vector).
+QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
+  V a[kVecBits], b[kVecBits];
+  for (int k = 0; k < kVecBits; ++k) {
+    a[k] = Load(g[k].a);
+    b[k] = Load(g[k].b);
+  }
+  for (int64_t v = 0; v < p; ++v) row[v] = InVector<0>(row[v], a, b);
+  Gates(row, p, 1, g + kVecBits, lb - kVecBits);
+}
+
+// d[B] += l * Flip<B>(x) for the in-vector bits B .. kVecBits - 1.
+template <int B>
+QTL_INLINE void FlipDots(V l, V x, V* d) {
+  if constexpr (B < kVecBits) {
+    d[B] += l * Flip<B>(x);
+    FlipDots<B + 1>(l, x, d);
+  }
 }
 
 // c[b] += the row's part of the Gram of the low bit b, for every b < lb.
 QTL_INLINE void GramRow(const V* lam, const V* y, int64_t p, int lb, double (*c)[4]) {
-  V d0{}, d1{}, d2{}, d3{}, dd{};
+  V d[kVecBits] = {}, dd{};
   for (int64_t v = 0; v < p; ++v) {
     const V l = lam[v], x = y[v];
     dd += l * x;
-    d0 += l * Flip<0>(x);
-    d1 += l * Flip<1>(x);
-    d2 += l * Flip<2>(x);
-    d3 += l * Flip<3>(x);
+    FlipDots<0>(l, x, d);
   }
-  const V flips[4] = {d0, d1, d2, d3};
-  for (int b = 0; b < 4; ++b)
+  for (int b = 0; b < kVecBits; ++b)
     for (int l = 0; l < kLanes; ++l) {
       const int q = (l >> b) & 1;
       c[b][q * 3] += dd[l];  // [q][q]
-      c[b][q * 2 + 1 - q] += flips[b][l];
+      c[b][q * 2 + 1 - q] += d[b][l];
     }
-  Grams(lam, y, p, 1, c + 4, lb - 4);
+  Grams(lam, y, p, 1, c + kVecBits, lb - kVecBits);
 }
 
 using Layers = std::vector<std::vector<Gate>>;  // layer -> bit -> gate
