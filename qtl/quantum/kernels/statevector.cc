@@ -85,8 +85,16 @@ constexpr int64_t kMaxRow = int64_t{1} << kLowBits;
 #define QTL_INLINE QTL_ALWAYS_INLINE
 
 // A GF(2)-linear map of basis indices: j -> hi[j >> lb] ^ lo[j & (2^lb - 1)].
+//
+// For the gathers, what it does inside one vector: lane k of the vector at a multiple i of
+// kLanes reads index (h ^ lo[i]) ^ lo[k], and lo[k] = within[k] | (a part above the vector),
+// which takes `offsets` values off[o] (2 for a ring of CNOTs). So a vector of the gather is
+// `offsets` aligned loads, each permuted by within ^ (the low bits of h ^ lo[i]) and blended
+// by lane: no per-element loads.
 struct Map {
   std::vector<int32_t> hi, lo;
+  int offsets = 0;
+  int32_t off[kLanes] = {}, within[kLanes] = {}, pick[kLanes][kLanes] = {};
 };
 
 // cols[w]: the image of the index whose only set bit is wire w's.
@@ -98,6 +106,14 @@ Map MakeMap(const int32_t* cols, int n, int lb) {
     m.lo[j] = m.lo[j & (j - 1)] ^ cols[n - 1 - __builtin_ctzll(j)];
   for (int64_t r = 1; r < static_cast<int64_t>(m.hi.size()); ++r)
     m.hi[r] = m.hi[r & (r - 1)] ^ cols[n - 1 - lb - __builtin_ctzll(r)];
+  for (int k = 0; k < kLanes; ++k) {
+    const int32_t above = m.lo[k] & ~int32_t{kLanes - 1};
+    m.within[k] = m.lo[k] & (kLanes - 1);
+    int o = 0;
+    while (o < m.offsets && m.off[o] != above) ++o;
+    if (o == m.offsets) m.off[m.offsets++] = above;
+    m.pick[o][k] = -1;
+  }
   return m;
 }
 
@@ -312,53 +328,62 @@ QTL_INLINE void HighGates(const Problem& p, float* x, const std::vector<Gate>& g
   }
 }
 
-// The row gathers below are plain loops: built for the machine (-march=native), the compiler
-// turns them into hardware gathers (vpgatherdd) where its tuning for the CPU says they pay
-// (AVX-512 parts, AMD Zen 3 and later, Intel since Haswell), and into scalar loads elsewhere.
-// Each is its own function so that its __restrict pointers stay known not to alias (inlined,
-// GCC loses that and keeps the loop scalar); in a build for one ISA that costs nothing, and
-// in a multi-ISA build (QTL_CLONES) it would get the baseline only, so there it is inlined.
-#if defined(QTL_ISA_BUILD)
-#define QTL_ROW __attribute__((noinline))
+// GCC has shuffles by a run-time index vector (vpermps on AVX2 and AVX-512, tbl on NEON);
+// clang's vector extensions do not, so there the gathers stay element by element.
+#if defined(__clang__)
+#define QTL_VECTOR_GATHER 0
 #else
-#define QTL_ROW QTL_INLINE
+#define QTL_VECTOR_GATHER 1
 #endif
-// row[i] = src[h ^ lo[i]]: one row of a network's gather.
-QTL_ROW void GatherRow(const float* __restrict src, int32_t h, const int32_t* __restrict lo,
-                          int64_t width, float* __restrict row) {
+
+QTL_ALWAYS_INLINE I LoadI(const int32_t* p) {
+  I v;
+  __builtin_memcpy(&v, p, sizeof(I));
+  return v;
+}
+
+// row[i] = src[h ^ lo[i]] for i < width: one row of a network's gather (src: a whole state,
+// 64-byte aligned).
+QTL_INLINE void GatherRow(const float* src, int32_t h, const Map& m, int64_t width,
+                          float* row) {
+#if QTL_VECTOR_GATHER
+  const I within = LoadI(m.within);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    const int32_t base = h ^ m.lo[i];
+    const int32_t low = base & (kLanes - 1), high = base ^ low;
+    const I idx = within ^ low;
+    V r = __builtin_shuffle(Load(src + (high ^ m.off[0])), idx);
+    for (int o = 1; o < m.offsets; ++o) {
+      const I q = reinterpret_cast<I>(__builtin_shuffle(Load(src + (high ^ m.off[o])), idx));
+      const I pick = LoadI(m.pick[o]);
+      r = reinterpret_cast<V>((q & pick) | (reinterpret_cast<I>(r) & ~pick));
+    }
+    __builtin_memcpy(row + i, &r, sizeof(V));
+  }
+#else
+  const int32_t* lo = m.lo.data();
   for (int64_t i = 0; i < width; ++i) row[i] = src[h ^ lo[i]];
+#endif
 }
 
-// row[i] = a[s >> lb] * c[s & mask], s = h ^ lo[i]: one row of the permuted product state.
-QTL_ROW void ProductRow(const float* __restrict a, const float* __restrict c, int32_t h,
-                           const int32_t* __restrict lo, int64_t width, int lb,
-                           float* __restrict row) {
-  const int32_t mask = static_cast<int32_t>(width - 1);
-  for (int64_t i = 0; i < width; ++i) {
-    const int32_t s = h ^ lo[i];
-    row[i] = a[s >> lb] * c[s & mask];
+// out = a (x) c, the product state in the computational basis (row r is a[r] * c).
+QTL_INLINE void ProductState(const Problem& p, const float* a, const float* c, float* out) {
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float ar = a[r];
+    V* row = reinterpret_cast<V*>(out + r * p.width);
+    for (int64_t v = 0; v < p.vectors(); ++v) row[v] = ar * Load(c + v * kLanes);
   }
 }
 
-// row[i] = 2 y[i] O(j'), j' = h ^ lo[i]: the loss's cotangent at the last layer's output.
-QTL_ROW void CotangentRow(const float* __restrict y, int32_t h, const int32_t* __restrict lo,
-                             const float* __restrict orow, const float* __restrict ocol,
-                             int64_t width, int lb, float* __restrict row) {
-  const int32_t mask = static_cast<int32_t>(width - 1);
-  for (int64_t i = 0; i < width; ++i) {
-    const int32_t j = h ^ lo[i];
-    row[i] = 2 * y[i] * (orow[j >> lb] + ocol[j & mask]);
-  }
-}
-
-// x = U_0 P_0 (a (x) c): the product state through the first network and the first layer.
-QTL_INLINE void ProductLayer(const Problem& p, const std::vector<Gate>& gates,
-                             const float* __restrict a, const float* __restrict c,
-                             float* __restrict x) {
+// x = U_0 P_0 (a (x) c): the product state through the first network and the first layer
+// (scratch: a state's room for the product state).
+QTL_INLINE void ProductLayer(const Problem& p, const std::vector<Gate>& gates, const float* a,
+                             const float* c, float* scratch, float* x) {
+  ProductState(p, a, c, scratch);
   const Map& g = p.nets[0];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
-    ProductRow(a, c, g.hi[r], g.lo.data(), p.width, p.lb, row);
+    GatherRow(scratch, g.hi[r], g, p.width, row);
     RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
   HighGates(p, x, gates);
@@ -370,7 +395,7 @@ QTL_INLINE void GatherLayer(const Problem& p, int l, const std::vector<Gate>& ga
   const Map& g = p.nets[l];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
-    GatherRow(prev, g.hi[r], g.lo.data(), p.width, row);
+    GatherRow(prev, g.hi[r], g, p.width, row);
     RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
   HighGates(p, x, gates);
@@ -388,7 +413,7 @@ QTL_INLINE void Measure(const Problem& p, const float* y, std::vector<double>& c
   rowsum.assign(p.rows, 0.0);
   for (int64_t v = 0; v < nv; ++v) col[v] = V{};
   for (int64_t r = 0; r < p.rows; ++r) {
-    GatherRow(y, f.hi[r], f.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    GatherRow(y, f.hi[r], f, p.width, reinterpret_cast<float*>(tmp));
     V acc{};
     for (int64_t v = 0; v < nv; ++v) {
       const V sq = tmp[v] * tmp[v];
@@ -492,7 +517,7 @@ QTL_CLONES void ForwardOne(const Problem& p, const Layers& gates, const float* v
   float* y = s.State(1, p.size());
   const float* a = ProductTable(v, p.n - p.lb, s.hi);
   const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
-  ProductLayer(p, gates[0], a, c, x);
+  ProductLayer(p, gates[0], a, c, y, x);
   for (int l = 1; l < p.m; ++l) {
     GatherLayer(p, l, gates[l], x, y);
     std::swap(x, y);
@@ -538,7 +563,7 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   for (int l = 0; l < p.m; ++l) ys[l] = s.State(l, size);
   float* lam = s.State(p.m, size);
   float* mu = s.State(p.m + 1, size);
-  ProductLayer(p, gates[0], a, c, ys[0]);
+  ProductLayer(p, gates[0], a, c, lam, ys[0]);
   for (int l = 1; l < p.m; ++l) GatherLayer(p, l, gates[l], ys[l - 1], ys[l]);
 
   // d loss / d y_m[j] = 2 y_m[j] O(j'), j' = P_m^-1 j the index after the last network, where
@@ -553,6 +578,11 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   for (int64_t r = 1; r < p.rows; ++r)
     s.orow[r] = s.orow[r & (r - 1)] - 2 * g[p.n - 1 - p.lb - __builtin_ctzll(r)];
 
+  for (int64_t r = 0; r < p.rows; ++r) {  // O in the measured basis, gathered back below
+    V* row = reinterpret_cast<V*>(mu + r * p.width);
+    for (int64_t v = 0; v < nv; ++v) row[v] = s.orow[r] + Load(s.ocol.data() + v * kLanes);
+  }
+
   std::vector<double> grams(static_cast<size_t>(p.m) * p.n * 4, 0.0);
   for (int l = p.m - 1; l >= 0; --l) {
     const float* y = ys[l];
@@ -561,11 +591,10 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
     for (int64_t r = 0; r < p.rows; ++r) {
       float* row = lam + r * p.width;
       const float* yrow = y + r * p.width;
-      if (l == p.m - 1)
-        CotangentRow(yrow, back.hi[r], back.lo.data(), s.orow.data(), s.ocol.data(), p.width,
-                     p.lb, row);
-      else
-        GatherRow(mu, back.hi[r], back.lo.data(), p.width, row);
+      GatherRow(mu, back.hi[r], back, p.width, row);
+      if (l == p.m - 1)  // row holds O(j') (see above): the cotangent is 2 y O
+        for (int64_t v = 0; v < nv; ++v)
+          reinterpret_cast<V*>(row)[v] *= 2 * reinterpret_cast<const V*>(yrow)[v];
       GramRow(reinterpret_cast<const V*>(row), reinterpret_cast<const V*>(yrow), nv, p.lb, cl);
     }
     HighBackward(p, gates_t[l], lam, y, cl);
@@ -582,7 +611,7 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   s.dc.assign(p.width, 0.0);
   for (int64_t v = 0; v < nv; ++v) col[v] = V{};
   for (int64_t r = 0; r < p.rows; ++r) {
-    GatherRow(mu, back.hi[r], back.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    GatherRow(mu, back.hi[r], back, p.width, reinterpret_cast<float*>(tmp));
     V dot{};
     const float ar = a[r];
     for (int64_t v = 0; v < nv; ++v) {
