@@ -255,19 +255,16 @@ def _ensure_level(cache: Path | None, level: str) -> tuple[Path, bytes]:
         )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".wire_gram-{key}.{os.getpid()}.tmp"
-    cmd = [cxx, *FLAGS, *flags, "-DQTL_ISA_BUILD", f"-I{include}", *map(str, SOURCES)]
-    cmd += ["-o", str(tmp)]
     print(
         f"qtl: building the native CPU kernel (once, ISA {level}) in {cache}",
         file=sys.stderr,
         flush=True,
     )
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        _compile(cxx, [*flags, "-DQTL_ISA_BUILD", f"-I{include}"], tmp)
+        data = tmp.read_bytes()
+    finally:
         tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    data = tmp.read_bytes()
-    tmp.unlink()
     digest = hashlib.sha256(data).hexdigest()
     # named by its content: a concurrent build never changes the bytes a manifest points at
     lib = cache / f"wire_gram-{key}-{digest[:16]}.so"
@@ -283,6 +280,32 @@ def _ensure_level(cache: Path | None, level: str) -> tuple[Path, bytes]:
     }
     _write(manifest, (json.dumps(meta, indent=1) + "\n").encode(), 0o644)
     return lib, data
+
+
+def _compile(cxx: str, flags: list[str], out: Path) -> None:
+    """Every source in its own compiler process, all at once, then one link: the build takes
+    about its longest source's time rather than the sum (on 2 cores, ~half)."""
+    objects = [out.with_name(f"{out.name}.{src.stem}.o") for src in SOURCES]
+    try:
+        jobs = []
+        for src, obj in zip(SOURCES, objects, strict=True):
+            cmd = [cxx, *FLAGS, *flags, "-c", str(src), "-o", str(obj)]
+            jobs.append((cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
+        failed = None
+        for cmd, job in jobs:
+            err = job.communicate()[1]
+            if job.returncode != 0 and failed is None:
+                failed = (cmd, err)
+        if failed is None:
+            cmd = [cxx, *FLAGS, *flags, *map(str, objects), "-o", str(out)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                failed = (cmd, done.stderr)
+        if failed is not None:
+            raise KernelUnavailable(f"{' '.join(failed[0])} failed:\n{failed[1][-2000:]}")
+    finally:
+        for obj in objects:
+            obj.unlink(missing_ok=True)
 
 
 def build(cache: Path | None = None) -> Path:

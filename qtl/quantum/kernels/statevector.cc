@@ -34,10 +34,45 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using qtl::Flip;
-using qtl::kLanes;
-using qtl::Load;
-using qtl::V;
+// The vector is the machine's own register width (qtl::V, 16 floats, is a pair or four of
+// them off AVX-512): a 16-float group through GatesK<3> is 16 AVX2 registers before the
+// gate coefficients, so GCC kept it on the stack, and every gate paid store-to-load
+// forwarding of half-vectors (measured: the row pass 3x slower on an AVX2 Zen 3).
+#if defined(__AVX512F__)
+constexpr int kVecBits = 4;
+#elif defined(__AVX__)
+constexpr int kVecBits = 3;
+#else  // SSE2, NEON: 128-bit registers
+constexpr int kVecBits = 2;
+#endif
+constexpr int64_t kLanes = int64_t{1} << kVecBits;
+typedef float V __attribute__((vector_size(4 * kLanes)));
+typedef int I __attribute__((vector_size(4 * kLanes)));
+
+QTL_ALWAYS_INLINE V Load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// The vector with lane l replaced by lane l ^ (1 << B), B < kVecBits.
+template <int B>
+QTL_ALWAYS_INLINE V Flip(V v) {
+  static_assert(B < kVecBits);
+#if defined(__AVX512F__)
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  if constexpr (B == 3) return QTL_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#elif defined(__AVX__)
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
+#else
+  if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2);
+  if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1);
+#endif
+}
 
 constexpr int kTileBits = 8;  // a tile: 2^8 rows of kTileWidth vectors (32 KiB, in L1)
 constexpr int kTileWidth = 2;  // per row: measured ~8% faster than 1 at n = 19 (4: no better)
@@ -50,8 +85,16 @@ constexpr int64_t kMaxRow = int64_t{1} << kLowBits;
 #define QTL_INLINE QTL_ALWAYS_INLINE
 
 // A GF(2)-linear map of basis indices: j -> hi[j >> lb] ^ lo[j & (2^lb - 1)].
+//
+// For the gathers, what it does inside one vector: lane k of the vector at a multiple i of
+// kLanes reads index (h ^ lo[i]) ^ lo[k], and lo[k] = within[k] | (a part above the vector),
+// which takes `offsets` values off[o] (2 for a ring of CNOTs). So a vector of the gather is
+// `offsets` aligned loads, each permuted by within ^ (the low bits of h ^ lo[i]) and blended
+// by lane: no per-element loads.
 struct Map {
   std::vector<int32_t> hi, lo;
+  int offsets = 0;
+  int32_t off[kLanes] = {}, within[kLanes] = {}, pick[kLanes][kLanes] = {};
 };
 
 // cols[w]: the image of the index whose only set bit is wire w's.
@@ -63,6 +106,14 @@ Map MakeMap(const int32_t* cols, int n, int lb) {
     m.lo[j] = m.lo[j & (j - 1)] ^ cols[n - 1 - __builtin_ctzll(j)];
   for (int64_t r = 1; r < static_cast<int64_t>(m.hi.size()); ++r)
     m.hi[r] = m.hi[r & (r - 1)] ^ cols[n - 1 - lb - __builtin_ctzll(r)];
+  for (int k = 0; k < kLanes; ++k) {
+    const int32_t above = m.lo[k] & ~int32_t{kLanes - 1};
+    m.within[k] = m.lo[k] & (kLanes - 1);
+    int o = 0;
+    while (o < m.offsets && m.off[o] != above) ++o;
+    if (o == m.offsets) m.off[m.offsets++] = above;
+    m.pick[o][k] = -1;
+  }
   return m;
 }
 
@@ -78,7 +129,7 @@ Gate MakeGate(const float* u, int bit, bool transpose) {
   float m[2][2] = {{u[0], u[1]}, {u[2], u[3]}};
   if (transpose) std::swap(m[0][1], m[1][0]);
   Gate g{m[0][0], m[0][1], m[1][0], m[1][1], {}, {}};
-  if (bit < 4)
+  if (bit < kVecBits)
     for (int l = 0; l < kLanes; ++l) {
       const int p = (l >> bit) & 1;
       g.a[l] = m[p][p];
@@ -189,40 +240,51 @@ QTL_INLINE void Grams(const V* lam, const V* y, int64_t count, int64_t s, double
   GramsBy<QTL_GRAM_GROUP>(lam, y, count, s, c, bits);
 }
 
-// Every low bit's gate on one row of p vectors (lb >= 4 bits: 4 inside each vector).
-QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
-  const V a0 = Load(g[0].a), b0 = Load(g[0].b), a1 = Load(g[1].a), b1 = Load(g[1].b);
-  const V a2 = Load(g[2].a), b2 = Load(g[2].b), a3 = Load(g[3].a), b3 = Load(g[3].b);
-  for (int64_t v = 0; v < p; ++v) {
-    V x = row[v];
-    x = a0 * x + b0 * Flip<0>(x);
-    x = a1 * x + b1 * Flip<1>(x);
-    x = a2 * x + b2 * Flip<2>(x);
-    x = a3 * x + b3 * Flip<3>(x);
-    row[v] = x;
+// x = a * x + b * Flip<B>(x) for the in-vector bits B .. kVecBits - 1.
+template <int B>
+QTL_INLINE V InVector(V x, const V* a, const V* b) {
+  if constexpr (B == kVecBits) {
+    return x;
+  } else {
+    return InVector<B + 1>(a[B] * x + b[B] * Flip<B>(x), a, b);
   }
-  Gates(row, p, 1, g + 4, lb - 4);
+}
+
+// Every low bit's gate on one row of p vectors (lb >= kVecBits: those inside each vector).
+QTL_INLINE void RotateRow(V* row, int64_t p, const Gate* g, int lb) {
+  V a[kVecBits], b[kVecBits];
+  for (int k = 0; k < kVecBits; ++k) {
+    a[k] = Load(g[k].a);
+    b[k] = Load(g[k].b);
+  }
+  for (int64_t v = 0; v < p; ++v) row[v] = InVector<0>(row[v], a, b);
+  Gates(row, p, 1, g + kVecBits, lb - kVecBits);
+}
+
+// d[B] += l * Flip<B>(x) for the in-vector bits B .. kVecBits - 1.
+template <int B>
+QTL_INLINE void FlipDots(V l, V x, V* d) {
+  if constexpr (B < kVecBits) {
+    d[B] += l * Flip<B>(x);
+    FlipDots<B + 1>(l, x, d);
+  }
 }
 
 // c[b] += the row's part of the Gram of the low bit b, for every b < lb.
 QTL_INLINE void GramRow(const V* lam, const V* y, int64_t p, int lb, double (*c)[4]) {
-  V d0{}, d1{}, d2{}, d3{}, dd{};
+  V d[kVecBits] = {}, dd{};
   for (int64_t v = 0; v < p; ++v) {
     const V l = lam[v], x = y[v];
     dd += l * x;
-    d0 += l * Flip<0>(x);
-    d1 += l * Flip<1>(x);
-    d2 += l * Flip<2>(x);
-    d3 += l * Flip<3>(x);
+    FlipDots<0>(l, x, d);
   }
-  const V flips[4] = {d0, d1, d2, d3};
-  for (int b = 0; b < 4; ++b)
+  for (int b = 0; b < kVecBits; ++b)
     for (int l = 0; l < kLanes; ++l) {
       const int q = (l >> b) & 1;
       c[b][q * 3] += dd[l];  // [q][q]
-      c[b][q * 2 + 1 - q] += flips[b][l];
+      c[b][q * 2 + 1 - q] += d[b][l];
     }
-  Grams(lam, y, p, 1, c + 4, lb - 4);
+  Grams(lam, y, p, 1, c + kVecBits, lb - kVecBits);
 }
 
 using Layers = std::vector<std::vector<Gate>>;  // layer -> bit -> gate
@@ -266,53 +328,62 @@ QTL_INLINE void HighGates(const Problem& p, float* x, const std::vector<Gate>& g
   }
 }
 
-// The row gathers below are plain loops: built for the machine (-march=native), the compiler
-// turns them into hardware gathers (vpgatherdd) where its tuning for the CPU says they pay
-// (AVX-512 parts, AMD Zen 3 and later, Intel since Haswell), and into scalar loads elsewhere.
-// Each is its own function so that its __restrict pointers stay known not to alias (inlined,
-// GCC loses that and keeps the loop scalar); in a build for one ISA that costs nothing, and
-// in a multi-ISA build (QTL_CLONES) it would get the baseline only, so there it is inlined.
-#if defined(QTL_ISA_BUILD)
-#define QTL_ROW __attribute__((noinline))
+// GCC has shuffles by a run-time index vector (vpermps on AVX2 and AVX-512, tbl on NEON);
+// clang's vector extensions do not, so there the gathers stay element by element.
+#if defined(__clang__)
+#define QTL_VECTOR_GATHER 0
 #else
-#define QTL_ROW QTL_INLINE
+#define QTL_VECTOR_GATHER 1
 #endif
-// row[i] = src[h ^ lo[i]]: one row of a network's gather.
-QTL_ROW void GatherRow(const float* __restrict src, int32_t h, const int32_t* __restrict lo,
-                          int64_t width, float* __restrict row) {
+
+QTL_ALWAYS_INLINE I LoadI(const int32_t* p) {
+  I v;
+  __builtin_memcpy(&v, p, sizeof(I));
+  return v;
+}
+
+// row[i] = src[h ^ lo[i]] for i < width: one row of a network's gather (src: a whole state,
+// 64-byte aligned).
+QTL_INLINE void GatherRow(const float* src, int32_t h, const Map& m, int64_t width,
+                          float* row) {
+#if QTL_VECTOR_GATHER
+  const I within = LoadI(m.within);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    const int32_t base = h ^ m.lo[i];
+    const int32_t low = base & (kLanes - 1), high = base ^ low;
+    const I idx = within ^ low;
+    V r = __builtin_shuffle(Load(src + (high ^ m.off[0])), idx);
+    for (int o = 1; o < m.offsets; ++o) {
+      const I q = reinterpret_cast<I>(__builtin_shuffle(Load(src + (high ^ m.off[o])), idx));
+      const I pick = LoadI(m.pick[o]);
+      r = reinterpret_cast<V>((q & pick) | (reinterpret_cast<I>(r) & ~pick));
+    }
+    __builtin_memcpy(row + i, &r, sizeof(V));
+  }
+#else
+  const int32_t* lo = m.lo.data();
   for (int64_t i = 0; i < width; ++i) row[i] = src[h ^ lo[i]];
+#endif
 }
 
-// row[i] = a[s >> lb] * c[s & mask], s = h ^ lo[i]: one row of the permuted product state.
-QTL_ROW void ProductRow(const float* __restrict a, const float* __restrict c, int32_t h,
-                           const int32_t* __restrict lo, int64_t width, int lb,
-                           float* __restrict row) {
-  const int32_t mask = static_cast<int32_t>(width - 1);
-  for (int64_t i = 0; i < width; ++i) {
-    const int32_t s = h ^ lo[i];
-    row[i] = a[s >> lb] * c[s & mask];
+// out = a (x) c, the product state in the computational basis (row r is a[r] * c).
+QTL_INLINE void ProductState(const Problem& p, const float* a, const float* c, float* out) {
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const float ar = a[r];
+    V* row = reinterpret_cast<V*>(out + r * p.width);
+    for (int64_t v = 0; v < p.vectors(); ++v) row[v] = ar * Load(c + v * kLanes);
   }
 }
 
-// row[i] = 2 y[i] O(j'), j' = h ^ lo[i]: the loss's cotangent at the last layer's output.
-QTL_ROW void CotangentRow(const float* __restrict y, int32_t h, const int32_t* __restrict lo,
-                             const float* __restrict orow, const float* __restrict ocol,
-                             int64_t width, int lb, float* __restrict row) {
-  const int32_t mask = static_cast<int32_t>(width - 1);
-  for (int64_t i = 0; i < width; ++i) {
-    const int32_t j = h ^ lo[i];
-    row[i] = 2 * y[i] * (orow[j >> lb] + ocol[j & mask]);
-  }
-}
-
-// x = U_0 P_0 (a (x) c): the product state through the first network and the first layer.
-QTL_INLINE void ProductLayer(const Problem& p, const std::vector<Gate>& gates,
-                             const float* __restrict a, const float* __restrict c,
-                             float* __restrict x) {
+// x = U_0 P_0 (a (x) c): the product state through the first network and the first layer
+// (scratch: a state's room for the product state).
+QTL_INLINE void ProductLayer(const Problem& p, const std::vector<Gate>& gates, const float* a,
+                             const float* c, float* scratch, float* x) {
+  ProductState(p, a, c, scratch);
   const Map& g = p.nets[0];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
-    ProductRow(a, c, g.hi[r], g.lo.data(), p.width, p.lb, row);
+    GatherRow(scratch, g.hi[r], g, p.width, row);
     RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
   HighGates(p, x, gates);
@@ -324,7 +395,7 @@ QTL_INLINE void GatherLayer(const Problem& p, int l, const std::vector<Gate>& ga
   const Map& g = p.nets[l];
   for (int64_t r = 0; r < p.rows; ++r) {
     float* row = x + r * p.width;
-    GatherRow(prev, g.hi[r], g.lo.data(), p.width, row);
+    GatherRow(prev, g.hi[r], g, p.width, row);
     RotateRow(reinterpret_cast<V*>(row), p.vectors(), gates.data(), p.lb);
   }
   HighGates(p, x, gates);
@@ -342,7 +413,7 @@ QTL_INLINE void Measure(const Problem& p, const float* y, std::vector<double>& c
   rowsum.assign(p.rows, 0.0);
   for (int64_t v = 0; v < nv; ++v) col[v] = V{};
   for (int64_t r = 0; r < p.rows; ++r) {
-    GatherRow(y, f.hi[r], f.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    GatherRow(y, f.hi[r], f, p.width, reinterpret_cast<float*>(tmp));
     V acc{};
     for (int64_t v = 0; v < nv; ++v) {
       const V sq = tmp[v] * tmp[v];
@@ -446,7 +517,7 @@ QTL_CLONES void ForwardOne(const Problem& p, const Layers& gates, const float* v
   float* y = s.State(1, p.size());
   const float* a = ProductTable(v, p.n - p.lb, s.hi);
   const float* c = ProductTable(v + 2 * (p.n - p.lb), p.lb, s.lo);
-  ProductLayer(p, gates[0], a, c, x);
+  ProductLayer(p, gates[0], a, c, y, x);
   for (int l = 1; l < p.m; ++l) {
     GatherLayer(p, l, gates[l], x, y);
     std::swap(x, y);
@@ -492,7 +563,7 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   for (int l = 0; l < p.m; ++l) ys[l] = s.State(l, size);
   float* lam = s.State(p.m, size);
   float* mu = s.State(p.m + 1, size);
-  ProductLayer(p, gates[0], a, c, ys[0]);
+  ProductLayer(p, gates[0], a, c, lam, ys[0]);
   for (int l = 1; l < p.m; ++l) GatherLayer(p, l, gates[l], ys[l - 1], ys[l]);
 
   // d loss / d y_m[j] = 2 y_m[j] O(j'), j' = P_m^-1 j the index after the last network, where
@@ -507,6 +578,11 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   for (int64_t r = 1; r < p.rows; ++r)
     s.orow[r] = s.orow[r & (r - 1)] - 2 * g[p.n - 1 - p.lb - __builtin_ctzll(r)];
 
+  for (int64_t r = 0; r < p.rows; ++r) {  // O in the measured basis, gathered back below
+    V* row = reinterpret_cast<V*>(mu + r * p.width);
+    for (int64_t v = 0; v < nv; ++v) row[v] = s.orow[r] + Load(s.ocol.data() + v * kLanes);
+  }
+
   std::vector<double> grams(static_cast<size_t>(p.m) * p.n * 4, 0.0);
   for (int l = p.m - 1; l >= 0; --l) {
     const float* y = ys[l];
@@ -515,11 +591,10 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
     for (int64_t r = 0; r < p.rows; ++r) {
       float* row = lam + r * p.width;
       const float* yrow = y + r * p.width;
-      if (l == p.m - 1)
-        CotangentRow(yrow, back.hi[r], back.lo.data(), s.orow.data(), s.ocol.data(), p.width,
-                     p.lb, row);
-      else
-        GatherRow(mu, back.hi[r], back.lo.data(), p.width, row);
+      GatherRow(mu, back.hi[r], back, p.width, row);
+      if (l == p.m - 1)  // row holds O(j') (see above): the cotangent is 2 y O
+        for (int64_t v = 0; v < nv; ++v)
+          reinterpret_cast<V*>(row)[v] *= 2 * reinterpret_cast<const V*>(yrow)[v];
       GramRow(reinterpret_cast<const V*>(row), reinterpret_cast<const V*>(yrow), nv, p.lb, cl);
     }
     HighBackward(p, gates_t[l], lam, y, cl);
@@ -536,7 +611,7 @@ QTL_CLONES void BackwardOne(const Problem& p, const Layers& gates, const Layers&
   s.dc.assign(p.width, 0.0);
   for (int64_t v = 0; v < nv; ++v) col[v] = V{};
   for (int64_t r = 0; r < p.rows; ++r) {
-    GatherRow(mu, back.hi[r], back.lo.data(), p.width, reinterpret_cast<float*>(tmp));
+    GatherRow(mu, back.hi[r], back, p.width, reinterpret_cast<float*>(tmp));
     V dot{};
     const float ar = a[r];
     for (int64_t v = 0; v < nv; ++v) {
