@@ -143,6 +143,34 @@ def test_the_float64_grid_passes_with_the_isa_forced_down(tmp_path):
 
 ARM_CXX = "aarch64-linux-gnu-g++"
 QEMU = "qemu-aarch64"
+DRIVER = [str(kernels.HERE / "statevector.cc"), str(kernels.HERE / "driver.cc")]
+
+
+def _driver_results(run: list[str], case: tuple) -> tuple[list[np.ndarray], str]:
+    """The statevector kernel's outputs for ``case`` from a driver executable (driver.cc),
+    and the vector ISA it reports."""
+    n, m, b, vec, mats, nets, inv, g = case
+    blob = np.array([n, m, b], np.int32).tobytes() + b"".join(
+        a.tobytes() for a in (vec, mats, nets, inv, g)
+    )
+    done = subprocess.run(run, input=blob, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-500:]
+    out = np.frombuffer(done.stdout, np.float32)
+    sizes = [b * n, b * n * 2, b * m * n * 4]
+    assert out.size == sum(sizes)
+    return np.split(out, np.cumsum(sizes)[:-1]), done.stderr.decode().strip()
+
+
+def _compare_driver(run: list[str], native: ctypes.CDLL) -> set[str]:
+    """Every case through the driver against the native library; the ISAs reported."""
+    reported = set()
+    for n, entangler, batch in CASES:
+        case = _case(n, entangler, batch)
+        got, isa = _driver_results(run, case)
+        want = _run(native, case)
+        _close([a.reshape(w.shape) for a, w in zip(got, want, strict=True)], want)
+        reported.add(isa)
+    return reported
 
 
 @pytest.mark.slow
@@ -154,22 +182,28 @@ def test_the_arm64_build_gives_the_x86_results(native, tmp_path):
     import jax
 
     exe = tmp_path / "statevector-arm64"
-    src = [str(kernels.HERE / "statevector.cc"), str(kernels.HERE / "driver.cc")]
     cmd = [ARM_CXX, "-O3", "-std=c++17", "-w", "-static", "-pthread", "-DQTL_ISA_BUILD"]
-    cmd += [*kernels.isa_flags("baseline", "aarch64"), f"-I{jax.ffi.include_dir()}", *src]
+    cmd += [*kernels.isa_flags("baseline", "aarch64"), f"-I{jax.ffi.include_dir()}", *DRIVER]
     subprocess.run([*cmd, "-o", str(exe)], check=True, capture_output=True)
-    for n, entangler, batch in CASES:
-        case = _case(n, entangler, batch)
-        n_, m, b, vec, mats, nets, inv, g = case
-        blob = np.array([n_, m, b], np.int32).tobytes() + b"".join(
-            a.tobytes() for a in (vec, mats, nets, inv, g)
-        )
-        done = subprocess.run([QEMU, str(exe)], input=blob, capture_output=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-500:]
-        assert done.stderr.decode().strip() == "neon"
-        out = np.frombuffer(done.stdout, np.float32)
-        sizes = [b * n_, b * n_ * 2, b * m * n_ * 4]
-        assert out.size == sum(sizes)
-        got = np.split(out, np.cumsum(sizes)[:-1])
-        want = _run(native, case)
-        _close([a.reshape(w.shape) for a, w in zip(got, want, strict=True)], want)
+    assert _compare_driver([QEMU, str(exe)], native) == {"neon"}
+
+
+NATIVE_LANE_BITS = {"avx512f": 4, "avx2+fma": 3}  # others: 128-bit vectors, 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_vector_width_gives_the_native_results(bits, native, tmp_path):
+    """The kernel's lanes follow the machine's registers (4, 8 or 16 floats); QTL_VEC_BITS
+    builds another machine's width for this CPU (AVX-512's 16 floats as pairs of AVX2
+    registers), so the lane logic of every width runs here, whatever the CPU."""
+    import jax
+
+    native.qtl_kernel_isa.restype = ctypes.c_char_p
+    if NATIVE_LANE_BITS.get(native.qtl_kernel_isa().decode(), 2) == bits:
+        pytest.skip("the native build's own width (test_every_isa_... covers it)")
+    exe = tmp_path / f"statevector-{bits}"
+    cmd = [kernels.compiler(), "-O3", "-std=c++17", "-w", "-pthread", "-DQTL_ISA_BUILD"]
+    cmd += [f"-DQTL_VEC_BITS={bits}", *kernels.isa_flags("native"), f"-I{jax.ffi.include_dir()}"]
+    subprocess.run([*cmd, *DRIVER, "-o", str(exe)], check=True, capture_output=True)
+    _compare_driver([str(exe)], native)

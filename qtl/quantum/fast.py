@@ -624,8 +624,8 @@ def _measure(probs: jax.Array, batch: int, n: int, tables, batch_first: bool) ->
 
 
 def _state_kernel_fits(plan: _Plan) -> bool:
-    """Whether the whole-circuit kernel runs this plan: real amplitudes, at least 4 wires (a
-    16-float vector), and after the prefix alternating CNOT networks and rotation layers."""
+    """Whether the whole-circuit kernel runs this plan: real amplitudes, at least 4 wires (the
+    widest vector's lanes), and after the prefix alternating CNOT networks and rotation layers."""
     kinds = [kind for kind, _ in plan.steps]
     return (
         plan.real

@@ -7,19 +7,17 @@ circuit while it stays in cache, forward and adjoint backward (two XLA FFI custo
 where XLA would need a full 2^k x 2^k GEMM on one thread. Both run on XLA's intra-op thread
 pool through one loop that cannot deadlock when called from that pool (``common.h``).
 
-Why built on first use rather than shipped: they are two small files against the installed
-jaxlib's FFI headers, built into one library in seconds wherever JAX runs, with no wheel per
-platform, and built for the machine they run on: the kernels are written with the compiler's
-portable vector types (no intrinsics), and ``-march=native`` (``-mcpu=native`` on ARM) lets one
-source become AVX-512, AVX2+FMA or NEON code, with the hardware gathers the network
-permutations need where the compiler's tuning for the CPU says they pay. ``$QTL_ISA`` forces the
+Why built on first use rather than shipped: they are two small files against the installed jaxlib's
+FFI headers, built into one library in seconds wherever JAX runs, with no wheel per platform, and
+built for the machine they run on: the kernels are written with the compiler's portable vector types
+(no intrinsics), and ``-march=native`` (``-mcpu=native`` on ARM) lets one source become AVX-512,
+AVX2+FMA or NEON code, with vectors as wide as that machine's registers. ``$QTL_ISA`` forces the
 instruction set down (``avx512``, ``avx2``, ``baseline``: SSE2 on x86-64, NEON on ARM64), so any
-machine can test every path (see :data:`ISAS`). The library is cached under
-``$QTL_KERNEL_CACHE`` (default ``~/.cache/qtl/kernels``), keyed by the sources, jaxlib
-version, compiler, instruction-set flags, and for a native build the CPU model and its feature
-flags, and written atomically, so concurrent sweep jobs share one build. Without a compiler
-(or with ``QTL_NATIVE=0``) the simulator keeps its XLA path: same results, slower; a warning
-says why.
+machine can test every path (see :data:`ISAS`). The library is cached under ``$QTL_KERNEL_CACHE``
+(default ``~/.cache/qtl/kernels``), keyed by the sources, jaxlib version, compiler, instruction-set
+flags, and for a native build the CPU model and its feature flags, and written atomically, so
+concurrent sweep jobs share one build. Without a compiler (or with ``QTL_NATIVE=0``) the simulator
+keeps its XLA path: same results, slower; a warning says why.
 
 Loading a shared object runs its code, so a cached one is trusted only as built: each build
 writes a manifest (``wire_gram-<key>.json``: the cache key, the library's file name and its
@@ -65,7 +63,7 @@ COMPLEX_BACKWARD = "qtl_complex_backward"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # QTL_ISA: the instruction set the kernels are built for. "native": whatever this CPU has
 # (the default); the others force it down (for tests and A/B): on x86-64 "avx512"
-# (Skylake-SP's set and tuning), "avx2" (Haswell's: AVX2 + FMA, hardware gathers) and
+# (Skylake-SP's set and tuning), "avx2" (Haswell's: AVX2 + FMA) and
 # "baseline" (x86-64: SSE2); on ARM64 "baseline" is ARMv8-A with NEON.
 ISAS = ("native", "avx512", "avx2", "baseline")
 _ISA_CPU_FLAG = {"avx512": "avx512f", "avx2": "avx2"}  # /proc/cpuinfo flag each one needs

@@ -6,9 +6,10 @@
 // n = 19, batch 32) through DRAM, and the backward pass rematerialises the forward. Here one
 // thread carries one example's state (2 MiB at n = 19) through every layer while it stays in
 // cache (its core's L2 and the shared L3), and every layer is two passes: a row pass over the
-// low `lb` bits (rows of 2^lb floats, in L1) and a tile pass over the high bits (32-float
-// columns of 2^8 rows copied into a buffer in L1). A CNOT network is a GF(2)-linear permutation of basis indices, read
-// as j -> hi[j >> lb] ^ lo[j & mask] from two small tables, and fused into the row pass of
+// low `lb` bits (rows of 2^lb floats, in L1) and a tile pass over the high bits (columns of
+// two vectors from 2^8 rows copied into a buffer in L1). A CNOT network is a GF(2)-linear
+// permutation of basis indices, read as j -> hi[j >> lb] ^ lo[j & mask] from two small
+// tables (in vectors: see Map), and fused into the row pass of
 // the layer that follows it. The gradient recomputes the example's forward, keeping each
 // layer's output, then runs the cotangent back: per layer a row pass (the gather by the
 // inverse network, and the low wires' Grams), a tile pass (the high wires' Grams, then U^T)
@@ -37,14 +38,20 @@ namespace {
 // The vector is the machine's own register width (qtl::V, 16 floats, is a pair or four of
 // them off AVX-512): a 16-float group through GatesK<3> is 16 AVX2 registers before the
 // gate coefficients, so GCC kept it on the stack, and every gate paid store-to-load
-// forwarding of half-vectors (measured: the row pass 3x slower on an AVX2 Zen 3).
-#if defined(__AVX512F__)
-constexpr int kVecBits = 4;
+// forwarding of half-vectors (measured: the row pass 18x slower on an AVX2 Zen 3).
+// QTL_VEC_BITS overrides it, so that a test can run another machine's width (AVX-512's 16
+// floats as pairs of AVX2 registers) on this one and compare the results.
+#if defined(QTL_VEC_BITS)
+#define QTL_LANE_BITS QTL_VEC_BITS
+#elif defined(__AVX512F__)
+#define QTL_LANE_BITS 4
 #elif defined(__AVX__)
-constexpr int kVecBits = 3;
+#define QTL_LANE_BITS 3
 #else  // SSE2, NEON: 128-bit registers
-constexpr int kVecBits = 2;
+#define QTL_LANE_BITS 2
 #endif
+constexpr int kVecBits = QTL_LANE_BITS;
+static_assert(kVecBits >= 2 && kVecBits <= 4, "QTL_VEC_BITS: 2, 3 or 4");
 constexpr int64_t kLanes = int64_t{1} << kVecBits;
 typedef float V __attribute__((vector_size(4 * kLanes)));
 typedef int I __attribute__((vector_size(4 * kLanes)));
@@ -59,12 +66,12 @@ QTL_ALWAYS_INLINE V Load(const float* p) {
 template <int B>
 QTL_ALWAYS_INLINE V Flip(V v) {
   static_assert(B < kVecBits);
-#if defined(__AVX512F__)
+#if QTL_LANE_BITS == 4
   if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   if constexpr (B == 3) return QTL_SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-#elif defined(__AVX__)
+#elif QTL_LANE_BITS == 3
   if constexpr (B == 0) return QTL_SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
   if constexpr (B == 1) return QTL_SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
   if constexpr (B == 2) return QTL_SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
@@ -74,7 +81,7 @@ QTL_ALWAYS_INLINE V Flip(V v) {
 #endif
 }
 
-constexpr int kTileBits = 8;  // a tile: 2^8 rows of kTileWidth vectors (32 KiB, in L1)
+constexpr int kTileBits = 8;  // a tile: 2^8 rows of kTileWidth vectors (16 KiB with AVX2, in L1)
 constexpr int kTileWidth = 2;  // per row: measured ~8% faster than 1 at n = 19 (4: no better)
 constexpr int kLowBits = 11;  // rows of 2^11 floats (8 KiB) stay in L1
 constexpr int64_t kMaxRow = int64_t{1} << kLowBits;
