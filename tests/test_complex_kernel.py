@@ -46,6 +46,7 @@ def _value_and_grads(spec, x, theta, weights, dtype, native):
         (8, 2, "qvit_ring", "rx", "rx", 17),  # the QViT's attention circuit
         (5, 3, "ring", "rz_ry", "h_ry", 8),  # RZ and RY, Hadamards in the prefix
         (7, 3, "even_odd", "rx", "ry", 5),
+        (6, 2, "ring", "ry", "rx", 9),  # real rotation matrices on a complex state
         (11, 2, "chain", "rx", "rx", 2),  # odd split of the product state (5 + 6 wires)
     ],
 )

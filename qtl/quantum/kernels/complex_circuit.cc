@@ -55,7 +55,22 @@ struct Problem {
   std::vector<std::vector<int32_t>> g, ginv;  // (m + 1) full index maps of 2^n entries
   std::vector<C> u;                           // (m, n, 2, 2), when every row shares them
   const float* row_mats = nullptr;  // else (B, m, n, 2, 2, 2): each row's own (noise frames)
+  int kind = 0;                     // of every gate in u: kGeneral, kReal or kRx
 };
+
+// What every gate of a circuit has as exact zeros, read from its matrices: RY layers are
+// real, RX layers (the QViT's) have a real diagonal and an imaginary off-diagonal. Either
+// halves the multiply-adds of applying or undoing a gate; anything else is kGeneral.
+constexpr int kGeneral = 0, kReal = 1, kRx = 2;
+
+int GateKind(const std::vector<C>& u) {
+  bool real = true, rx = true;
+  for (size_t k = 0; k < u.size(); k += 4) {
+    real = real && u[k].i == 0 && u[k + 1].i == 0 && u[k + 2].i == 0 && u[k + 3].i == 0;
+    rx = rx && u[k].i == 0 && u[k + 3].i == 0 && u[k + 1].r == 0 && u[k + 2].r == 0;
+  }
+  return real ? kReal : rx ? kRx : kGeneral;
+}
 
 std::vector<int32_t> FullMap(const int32_t* cols, int n) {
   std::vector<int32_t> map(size_t{1} << n, 0);
@@ -76,6 +91,7 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
   if (!mats) return;
   p.u.resize(size_t(m) * n * 4);
   for (size_t k = 0; k < p.u.size(); ++k) p.u[k] = C{mats[2 * k], mats[2 * k + 1]};
+  p.kind = GateKind(p.u);
 }
 
 // Scratch that lives with its thread (XLA's pool threads live as long as the process).
@@ -83,6 +99,7 @@ struct Scratch {
   std::vector<F> sr, si, tr, ti, lr, li;
   std::vector<F> vr, vi;  // (n, 2) wire states of the group
   std::vector<FC> u;      // (m, n, 2, 2) the group's gates, per lane
+  std::vector<F> gs;      // (n, 8) one layer's gate gradients, per lane
   void Fit(int64_t size, int n) {
     for (auto* v : {&sr, &si, &tr, &ti, &lr, &li})
       if (static_cast<int64_t>(v->size()) < size) v->resize(size);
@@ -154,36 +171,55 @@ QTL_INLINE void Product(const Scratch& s, int lo, int hi, F* outr, F* outi) {
   }
 }
 
+// (x0, x1) = U (a, b) for one pair of amplitudes, leaving out the products with the entries
+// that a gate of kind K has as exact zeros.
+template <int K>
+QTL_INLINE void Apply(const FC& u00, const FC& u01, const FC& u10, const FC& u11, F ar, F ai,
+                      F br, F bi, F& x0r, F& x0i, F& x1r, F& x1i) {
+  if constexpr (K == kReal) {
+    x0r = u00.r * ar + u01.r * br;
+    x0i = u00.r * ai + u01.r * bi;
+    x1r = u10.r * ar + u11.r * br;
+    x1i = u10.r * ai + u11.r * bi;
+  } else if constexpr (K == kRx) {
+    x0r = u00.r * ar - u01.i * bi;
+    x0i = u00.r * ai + u01.i * br;
+    x1r = u11.r * br - u10.i * ai;
+    x1i = u11.r * bi + u10.i * ar;
+  } else {
+    x0r = u00.r * ar - u00.i * ai + u01.r * br - u01.i * bi;
+    x0i = u00.r * ai + u00.i * ar + u01.r * bi + u01.i * br;
+    x1r = u10.r * ar - u10.i * ai + u11.r * br - u11.i * bi;
+    x1i = u10.r * ai + u10.i * ar + u11.r * bi + u11.i * br;
+  }
+}
+
 // y = U x on wire w for every pair of amplitudes.
+template <int K>
 QTL_INLINE void Gate(F* __restrict sr, F* __restrict si, int64_t size, int64_t stride,
                      const FC* u) {
   const FC u00 = u[0], u01 = u[1], u10 = u[2], u11 = u[3];
   for (int64_t base = 0; base < size; base += 2 * stride)
     for (int64_t i = base; i < base + stride; ++i) {
-      const F ar = sr[i], ai = si[i], br = sr[i + stride], bi = si[i + stride];
-      sr[i] = u00.r * ar - u00.i * ai + u01.r * br - u01.i * bi;
-      si[i] = u00.r * ai + u00.i * ar + u01.r * bi + u01.i * br;
-      sr[i + stride] = u10.r * ar - u10.i * ai + u11.r * br - u11.i * bi;
-      si[i + stride] = u10.r * ai + u10.i * ar + u11.r * bi + u11.i * br;
+      const int64_t k = i + stride;
+      Apply<K>(u00, u01, u10, u11, sr[i], si[i], sr[k], si[k], sr[i], si[i], sr[k], si[k]);
     }
 }
 
 // One gate undone on the state (x = U^H y) and the cotangent (lam_x = U^H lam_y), and the
 // gate's gradient G_pq += lam_p conj(x_q) summed into g (4 complex, per lane).
+template <int K>
 QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
                          F* __restrict li, int64_t size, int64_t stride, const FC* u, F* g) {
-  // U^H: h00 = conj(u00), h01 = conj(u10), h10 = conj(u01), h11 = conj(u11)
+  // U^H: h00 = conj(u00), h01 = conj(u10), h10 = conj(u01), h11 = conj(u11) (same kind as U)
   const FC h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
       h11{u[3].r, -u[3].i};
   F g00r = {}, g00i = {}, g01r = {}, g01i = {}, g10r = {}, g10i = {}, g11r = {}, g11i = {};
   for (int64_t base = 0; base < size; base += 2 * stride)
     for (int64_t i = base; i < base + stride; ++i) {
       const int64_t k = i + stride;
-      const F ar = sr[i], ai = si[i], br = sr[k], bi = si[k];
-      const F x0r = h00.r * ar - h00.i * ai + h01.r * br - h01.i * bi;
-      const F x0i = h00.r * ai + h00.i * ar + h01.r * bi + h01.i * br;
-      const F x1r = h10.r * ar - h10.i * ai + h11.r * br - h11.i * bi;
-      const F x1i = h10.r * ai + h10.i * ar + h11.r * bi + h11.i * br;
+      F x0r, x0i, x1r, x1i;
+      Apply<K>(h00, h01, h10, h11, sr[i], si[i], sr[k], si[k], x0r, x0i, x1r, x1i);
       const F l0r = lr[i], l0i = li[i], l1r = lr[k], l1i = li[k];
       // lam_p conj(x_q) = (lr xr + li xi) + i (li xr - lr xi)
       g00r += l0r * x0r + l0i * x0i;
@@ -198,10 +234,7 @@ QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
       si[i] = x0i;
       sr[k] = x1r;
       si[k] = x1i;
-      lr[i] = h00.r * l0r - h00.i * l0i + h01.r * l1r - h01.i * l1i;
-      li[i] = h00.r * l0i + h00.i * l0r + h01.r * l1i + h01.i * l1r;
-      lr[k] = h10.r * l0r - h10.i * l0i + h11.r * l1r - h11.i * l1i;
-      li[k] = h10.r * l0i + h10.i * l0r + h11.r * l1i + h11.i * l1r;
+      Apply<K>(h00, h01, h10, h11, l0r, l0i, l1r, l1i, lr[i], li[i], lr[k], li[k]);
     }
   g[0] += g00r;
   g[1] += g00i;
@@ -223,7 +256,8 @@ QTL_INLINE void Gather(const F* __restrict sr, const F* __restrict si, F* __rest
 }
 
 // The forward to y_{m-1} (the state after the last rotation layer) in s.sr / s.si.
-QTL_INLINE void ForwardState(const Problem& p, Scratch& s) {
+template <int K>
+QTL_INLINE void ForwardStateK(const Problem& p, Scratch& s) {
   const int n = p.n;
   const int64_t size = p.size;
   Product(s, 0, n, s.tr.data(), s.ti.data());
@@ -235,8 +269,28 @@ QTL_INLINE void ForwardState(const Problem& p, Scratch& s) {
       std::swap(s.si, s.ti);
     }
     for (int w = 0; w < n; ++w)
-      Gate(s.sr.data(), s.si.data(), size, int64_t{1} << (n - 1 - w), &s.u[(l * n + w) * 4]);
+      Gate<K>(s.sr.data(), s.si.data(), size, int64_t{1} << (n - 1 - w), &s.u[(l * n + w) * 4]);
   }
+}
+
+void ForwardState(const Problem& p, Scratch& s) {
+  if (p.kind == kReal) return ForwardStateK<kReal>(p, s);
+  if (p.kind == kRx) return ForwardStateK<kRx>(p, s);
+  ForwardStateK<kGeneral>(p, s);
+}
+
+// Every gate of layer l undone, wires n - 1 .. 0 (see GateBack); gs[w * 8 ..] its gradient.
+template <int K>
+void LayerBackK(const Problem& p, Scratch& s, int l, F* gs) {
+  for (int w = p.n - 1; w >= 0; --w)
+    GateBack<K>(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), p.size,
+                int64_t{1} << (p.n - 1 - w), &s.u[(l * p.n + w) * 4], gs + w * 8);
+}
+
+void LayerBack(const Problem& p, Scratch& s, int l, F* gs) {
+  if (p.kind == kReal) return LayerBackK<kReal>(p, s, l, gs);
+  if (p.kind == kRx) return LayerBackK<kRx>(p, s, l, gs);
+  LayerBackK<kGeneral>(p, s, l, gs);
 }
 
 void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, float* z) {
@@ -295,10 +349,11 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
     s.li[k] = o * s.si[k];
   }
   for (int l = p.m - 1; l >= 0; --l) {
+    std::vector<F>& gs = s.gs;
+    gs.assign(size_t(n) * 8, F{});
+    LayerBack(p, s, l, gs.data());
     for (int w = n - 1; w >= 0; --w) {
-      F g[8] = {};
-      GateBack(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), size,
-               int64_t{1} << (n - 1 - w), &s.u[(l * n + w) * 4], g);
+      const F* g = gs.data() + w * 8;
       if (p.row_mats) {  // each row's own gradient: gram (B, m, n, 2, 2, 2)
         for (int k = 0; k < rows; ++k)
           for (int q = 0; q < 8; ++q)
