@@ -146,8 +146,10 @@ QEMU = "qemu-aarch64"
 DRIVER = [str(kernels.HERE / "statevector.cc"), str(kernels.HERE / "driver.cc")]
 
 
-def _driver_results(run: list[str], case: tuple) -> tuple[list[np.ndarray], str]:
-    """The statevector kernel's outputs for ``case`` from a driver executable (driver.cc),
+def _driver_results(
+    run: list[str], case: tuple, sizes: list[int]
+) -> tuple[list[np.ndarray], str]:
+    """A kernel's outputs (of these sizes) for ``case`` from a driver executable (driver.cc),
     and the vector ISA it reports."""
     n, m, b, vec, mats, nets, inv, g = case
     blob = np.array([n, m, b], np.int32).tobytes() + b"".join(
@@ -156,7 +158,6 @@ def _driver_results(run: list[str], case: tuple) -> tuple[list[np.ndarray], str]
     done = subprocess.run(run, input=blob, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-500:]
     out = np.frombuffer(done.stdout, np.float32)
-    sizes = [b * n, b * n * 2, b * m * n * 4]
     assert out.size == sum(sizes)
     return np.split(out, np.cumsum(sizes)[:-1]), done.stderr.decode().strip()
 
@@ -166,11 +167,53 @@ def _compare_driver(run: list[str], native: ctypes.CDLL) -> set[str]:
     reported = set()
     for n, entangler, batch in CASES:
         case = _case(n, entangler, batch)
-        got, isa = _driver_results(run, case)
+        n_, m, b = case[:3]
+        got, isa = _driver_results(run, case, [b * n_, b * n_ * 2, b * m * n_ * 4])
         want = _run(native, case)
         _close([a.reshape(w.shape) for a, w in zip(got, want, strict=True)], want)
         reported.add(isa)
     return reported
+
+
+def _complex_case(n: int, m: int, batch: int, kind: str, seed: int) -> tuple:
+    """Inputs of the complex kernel's plain entries: random wire states, a ring's networks and
+    layers of RX matrices (real diagonal, imaginary off-diagonal), RY matrices (real) or
+    general complex 2x2s: each of the kernel's gate kinds."""
+    from qtl.quantum.circuit import ring_pairs
+    from qtl.quantum.fast import _network_columns, network_indices
+
+    rng = np.random.default_rng(seed)
+    vec = rng.normal(size=(batch, n, 2, 2))
+    vec /= np.linalg.norm(vec.reshape(batch, n, 4), axis=-1)[..., None, None]
+    t = rng.uniform(0, 2 * np.pi, size=(m, n))
+    c, s = np.cos(t / 2), np.sin(t / 2)
+    mats = np.zeros((m, n, 2, 2, 2))
+    if kind == "rx":
+        mats[..., 0, 0, 0] = mats[..., 1, 1, 0] = c
+        mats[..., 0, 1, 1] = mats[..., 1, 0, 1] = -s
+    elif kind == "ry":
+        mats[..., 0, 0, 0] = mats[..., 1, 1, 0] = c
+        mats[..., 0, 1, 0], mats[..., 1, 0, 0] = -s, s
+    else:
+        mats = rng.normal(size=(m, n, 2, 2, 2))
+    maps = [network_indices(n, ring_pairs(n)) for _ in range(m + 1)]
+    nets = np.ascontiguousarray([_network_columns(gather) for gather, _ in maps], np.int32)
+    inv = np.ascontiguousarray([_network_columns(back) for _, back in maps], np.int32)
+    g = rng.normal(size=(batch, n))
+    f32 = [np.ascontiguousarray(a, np.float32) for a in (vec, mats, g)]
+    return n, m, batch, f32[0], f32[1], nets, inv, f32[2]
+
+
+def _run_complex(lib: ctypes.CDLL, case: tuple) -> list[np.ndarray]:
+    n, m, batch, vec, mats, nets, inv, g = case
+    p = ctypes.c_void_p
+    z, dv = np.zeros((batch, n), np.float32), np.zeros_like(vec)
+    gram = np.zeros((m, n, 2, 2, 2), np.float32)
+    args = [a.ctypes.data_as(p) for a in (vec, mats, nets)]
+    assert lib.qtl_complex_forward_plain(n, m, ctypes.c_int64(batch), *args, z.ctypes) == 0
+    more = [a.ctypes.data_as(p) for a in (inv, g, dv, gram)]
+    assert lib.qtl_complex_backward_plain(n, m, ctypes.c_int64(batch), *args, *more) == 0
+    return [z, dv, gram]
 
 
 @pytest.mark.slow
@@ -179,13 +222,25 @@ def _compare_driver(run: list[str], native: ctypes.CDLL) -> set[str]:
     reason="no ARM64 cross-compiler and emulator (Debian: g++-aarch64-linux-gnu, qemu-user)",
 )
 def test_the_arm64_build_gives_the_x86_results(native, tmp_path):
+    """Both kernels, the real one (statevector.cc) and the QViT's complex one with each of its
+    gate kinds, built for ARM64 (NEON) and run under qemu-aarch64."""
     import jax
 
-    exe = tmp_path / "statevector-arm64"
+    exe = tmp_path / "kernels-arm64"
     cmd = [ARM_CXX, "-O3", "-std=c++17", "-w", "-static", "-pthread", "-DQTL_ISA_BUILD"]
     cmd += [*kernels.isa_flags("baseline", "aarch64"), f"-I{jax.ffi.include_dir()}", *DRIVER]
-    subprocess.run([*cmd, "-o", str(exe)], check=True, capture_output=True)
+    complex_src = str(kernels.HERE / "complex_circuit.cc")
+    subprocess.run([*cmd, complex_src, "-o", str(exe)], check=True, capture_output=True)
     assert _compare_driver([QEMU, str(exe)], native) == {"neon"}
+    for n, m, batch, kind in [(8, 2, 17, "rx"), (4, 4, 5, "ry"), (6, 3, 9, "general")]:
+        case = _complex_case(n, m, batch, kind, seed=n * 10 + m)
+        sizes = [batch * n, batch * n * 4, m * n * 8]
+        got, isa = _driver_results([QEMU, str(exe), "complex"], case, sizes)
+        assert isa == "neon"
+        want = _run_complex(native, case)
+        for a, w in zip(got, want, strict=True):  # float32 sums in another order
+            scale = max(1.0, float(np.max(np.abs(w))))
+            np.testing.assert_allclose(a.reshape(w.shape), w, rtol=0, atol=2e-5 * scale)
 
 
 NATIVE_LANE_BITS = {"avx512f": 4, "avx2+fma": 3}  # others: 128-bit vectors, 2

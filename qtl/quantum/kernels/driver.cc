@@ -1,11 +1,15 @@
-// A command-line driver of the whole-circuit kernel's plain entries, for running a build for
-// another architecture under an emulator (tests/test_kernel_isa.py: an ARM64 build under
-// qemu-aarch64 gives the x86-64 build's results). Reads one little-endian binary case from
-// stdin: int32 n, m, batch; float vec (batch, n, 2); float mats (m, n, 2, 2); int32 nets and
-// inv (m + 1, n); float g (batch, n). Writes float z (batch, n), dvec (batch, n, 2) and
-// gram (batch, m, n, 4) to stdout, then the vector ISA it was built for on stderr.
+// A command-line driver of the native kernels' plain entries, for running a build for another
+// architecture under an emulator (tests/test_kernel_isa.py: an ARM64 build under qemu-aarch64
+// gives the x86-64 build's results). Reads one little-endian binary case from stdin and
+// writes the results to stdout, then the vector ISA it was built for on stderr.
+//   no argument (the real whole-circuit kernel, statevector.cc): int32 n, m, batch; float vec
+//     (batch, n, 2), mats (m, n, 2, 2); int32 nets and inv (m + 1, n); float g (batch, n).
+//     Writes z (batch, n), dvec (batch, n, 2), gram (batch, m, n, 4).
+//   "complex" (complex_circuit.cc): the same with vec (batch, n, 2, 2) and mats
+//     (m, n, 2, 2, 2). Writes z (batch, n), dvec (batch, n, 2, 2), gram (m, n, 2, 2, 2).
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 extern "C" int qtl_statevector_forward_plain(int n, int m, int64_t batch, const float* vec,
@@ -14,6 +18,13 @@ extern "C" int qtl_statevector_backward_plain(int n, int m, int64_t batch, const
                                               const float* mats, const int32_t* nets,
                                               const int32_t* inv, const float* g, float* dvec,
                                               float* gram);
+// weak: a driver built without complex_circuit.cc runs the real kernel only
+extern "C" __attribute__((weak)) int qtl_complex_forward_plain(int n, int m, int64_t batch, const float* vec,
+                                         const float* mats, const int32_t* nets, float* z);
+extern "C" __attribute__((weak)) int qtl_complex_backward_plain(int n, int m, int64_t batch, const float* vec,
+                                          const float* mats, const int32_t* nets,
+                                          const int32_t* inv, const float* g, float* dvec,
+                                          float* gram);
 extern "C" const char* qtl_kernel_isa();
 
 template <typename T>
@@ -27,20 +38,25 @@ static void Write(const std::vector<T>& v) {
   std::fwrite(v.data(), sizeof(T), v.size(), stdout);
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool complex = argc > 1 && std::string(argv[1]) == "complex";
+  if (complex && !qtl_complex_forward_plain) return 4;
+  const size_t amp = complex ? 4 : 2;  // floats per wire state, and per 2x2 entry / 2
   std::vector<int32_t> head, nets, inv;
   std::vector<float> vec, mats, g;
   if (!Read(head, 3)) return 2;
   const int n = head[0], m = head[1];
   const int64_t batch = head[2];
-  if (!Read(vec, batch * n * 2) || !Read(mats, size_t(m) * n * 4) ||
+  if (!Read(vec, batch * n * amp) || !Read(mats, size_t(m) * n * 2 * amp) ||
       !Read(nets, size_t(m + 1) * n) || !Read(inv, size_t(m + 1) * n) || !Read(g, batch * n))
     return 2;
-  std::vector<float> z(batch * n), dvec(batch * n * 2), gram(batch * m * n * 4);
-  if (qtl_statevector_forward_plain(n, m, batch, vec.data(), mats.data(), nets.data(), z.data()))
-    return 3;
-  if (qtl_statevector_backward_plain(n, m, batch, vec.data(), mats.data(), nets.data(),
-                                     inv.data(), g.data(), dvec.data(), gram.data()))
+  std::vector<float> z(batch * n), dvec(batch * n * amp);
+  std::vector<float> gram(complex ? size_t(m) * n * 8 : batch * m * n * 4);
+  const auto forward = complex ? qtl_complex_forward_plain : qtl_statevector_forward_plain;
+  const auto backward = complex ? qtl_complex_backward_plain : qtl_statevector_backward_plain;
+  if (forward(n, m, batch, vec.data(), mats.data(), nets.data(), z.data())) return 3;
+  if (backward(n, m, batch, vec.data(), mats.data(), nets.data(), inv.data(), g.data(),
+               dvec.data(), gram.data()))
     return 3;
   Write(z);
   Write(dvec);
