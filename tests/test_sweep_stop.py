@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, TINY
-from helpers import read_metrics
+from helpers import launch, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +174,12 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
         "hydra.launcher.timeout_min=30",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # debug=tiny's backbone is pretrained once per cache folder, by whichever job gets there
+    # first while the other waits, so the jobs would start training ~30 s apart: long enough
+    # for one run to end before the other has trained an epoch. One run here fills the cache.
+    warm = launch(*TINY, "head=cdl", "train.max_epochs=1", f"data.root={synth_root}",
+                  "hydra.run.dir=warm", cwd=tmp_path)  # fmt: skip
+    assert warm.returncode == 0, warm.stderr[-3000:]
     first = subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), *args],
         cwd=tmp_path,
@@ -184,9 +190,8 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
     )
     try:
         _when_both_trained(sweep, first)
-        # submitit's local executor can start its second job seconds after the first, on a
-        # loaded machine long enough for the first run to finish before the second trains an
-        # epoch: a run done by now has nothing to stop, and the others are checked
+        # on a loaded machine one job can still start long after the other: a run done by
+        # now has nothing to stop, and the others are checked
         done = {run for run in _run_dirs(sweep) if (run / "results.json").exists()}
         assert len(done) < 2, "both runs finished before the sweep could be stopped"
         first.send_signal(signal.SIGTERM)
