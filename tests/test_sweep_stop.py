@@ -21,16 +21,15 @@ from helpers import launch, read_metrics
 pytestmark = pytest.mark.slow
 
 EPOCHS = 25  # long enough that no run ends while the test stops the sweep
-SUBMITIT_EPOCHS = 40  # its jobs start further apart than the pool's (see the test)
 
 
-def _args(sweep: Path, synth_root: Path, epochs: int = EPOCHS) -> list[str]:
+def _args(sweep: Path, synth_root: Path) -> list[str]:
     return [
         "-m",
         *TINY,
         "head=cdl",
-        f"train.max_epochs={epochs}",
-        f"train.patience={epochs}",
+        f"train.max_epochs={EPOCHS}",
+        f"train.patience={EPOCHS}",
         f"data.root={synth_root}",
         "hydra/launcher=workstation",
         "hydra.launcher.gpus=[]",
@@ -163,9 +162,7 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
     """The SLURM launcher's stop, on submitit's local executor (same launcher code; the local
     executor's cancel is SIGINT where SLURM's scancel sends SIGTERM)."""
     sweep = tmp_path / "sweep"
-    pool = [
-        a for a in _args(sweep, synth_root, SUBMITIT_EPOCHS) if not a.startswith("hydra.launcher.")
-    ]
+    pool = [a for a in _args(sweep, synth_root) if not a.startswith("hydra.launcher.")]
     args = [
         *[a for a in pool if a != "hydra/launcher=workstation"],
         "hydra/launcher=submitit_local",
@@ -223,4 +220,4 @@ def test_a_stopped_submitit_sweep_cancels_its_jobs_and_the_rerun_resumes(synth_r
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
     assert logs.count("resuming") >= len(stopped)
     for run in _run_dirs(sweep):
-        assert [r["epoch"] for r in read_metrics(run)] == list(range(1, SUBMITIT_EPOCHS + 1))
+        assert [r["epoch"] for r in read_metrics(run)] == list(range(1, EPOCHS + 1))
