@@ -204,16 +204,42 @@ def _complex_case(n: int, m: int, batch: int, kind: str, seed: int) -> tuple:
     return n, m, batch, f32[0], f32[1], nets, inv, f32[2]
 
 
-def _run_complex(lib: ctypes.CDLL, case: tuple) -> list[np.ndarray]:
+def _run_complex(lib: ctypes.CDLL, case: tuple, angles: bool = False) -> list[np.ndarray]:
+    """The complex kernel's outputs; ``angles``: the RX layers' gradient against their angles."""
     n, m, batch, vec, mats, nets, inv, g = case
     p = ctypes.c_void_p
     z, dv = np.zeros((batch, n), np.float32), np.zeros_like(vec)
-    gram = np.zeros((m, n, 2, 2, 2), np.float32)
+    gram = np.zeros((m, n) if angles else (m, n, 2, 2, 2), np.float32)
     args = [a.ctypes.data_as(p) for a in (vec, mats, nets)]
     assert lib.qtl_complex_forward_plain(n, m, ctypes.c_int64(batch), *args, z.ctypes) == 0
     more = [a.ctypes.data_as(p) for a in (inv, g, dv, gram)]
-    assert lib.qtl_complex_backward_plain(n, m, ctypes.c_int64(batch), *args, *more) == 0
+    status = lib.qtl_complex_backward_plain(n, m, ctypes.c_int64(batch), *args, *more, angles)
+    assert status == 0
     return [z, dv, gram]
+
+
+def test_the_rx_angles_gradient_is_the_entries_gradient_chained(native):
+    """For RX layers the kernel can return dL/dt per gate (4 multiply-adds a pair) instead of
+    the 2x2 entries' gradient G (16): both must give the same dL/dt through dU/dt, where
+    U = [[c, -is], [-is, c]], c = cos(t/2), s = sin(t/2); everything else equal."""
+    case = _complex_case(8, 3, 21, "rx", seed=5)
+    z, dv, gram = _run_complex(native, case)
+    z2, dv2, dt = _run_complex(native, case, angles=True)
+    np.testing.assert_array_equal(z2, z)
+    np.testing.assert_allclose(dv2, dv, rtol=0, atol=1e-6)
+    mats = case[4]
+    c, s = mats[..., 0, 0, 0], -mats[..., 0, 1, 1]
+    want = -(s / 2) * (gram[..., 0, 0, 0] + gram[..., 1, 1, 0]) - (c / 2) * (
+        gram[..., 0, 1, 1] + gram[..., 1, 0, 1]
+    )
+    scale = max(1.0, float(np.max(np.abs(want))))
+    np.testing.assert_allclose(dt, want, rtol=0, atol=2e-5 * scale)
+    # matrices that are not RX gates are refused in that mode, not silently mis-differentiated
+    general = _complex_case(6, 2, 9, "general", seed=1)
+    n, m, batch, vec, mats, nets, inv, g = general
+    out = [np.zeros((batch, n), np.float32), np.zeros_like(vec), np.zeros((m, n), np.float32)]
+    ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in (vec, mats, nets, inv, g, *out[1:])]
+    assert native.qtl_complex_backward_plain(n, m, ctypes.c_int64(batch), *ptrs, 1) == 2
 
 
 @pytest.mark.slow
@@ -235,12 +261,15 @@ def test_the_arm64_build_gives_the_x86_results(native, tmp_path):
     for n, m, batch, kind in [(8, 2, 17, "rx"), (4, 4, 5, "ry"), (6, 3, 9, "general")]:
         case = _complex_case(n, m, batch, kind, seed=n * 10 + m)
         sizes = [batch * n, batch * n * 4, m * n * 8]
-        got, isa = _driver_results([QEMU, str(exe), "complex"], case, sizes)
-        assert isa == "neon"
-        want = _run_complex(native, case)
-        for a, w in zip(got, want, strict=True):  # float32 sums in another order
-            scale = max(1.0, float(np.max(np.abs(w))))
-            np.testing.assert_allclose(a.reshape(w.shape), w, rtol=0, atol=2e-5 * scale)
+        modes = [("complex", False)] + ([("complex-rx", True)] if kind == "rx" else [])
+        for mode, angles in modes:
+            sizes[-1] = m * n if angles else m * n * 8
+            got, isa = _driver_results([QEMU, str(exe), mode], case, sizes)
+            assert isa == "neon"
+            want = _run_complex(native, case, angles)
+            for a, w in zip(got, want, strict=True):  # float32 sums in another order
+                scale = max(1.0, float(np.max(np.abs(w))))
+                np.testing.assert_allclose(a.reshape(w.shape), w, rtol=0, atol=2e-5 * scale)
 
 
 NATIVE_LANE_BITS = {"avx512f": 4, "avx2+fma": 3}  # others: 128-bit vectors, 2

@@ -22,6 +22,7 @@
 // pairs, gradients as d/dre + i d/dim.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -56,7 +57,15 @@ struct Problem {
   std::vector<C> u;                           // (m, n, 2, 2), when every row shares them
   const float* row_mats = nullptr;  // else (B, m, n, 2, 2, 2): each row's own (noise frames)
   int kind = 0;                     // of every gate in u: kGeneral, kReal or kRx
+  bool angles = false;  // every gate is RX(t): the backward returns dL/dt, (m, n) per slot
+  // the state after the last layer, (groups, 2, 2^n, kW): written by a forward that keeps it
+  // and read by the backward instead of recomputing the forward
+  float* keep = nullptr;
+  const float* kept = nullptr;
 };
+
+// A group's kept state: its real and imaginary parts, 2^n lane vectors each.
+inline int64_t KeptOffset(const Problem& p, int64_t b0) { return b0 / kW * 2 * p.size * kW; }
 
 // What every gate of a circuit has as exact zeros, read from its matrices: RY layers are
 // real, RX layers (the QViT's) have a real diagonal and an imaginary off-diagonal. Either
@@ -246,6 +255,30 @@ QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
   g[7] += g11i;
 }
 
+// An RX gate, U = exp(-i t X / 2), undone as GateBack<kRx> does, with the gradient taken
+// against its angle instead of its four entries: dL/dt = 1/2 sum Im(conj(lam) X y) over the
+// gate's output y and cotangent lam (before undoing), one real sum of 4 multiply-adds per pair
+// where the entries' gradient takes 16. Only valid when the caller's matrices are exactly
+// RX(t) of one angle t per gate (the mode is chosen by the caller, which built them).
+QTL_INLINE void GateBackRx(F* __restrict sr, F* __restrict si, F* __restrict lr,
+                           F* __restrict li, int64_t size, int64_t stride, const FC* u, F* g) {
+  const FC h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
+      h11{u[3].r, -u[3].i};
+  F acc0 = {}, acc1 = {};
+  for (int64_t base = 0; base < size; base += 2 * stride)
+    for (int64_t i = base; i < base + stride; ++i) {
+      const int64_t k = i + stride;
+      const F y0r = sr[i], y0i = si[i], y1r = sr[k], y1i = si[k];
+      const F l0r = lr[i], l0i = li[i], l1r = lr[k], l1i = li[k];
+      // Im(conj(l0) y1 + conj(l1) y0), in two chains for the adder's latency
+      acc0 += l0r * y1i - l0i * y1r;
+      acc1 += l1r * y0i - l1i * y0r;
+      Apply<kRx>(h00, h01, h10, h11, y0r, y0i, y1r, y1i, sr[i], si[i], sr[k], si[k]);
+      Apply<kRx>(h00, h01, h10, h11, l0r, l0i, l1r, l1i, lr[i], li[i], lr[k], li[k]);
+    }
+  g[0] += 0.5f * (acc0 + acc1);
+}
+
 // dst[j] = src[map[j]] for both parts.
 QTL_INLINE void Gather(const F* __restrict sr, const F* __restrict si, F* __restrict dr,
                        F* __restrict di, const int32_t* map, int64_t size) {
@@ -288,6 +321,12 @@ void LayerBackK(const Problem& p, Scratch& s, int l, F* gs) {
 }
 
 void LayerBack(const Problem& p, Scratch& s, int l, F* gs) {
+  if (p.angles) {
+    for (int w = p.n - 1; w >= 0; --w)
+      GateBackRx(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), p.size,
+                 int64_t{1} << (p.n - 1 - w), &s.u[(l * p.n + w) * 4], gs + w * 8);
+    return;
+  }
   if (p.kind == kReal) return LayerBackK<kReal>(p, s, l, gs);
   if (p.kind == kRx) return LayerBackK<kRx>(p, s, l, gs);
   LayerBackK<kGeneral>(p, s, l, gs);
@@ -299,6 +338,12 @@ void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, floa
   LoadVectors(p, vec, b0, rows, s);
   GroupGates(p, b0, rows, s);
   ForwardState(p, s);
+  if (p.keep) {
+    // memcpy: XLA's buffers need not be aligned to a whole vector
+    float* out = p.keep + KeptOffset(p, b0);
+    std::memcpy(out, s.sr.data(), p.size * sizeof(F));
+    std::memcpy(out + p.size * kW, s.si.data(), p.size * sizeof(F));
+  }
   // probabilities in the measured order, then <Z_w> by folding: the sum of the first half
   // minus the second half is wire w's (the most significant left), the halves' sum carries on
   F* prob = s.tr.data();
@@ -328,7 +373,13 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
   s.Fit(size, n);
   LoadVectors(p, vec, b0, rows, s);
   GroupGates(p, b0, rows, s);
-  ForwardState(p, s);
+  if (p.kept) {
+    const float* in = p.kept + KeptOffset(p, b0);
+    std::memcpy(s.sr.data(), in, size * sizeof(F));
+    std::memcpy(s.si.data(), in + size * kW, size * sizeof(F));
+  } else {
+    ForwardState(p, s);
+  }
   // the cotangent of y_{m-1}: lam[k] = 2 y[k] O(Ginv(k)), O(j) = sum_w g_w (-1)^(bit w of j)
   F* obs = s.tr.data();
   obs[0] = F{};
@@ -358,6 +409,12 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
         for (int k = 0; k < rows; ++k)
           for (int q = 0; q < 8; ++q)
             gram[(((b0 + k) * p.m + l) * n + w) * 8 + q] = g[q][k];
+        continue;
+      }
+      if (p.angles) {
+        double sum = 0;
+        for (int k = 0; k < kW; ++k) sum += g[0][k];
+        gram[l * n + w] += static_cast<float>(sum);
         continue;
       }
       float* out = gram + (l * n + w) * 8;
@@ -458,7 +515,7 @@ void ForwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const fl
 // With each row's own gates (p.row_mats), gram is (B, m, n, 2, 2, 2), each row's gradient.
 void BackwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const float* vec,
                  const float* g, float* dvec, float* gram, int64_t slots) {
-  const int64_t per = int64_t{p.m} * p.n * 8;
+  const int64_t per = int64_t{p.m} * p.n * (p.angles ? 1 : 8);
   if (p.row_mats) {
     const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
     OverGroups(pool, batch, 4 * threads, [&](int64_t, int64_t b0, int rows) {
@@ -495,8 +552,17 @@ ffi::Error Check(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
-                   ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
+ffi::Error CheckKept(const Problem& p, int64_t batch, size_t count) {
+  const int64_t groups = (batch + kW - 1) / kW;
+  if (count != static_cast<size_t>(groups * 2 * p.size * kW))
+    return ffi::Error::InvalidArgument(
+        "complex circuit: kept states must be (ceil(B / 8), 2, 2^n, 8) floats");
+  return ffi::Error::Success();
+}
+
+ffi::Error RunForward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vec,
+                      ffi::Buffer<ffi::F32>& mats, ffi::Buffer<ffi::S32>& nets,
+                      ffi::ResultBuffer<ffi::F32>& z, ffi::ResultBuffer<ffi::F32>* keep) {
   int64_t batch = 0;
   int n = 0, m = 0;
   bool per_row = false;
@@ -506,7 +572,60 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<
   Problem p;
   Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), nullptr, p);
   if (per_row) p.row_mats = mats.typed_data();
+  if (keep) {
+    if (auto err = CheckKept(p, batch, (*keep)->element_count()); err.failure()) return err;
+    p.keep = (*keep)->typed_data();
+  }
   ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                   ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
+  return RunForward(pool, vec, mats, nets, z, nullptr);
+}
+
+ffi::Error ForwardKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec,
+                       ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
+                       ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> keep) {
+  return RunForward(pool, vec, mats, nets, z, &keep);
+}
+
+ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vec,
+                       ffi::Buffer<ffi::F32>& mats, ffi::Buffer<ffi::S32>& nets,
+                       ffi::Buffer<ffi::S32>& inv, ffi::Buffer<ffi::F32>& g,
+                       ffi::Buffer<ffi::F32>* kept, ffi::ResultBuffer<ffi::F32>& dvec,
+                       ffi::ResultBuffer<ffi::F32>& gram) {
+  int64_t batch = 0;
+  int n = 0, m = 0;
+  bool per_row = false;
+  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
+  const auto gd = gram->dimensions();
+  // gram (S, m, n): the angles mode (every gate RX(t), dL/dt per gate; shared mats only)
+  const bool angles = gd.size() == 3 && !per_row;
+  if (inv.dimensions().size() != 2 || inv.dimensions()[0] != m + 1 ||
+      inv.dimensions()[1] != n || g.element_count() != static_cast<size_t>(batch * n) ||
+      dvec->element_count() != vec.element_count() || (gd.size() != 6 && !angles) ||
+      gd[1] != m || gd[2] != n || gd[0] < 1 || (per_row && gd[0] != batch))
+    return ffi::Error::InvalidArgument(
+        "complex circuit: inv like nets, g (B, n) -> dvec like vec, gram (S, m, n, 2, 2, 2) "
+        "(S = B with each row's own mats) or (S, m, n) for RX angles");
+  Problem p;
+  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
+  if (per_row) p.row_mats = mats.typed_data();
+  if (angles) {
+    if (p.kind != kRx)
+      return ffi::Error::InvalidArgument(
+          "complex circuit: gram (S, m, n) asks for RX angles' gradients, but the layers' "
+          "matrices are not all RX gates");
+    p.angles = true;
+  }
+  if (kept) {
+    if (auto err = CheckKept(p, batch, kept->element_count()); err.failure()) return err;
+    p.kept = kept->typed_data();
+  }
+  BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
+              gram->typed_data(), gd[0]);
   return ffi::Error::Success();
 }
 
@@ -514,24 +633,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
                     ffi::Buffer<ffi::S32> nets, ffi::Buffer<ffi::S32> inv,
                     ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dvec,
                     ffi::ResultBuffer<ffi::F32> gram) {
-  int64_t batch = 0;
-  int n = 0, m = 0;
-  bool per_row = false;
-  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
-  const auto gd = gram->dimensions();
-  if (inv.dimensions().size() != 2 || inv.dimensions()[0] != m + 1 ||
-      inv.dimensions()[1] != n || g.element_count() != static_cast<size_t>(batch * n) ||
-      dvec->element_count() != vec.element_count() || gd.size() != 6 || gd[1] != m ||
-      gd[2] != n || gd[0] < 1 || (per_row && gd[0] != batch))
-    return ffi::Error::InvalidArgument(
-        "complex circuit: inv like nets, g (B, n) -> dvec like vec, gram (S, m, n, 2, 2, 2) "
-        "(S = B with each row's own mats)");
-  Problem p;
-  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
-  if (per_row) p.row_mats = mats.typed_data();
-  BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
-              gram->typed_data(), gd[0]);
-  return ffi::Error::Success();
+  return RunBackward(pool, vec, mats, nets, inv, g, nullptr, dvec, gram);
+}
+
+ffi::Error BackwardKept(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec,
+                        ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
+                        ffi::Buffer<ffi::S32> inv, ffi::Buffer<ffi::F32> g,
+                        ffi::Buffer<ffi::F32> kept, ffi::ResultBuffer<ffi::F32> dvec,
+                        ffi::ResultBuffer<ffi::F32> gram) {
+  return RunBackward(pool, vec, mats, nets, inv, g, &kept, dvec, gram);
 }
 
 }  // namespace
@@ -547,13 +657,16 @@ extern "C" int qtl_complex_forward_plain(int n, int m, int64_t batch, const floa
   return 0;
 }
 
+// angles != 0: every gate is RX(t) and gram is (m, n), dL/dt (2 if the gates are not RX).
 extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const float* vec,
                                           const float* mats, const int32_t* nets,
                                           const int32_t* inv, const float* g, float* dvec,
-                                          float* gram) {
+                                          float* gram, int angles) {
   if (!ShapesOk(n, m)) return 1;
   Problem p;
   Build(n, m, mats, nets, inv, p);
+  if (angles && p.kind != kRx) return 2;
+  p.angles = angles != 0;
   BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
   return 0;
 }
@@ -573,6 +686,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexForwardKeep, ForwardKeep,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexBackwardKept, BackwardKept,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -7,6 +7,7 @@
 //     Writes z (batch, n), dvec (batch, n, 2), gram (batch, m, n, 4).
 //   "complex" (complex_circuit.cc): the same with vec (batch, n, 2, 2) and mats
 //     (m, n, 2, 2, 2). Writes z (batch, n), dvec (batch, n, 2, 2), gram (m, n, 2, 2, 2).
+//   "complex-rx": the same for RX layers, with the gradient against the angles, gram (m, n).
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -24,7 +25,7 @@ extern "C" __attribute__((weak)) int qtl_complex_forward_plain(int n, int m, int
 extern "C" __attribute__((weak)) int qtl_complex_backward_plain(int n, int m, int64_t batch, const float* vec,
                                           const float* mats, const int32_t* nets,
                                           const int32_t* inv, const float* g, float* dvec,
-                                          float* gram);
+                                          float* gram, int angles);
 extern "C" const char* qtl_kernel_isa();
 
 template <typename T>
@@ -39,7 +40,9 @@ static void Write(const std::vector<T>& v) {
 }
 
 int main(int argc, char** argv) {
-  const bool complex = argc > 1 && std::string(argv[1]) == "complex";
+  const std::string mode = argc > 1 ? argv[1] : "";
+  const bool complex = mode == "complex" || mode == "complex-rx";
+  const int angles = mode == "complex-rx";
   if (complex && !qtl_complex_forward_plain) return 4;
   const size_t amp = complex ? 4 : 2;  // floats per wire state, and per 2x2 entry / 2
   std::vector<int32_t> head, nets, inv;
@@ -51,13 +54,18 @@ int main(int argc, char** argv) {
       !Read(nets, size_t(m + 1) * n) || !Read(inv, size_t(m + 1) * n) || !Read(g, batch * n))
     return 2;
   std::vector<float> z(batch * n), dvec(batch * n * amp);
-  std::vector<float> gram(complex ? size_t(m) * n * 8 : batch * m * n * 4);
-  const auto forward = complex ? qtl_complex_forward_plain : qtl_statevector_forward_plain;
-  const auto backward = complex ? qtl_complex_backward_plain : qtl_statevector_backward_plain;
-  if (forward(n, m, batch, vec.data(), mats.data(), nets.data(), z.data())) return 3;
-  if (backward(n, m, batch, vec.data(), mats.data(), nets.data(), inv.data(), g.data(),
-               dvec.data(), gram.data()))
+  std::vector<float> gram(complex ? size_t(m) * n * (angles ? 1 : 8) : batch * m * n * 4);
+  if (complex) {
+    if (qtl_complex_forward_plain(n, m, batch, vec.data(), mats.data(), nets.data(), z.data()) ||
+        qtl_complex_backward_plain(n, m, batch, vec.data(), mats.data(), nets.data(), inv.data(),
+                                   g.data(), dvec.data(), gram.data(), angles))
+      return 3;
+  } else if (qtl_statevector_forward_plain(n, m, batch, vec.data(), mats.data(), nets.data(),
+                                           z.data()) ||
+             qtl_statevector_backward_plain(n, m, batch, vec.data(), mats.data(), nets.data(),
+                                            inv.data(), g.data(), dvec.data(), gram.data())) {
     return 3;
+  }
   Write(z);
   Write(dvec);
   Write(gram);
