@@ -98,32 +98,6 @@ def test_bad_shapes_are_a_clear_error():
         jax.block_until_ready(call(jnp.ones((2, 3, 2)), jnp.ones((1, 3, 2, 2, 2)), nets))
 
 
-def test_kept_states_give_the_recomputed_gradients_exactly(monkeypatch):
-    """The backward reads the forward's kept final states instead of recomputing them when
-    they fit ``KEEP_STATES_MB``; the states are the same floats either way, so every output
-    and gradient is bit-identical, and the compiled program shows which path ran."""
-    from qtl.quantum import fast
-
-    spec = CircuitSpec(8, 3, "qvit_ring", "rx", "rx")
-    x, theta, weights = _case(spec, 21, 3)
-
-    def run():
-        f = fast_circuit(spec)
-        loss = jax.jit(
-            jax.value_and_grad(lambda x, t: jnp.sum(jnp.asarray(weights) * f(x, t)), (0, 1))
-        )
-        args = (jnp.asarray(x, jnp.float32), jnp.asarray(theta, jnp.float32))
-        return loss(*args), loss.lower(*args).as_text()
-
-    kept, hlo_kept = run()
-    monkeypatch.setattr(fast, "KEEP_STATES_MB", 0)  # 21 rows' states no longer fit
-    recomputed, hlo = run()
-    assert "qtl_complex_backward_kept" in hlo_kept and "qtl_complex_backward_kept" not in hlo
-    assert "qtl_complex_backward" in hlo
-    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_rx_layers_take_the_angles_gradient_and_others_the_entries():
     """Which backward a circuit gets: RX layers (the QViT's) their angles' gradient, any other
     rotation the 2x2 entries' (tests/test_kernel_isa.py checks the two agree)."""

@@ -696,11 +696,6 @@ def row_state_kernel(spec: CircuitSpec) -> tuple[_Plan, Callable] | None:
 
 COMPLEX_KERNEL_QUBITS = 20  # complex_circuit.cc: a group of 8 rows' state is 2^n x 64 bytes
 _COMPLEX_SLOTS = 16  # gradient slices of the complex kernel's backward (summed here)
-_COMPLEX_LANES = 8  # rows per group in complex_circuit.cc (kW)
-# The forward keeps its final states for the backward (which then skips recomputing the
-# forward: ~1/4 of its work) when one call's states take at most this much memory; at the
-# QViT's d = 8 that is 32k rows (2 KiB each), at d = 16 (512 KiB each) it is recomputed.
-KEEP_STATES_MB = 64
 
 
 def _complex_kernel_fits(plan: _Plan) -> bool:
@@ -727,10 +722,13 @@ def _complex_kernel(
     ``.real``/``.imag`` to the angles. The kernel runs groups of 8 rows in SIMD lanes and the
     adjoint method by undoing each (unitary) gate.
 
+    ``vectors`` may also be (B, n), each wire's RX angle after an all-RX prefix (the QViT's
+    encoding): the kernel builds RX(a)|0> itself and returns d/da.
+
     ``angles=True`` (every layer one RX per wire, the QViT's): ``f(vectors, t)`` with ``t``
-    (m, n) the RX angles; the kernel takes each gate's gradient against its angle (4
-    multiply-adds per amplitude pair instead of the entries' 16), measured 1.3-1.4x faster
-    for the QViT's layer (docs/simulator.md).
+    (m, n) the RX angles; the kernel keeps each layer's output from its forward and takes
+    every gate's gradient against its angle at the layer's output (the layer's gates
+    commute), so the backward never undoes the state (docs/simulator.md has the A/B).
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]
@@ -738,7 +736,6 @@ def _complex_kernel(
     nets = np.stack([_network_columns(g) for g, _ in maps])
     inv = np.stack([_network_columns(i) for _, i in maps])
     forward, backward = kernels.complex_targets()
-    forward_keep, backward_kept = kernels.complex_kept_targets()
 
     def matrices(params: jax.Array) -> jax.Array:
         return _rx_pairs(params) if angles else params
@@ -750,20 +747,10 @@ def _complex_kernel(
         return call(vectors, matrices(params), nets)
 
     def run_fwd(vectors, params):
-        groups = -(-vectors.shape[0] // _COMPLEX_LANES)
-        kept_shape = (groups, 2, 2**n, _COMPLEX_LANES)
-        if np.prod(kept_shape) * 4 > KEEP_STATES_MB * 2**20:
-            return run(vectors, params), (vectors, params, None)
-        shapes = (
-            jax.ShapeDtypeStruct((vectors.shape[0], n), jnp.float32),
-            jax.ShapeDtypeStruct(kept_shape, jnp.float32),
-        )
-        call = jax.ffi.ffi_call(forward_keep, shapes, vmap_method="sequential")
-        z, kept = call(vectors, matrices(params), nets)
-        return z, (vectors, params, kept)
+        return run(vectors, params), (vectors, params)
 
     def run_bwd(res, g):
-        vectors, params, kept = res
+        vectors, params = res
         mats = matrices(params)
         per_row = mats.ndim == 6  # each row's own layers: the kernel returns each row's gradient
         slots = params.shape if per_row else (_COMPLEX_SLOTS, *params.shape)
@@ -771,13 +758,8 @@ def _complex_kernel(
             jax.ShapeDtypeStruct(vectors.shape, jnp.float32),
             jax.ShapeDtypeStruct(slots, jnp.float32),
         )
-        g = g.astype(jnp.float32)
-        if kept is None:
-            call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
-            dvectors, gram = call(vectors, mats, nets, inv, g)
-        else:
-            call = jax.ffi.ffi_call(backward_kept, shapes, vmap_method="sequential")
-            dvectors, gram = call(vectors, mats, nets, inv, g, kept)
+        call = jax.ffi.ffi_call(backward, shapes, vmap_method="sequential")
+        dvectors, gram = call(vectors, mats, nets, inv, g.astype(jnp.float32))
         return dvectors, gram if per_row else gram.sum(0)
 
     run.defvjp(run_fwd, run_bwd)
@@ -816,6 +798,32 @@ def _rx_angles(layers: list[dict[int, list]], n: int, theta: jax.Array) -> jax.A
             for _, sym in gates[w]:
                 select[layer, w, np.ravel_multi_index(sym.index, theta.shape)] += 1
     return jnp.einsum("lwk,k->lw", select, theta.reshape(-1), precision=_HIGHEST)
+
+
+def _rx_prefix(prefix: dict[int, list], n: int) -> bool:
+    """Whether every wire's prefix is RX gates only, each reading an input or a weight (the
+    QViT's encoding RX(x_w), with the first layer's RX(theta_w) merged into it): the complex
+    kernel then takes each wire's summed angle and builds RX(a)|0> itself."""
+    return set(range(n)) <= set(prefix) and all(
+        prefix[w] and all(name == "RX" and sym is not None for name, sym in prefix[w])
+        for w in range(n)
+    )
+
+
+def _prefix_angles(prefix: dict[int, list], n: int, x: jax.Array, theta: jax.Array) -> jax.Array:
+    """(B, n): each wire's prefix angle, the sum of its RX gates' inputs and weights."""
+    x_select = np.zeros((x.shape[1], n), np.float32)
+    t_select = np.zeros((theta.size, n), np.float32)
+    for w in range(n):
+        for _, sym in prefix[w]:
+            if sym.array == "x":
+                x_select[sym.index[0], w] += 1
+            else:
+                t_select[np.ravel_multi_index(sym.index, theta.shape), w] += 1
+    from_x = (
+        x if np.array_equal(x_select, np.eye(n)) else jnp.matmul(x, x_select, precision=_HIGHEST)
+    )
+    return from_x + jnp.matmul(theta.reshape(-1), t_select, precision=_HIGHEST)
 
 
 def _pairs(z: jax.Array) -> jax.Array:
@@ -931,11 +939,15 @@ def fast_circuit(
     complex_fits = native is True and _complex_kernel_fits(plan)
     complex_kernel: list = []
     rx_only = _rx_only(layers, n)
+    rx_prefix = _rx_prefix(plan.prefix, n)
 
     def whole_complex(x: jax.Array, theta: jax.Array) -> jax.Array:
         if not complex_kernel:
             complex_kernel.append(_complex_kernel(plan, angles=rx_only))
-        vectors = _zero_pairs(plan.prefix, n, x, theta)  # U|0> per wire, (re, im) pairs
+        if rx_prefix:  # the kernel builds RX(a)|0> from each wire's angle (B, n)
+            vectors = _prefix_angles(plan.prefix, n, x, theta)
+        else:
+            vectors = _zero_pairs(plan.prefix, n, x, theta)  # U|0> per wire, (re, im) pairs
         if rx_only:
             return complex_kernel[0](vectors, _rx_angles(layers, n, theta))
         # the layers' matrices take weights only: (m, n, 2, 2), complex is cheap there

@@ -60,8 +60,6 @@ FORWARD = "qtl_statevector_forward"
 BACKWARD = "qtl_statevector_backward"
 COMPLEX_FORWARD = "qtl_complex_forward"
 COMPLEX_BACKWARD = "qtl_complex_backward"
-COMPLEX_FORWARD_KEEP = "qtl_complex_forward_keep"  # also returns the final states
-COMPLEX_BACKWARD_KEPT = "qtl_complex_backward_kept"  # takes them instead of recomputing
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # QTL_ISA: the instruction set the kernels are built for. "native": whatever this CPU has
 # (the default); the others force it down (for tests and A/B): on x86-64 "avx512"
@@ -389,8 +387,6 @@ def _registered() -> bool:
         (BACKWARD, lib.QtlStatevectorBackward),
         (COMPLEX_FORWARD, lib.QtlComplexForward),
         (COMPLEX_BACKWARD, lib.QtlComplexBackward),
-        (COMPLEX_FORWARD_KEEP, lib.QtlComplexForwardKeep),
-        (COMPLEX_BACKWARD_KEPT, lib.QtlComplexBackwardKept),
     ):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
@@ -410,9 +406,3 @@ def complex_targets() -> tuple[str, str] | None:
     """The complex-circuit kernels' (forward, backward) FFI targets (``complex_circuit.cc``:
     few-qubit complex circuits over a large batch, the QViT's), or None."""
     return (COMPLEX_FORWARD, COMPLEX_BACKWARD) if _registered() else None
-
-
-def complex_kept_targets() -> tuple[str, str] | None:
-    """The complex kernels that keep the forward's final states for the backward
-    (forward-and-keep, backward-from-kept), or None."""
-    return (COMPLEX_FORWARD_KEEP, COMPLEX_BACKWARD_KEPT) if _registered() else None

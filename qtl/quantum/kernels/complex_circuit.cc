@@ -22,7 +22,6 @@
 // pairs, gradients as d/dre + i d/dim.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -36,6 +35,26 @@ namespace {
 
 constexpr int kW = 8;  // rows per group: one AVX2 register per part (half an AVX-512 one)
 typedef float F __attribute__((vector_size(kW * 4)));
+typedef int32_t FI __attribute__((vector_size(kW * 4)));
+
+// sin and cos of every lane in float32 (Cephes' minimax polynomials on [-pi/4, pi/4] after a
+// three-part Cody-Waite reduction by pi/2; within 2 ulp of the rounded result for |x| < 1e4):
+// the encoding's RX(a)|0> = (cos(a/2), -i sin(a/2)) per row and wire, which through XLA:CPU's
+// elementwise cosines cost more than the whole circuit (docs/simulator.md).
+QTL_ALWAYS_INLINE void SinCos(F x, F& sin_x, F& cos_x) {
+  const F round = F{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const F q = (x * 0.636619772367581343f + round) - round;
+  const FI quadrant = __builtin_convertvector(q, FI);
+  const F r = ((x - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f;
+  const F r2 = r * r;
+  const F sr = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const F cr = 1.0f - 0.5f * r2 +
+               r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f + r2 * 2.443315711809948e-5f));
+  const FI odd = (quadrant & 1) != 0;
+  const F s0 = odd ? cr : sr, c0 = odd ? sr : cr;
+  sin_x = ((quadrant & 2) != 0) ? -s0 : s0;
+  cos_x = (((quadrant + 1) & 2) != 0) ? -c0 : c0;
+}
 
 constexpr int kMaxQubits = 20;
 
@@ -57,15 +76,10 @@ struct Problem {
   std::vector<C> u;                           // (m, n, 2, 2), when every row shares them
   const float* row_mats = nullptr;  // else (B, m, n, 2, 2, 2): each row's own (noise frames)
   int kind = 0;                     // of every gate in u: kGeneral, kReal or kRx
-  bool angles = false;  // every gate is RX(t): the backward returns dL/dt, (m, n) per slot
-  // the state after the last layer, (groups, 2, 2^n, kW): written by a forward that keeps it
-  // and read by the backward instead of recomputing the forward
-  float* keep = nullptr;
-  const float* kept = nullptr;
+  bool encode = false;  // vec is (B, n) RX angles a: the wire states are RX(a)|0>, built here
+  bool rx = false;      // every gate is RX(t) (AllRx) and shared by every row
+  bool angles = false;  // and the backward returns dL/dt, (m, n) per slot
 };
-
-// A group's kept state: its real and imaginary parts, 2^n lane vectors each.
-inline int64_t KeptOffset(const Problem& p, int64_t b0) { return b0 / kW * 2 * p.size * kW; }
 
 // What every gate of a circuit has as exact zeros, read from its matrices: RY layers are
 // real, RX layers (the QViT's) have a real diagonal and an imaginary off-diagonal. Either
@@ -79,6 +93,16 @@ int GateKind(const std::vector<C>& u) {
     rx = rx && u[k].i == 0 && u[k + 3].i == 0 && u[k + 1].r == 0 && u[k + 2].r == 0;
   }
   return real ? kReal : rx ? kRx : kGeneral;
+}
+
+// Whether every gate is RX(t) of one angle: u00 = u11 = c, u01 = u10 = -is (the angles
+// mode's promise, checked).
+bool AllRx(const std::vector<C>& u) {
+  for (size_t k = 0; k < u.size(); k += 4)
+    if (u[k].i != 0 || u[k + 3].i != 0 || u[k + 1].r != 0 || u[k + 2].r != 0 ||
+        u[k].r != u[k + 3].r || u[k + 1].i != u[k + 2].i)
+      return false;
+  return true;
 }
 
 std::vector<int32_t> FullMap(const int32_t* cols, int n) {
@@ -101,11 +125,13 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
   p.u.resize(size_t(m) * n * 4);
   for (size_t k = 0; k < p.u.size(); ++k) p.u[k] = C{mats[2 * k], mats[2 * k + 1]};
   p.kind = GateKind(p.u);
+  p.rx = AllRx(p.u);
 }
 
 // Scratch that lives with its thread (XLA's pool threads live as long as the process).
 struct Scratch {
   std::vector<F> sr, si, tr, ti, lr, li;
+  std::vector<F> ys;  // angles mode: every layer's output state, (m, 2, 2^n)
   std::vector<F> vr, vi;  // (n, 2) wire states of the group
   std::vector<FC> u;      // (m, n, 2, 2) the group's gates, per lane
   std::vector<F> gs;      // (n, 8) one layer's gate gradients, per lane
@@ -125,6 +151,19 @@ Scratch& ThreadScratch() {
 // The group's wire states (rows b0 .. b0 + rows - 1; lanes past them are |0>).
 void LoadVectors(const Problem& p, const float* vec, int64_t b0, int rows, Scratch& s) {
   const int n = p.n;
+  if (p.encode) {  // RX(a)|0> = (cos(a/2), -i sin(a/2)); lanes past the rows: a = 0, |0>
+    for (int w = 0; w < n; ++w) {
+      F a = {};
+      for (int k = 0; k < rows; ++k) a[k] = vec[(b0 + k) * n + w];
+      F sn, c;
+      SinCos(0.5f * a, sn, c);
+      s.vr[2 * w] = c;
+      s.vi[2 * w] = F{};
+      s.vr[2 * w + 1] = F{};
+      s.vi[2 * w + 1] = -sn;
+    }
+    return;
+  }
   for (int w = 0; w < n; ++w)
     for (int a = 0; a < 2; ++a) {
       F re = {}, im = {};
@@ -255,28 +294,93 @@ QTL_INLINE void GateBack(F* __restrict sr, F* __restrict si, F* __restrict lr,
   g[7] += g11i;
 }
 
-// An RX gate, U = exp(-i t X / 2), undone as GateBack<kRx> does, with the gradient taken
-// against its angle instead of its four entries: dL/dt = 1/2 sum Im(conj(lam) X y) over the
-// gate's output y and cotangent lam (before undoing), one real sum of 4 multiply-adds per pair
-// where the entries' gradient takes 16. Only valid when the caller's matrices are exactly
-// RX(t) of one angle t per gate (the mode is chosen by the caller, which built them).
-QTL_INLINE void GateBackRx(F* __restrict sr, F* __restrict si, F* __restrict lr,
-                           F* __restrict li, int64_t size, int64_t stride, const FC* u, F* g) {
-  const FC h00{u[0].r, -u[0].i}, h01{u[2].r, -u[2].i}, h10{u[1].r, -u[1].i},
-      h11{u[3].r, -u[3].i};
-  F acc0 = {}, acc1 = {};
-  for (int64_t base = 0; base < size; base += 2 * stride)
-    for (int64_t i = base; i < base + stride; ++i) {
-      const int64_t k = i + stride;
-      const F y0r = sr[i], y0i = si[i], y1r = sr[k], y1i = si[k];
-      const F l0r = lr[i], l0i = li[i], l1r = lr[k], l1i = li[k];
-      // Im(conj(l0) y1 + conj(l1) y0), in two chains for the adder's latency
-      acc0 += l0r * y1i - l0i * y1r;
-      acc1 += l1r * y0i - l1i * y0r;
-      Apply<kRx>(h00, h01, h10, h11, y0r, y0i, y1r, y1i, sr[i], si[i], sr[k], si[k]);
-      Apply<kRx>(h00, h01, h10, h11, l0r, l0i, l1r, l1i, lr[i], li[i], lr[k], li[k]);
-    }
-  g[0] += 0.5f * (acc0 + acc1);
+// ---- RX layers of one angle per gate (the QViT's; the angles mode)
+//
+// Every gate of a layer is RX(t) = [[c, -is], [-is, c]] on its own wire, so the gates of a
+// layer commute: two wires are applied in one pass over the state (half the loads and stores
+// of one pass per wire, which bounded the per-wire loops), and each gate's gradient can be
+// taken at the layer's output, dL/dt = 1/2 sum Im(conj(lam_p) y_q + conj(lam_q) y_p) over the
+// gate's pairs (p, q). The backward then keeps every layer's output from its forward (m
+// states of 16 KiB per group at d = 8) and never undoes the state: per layer one gradient
+// pass (loads only) and one pass undoing the cotangent.
+
+// (a, b) <- RX (a, b) for one pair of amplitudes; RX^H = RX(-t) is the same with -s.
+QTL_INLINE void Rx(F c, F s, F& ar, F& ai, F& br, F& bi) {
+  const F x0r = c * ar + s * bi, x0i = c * ai - s * br;
+  const F x1r = c * br + s * ai, x1i = c * bi - s * ar;
+  ar = x0r, ai = x0i, br = x1r, bi = x1i;
+}
+
+// One layer's RX gates on a state in place (sign -1: undone), two wires per pass.
+QTL_INLINE void RxLayer(F* __restrict r, F* __restrict im, const Problem& p, const Scratch& s,
+                        int l, float sign) {
+  const int n = p.n;
+  const int64_t size = p.size;
+  auto coef = [&](int w, F& c, F& sn) {
+    const FC* u = &s.u[(l * n + w) * 4];
+    c = u[0].r;
+    sn = -sign * u[1].i;  // u01 = -i s
+  };
+  int w = 0;
+  for (; w + 1 < n; w += 2) {
+    F ca, sa, cb, sb;
+    coef(w, ca, sa);
+    coef(w + 1, cb, sb);
+    const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
+    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+      for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
+        for (int64_t j = b0; j < b0 + db; ++j) {
+          F r0 = r[j], i0 = im[j], r1 = r[j + db], i1 = im[j + db];
+          F r2 = r[j + da], i2 = im[j + da], r3 = r[j + da + db], i3 = im[j + da + db];
+          Rx(ca, sa, r0, i0, r2, i2);
+          Rx(ca, sa, r1, i1, r3, i3);
+          Rx(cb, sb, r0, i0, r1, i1);
+          Rx(cb, sb, r2, i2, r3, i3);
+          r[j] = r0, im[j] = i0, r[j + db] = r1, im[j + db] = i1;
+          r[j + da] = r2, im[j + da] = i2, r[j + da + db] = r3, im[j + da + db] = i3;
+        }
+  }
+  if (w < n) {  // odd n: the last wire (stride 1) alone
+    F c, sn;
+    coef(w, c, sn);
+    for (int64_t j = 0; j < size; j += 2) Rx(c, sn, r[j], im[j], r[j + 1], im[j + 1]);
+  }
+}
+
+// Im(conj(l_p) y_q + conj(l_q) y_p) for one pair.
+QTL_INLINE F PairIm(F lpr, F lpi, F lqr, F lqi, F ypr, F ypi, F yqr, F yqi) {
+  return lpr * yqi - lpi * yqr + lqr * ypi - lqi * ypr;
+}
+
+// Every gate's dL/dt of layer l from its output state y and cotangent lam, two wires per pass
+// (loads only); g[w] (per lane) gets wire w's.
+QTL_INLINE void RxGrads(const F* __restrict yr, const F* __restrict yi, const F* __restrict lr,
+                        const F* __restrict li, const Problem& p, F* g) {
+  const int n = p.n;
+  const int64_t size = p.size;
+  int w = 0;
+  for (; w + 1 < n; w += 2) {
+    const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
+    F ga0 = {}, ga1 = {}, gb0 = {}, gb1 = {};
+    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+      for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
+        for (int64_t j = b0; j < b0 + db; ++j) {
+          const int64_t j1 = j + db, j2 = j + da, j3 = j + da + db;
+          // wire a: pairs (0, 2), (1, 3); wire b: (0, 1), (2, 3)
+          ga0 += PairIm(lr[j], li[j], lr[j2], li[j2], yr[j], yi[j], yr[j2], yi[j2]);
+          ga1 += PairIm(lr[j1], li[j1], lr[j3], li[j3], yr[j1], yi[j1], yr[j3], yi[j3]);
+          gb0 += PairIm(lr[j], li[j], lr[j1], li[j1], yr[j], yi[j], yr[j1], yi[j1]);
+          gb1 += PairIm(lr[j2], li[j2], lr[j3], li[j3], yr[j2], yi[j2], yr[j3], yi[j3]);
+        }
+    g[w] = 0.5f * (ga0 + ga1);
+    g[w + 1] = 0.5f * (gb0 + gb1);
+  }
+  if (w < n) {
+    F acc = {};
+    for (int64_t j = 0; j < size; j += 2)
+      acc += PairIm(lr[j], li[j], lr[j + 1], li[j + 1], yr[j], yi[j], yr[j + 1], yi[j + 1]);
+    g[w] = 0.5f * acc;
+  }
 }
 
 // dst[j] = src[map[j]] for both parts.
@@ -306,7 +410,31 @@ QTL_INLINE void ForwardStateK(const Problem& p, Scratch& s) {
   }
 }
 
+// The forward of an all-RX circuit, to s.sr / s.si; ys: also every layer's output there,
+// (m, 2, 2^n), the last one included.
+void ForwardRx(const Problem& p, Scratch& s, F* ys) {
+  const int64_t size = p.size;
+  Product(s, 0, p.n, s.tr.data(), s.ti.data());
+  const F *pr = s.tr.data(), *pi = s.ti.data();
+  for (int l = 0; l < p.m; ++l) {
+    if (ys) {
+      F* r = ys + 2 * l * size;
+      Gather(pr, pi, r, r + size, p.g[l].data(), size);
+      RxLayer(r, r + size, p, s, l, 1.0f);
+      pr = r, pi = r + size;
+      continue;
+    }
+    Gather(s.tr.data(), s.ti.data(), s.sr.data(), s.si.data(), p.g[l].data(), size);
+    RxLayer(s.sr.data(), s.si.data(), p, s, l, 1.0f);
+    if (l + 1 < p.m) {
+      std::swap(s.sr, s.tr);
+      std::swap(s.si, s.ti);
+    }
+  }
+}
+
 void ForwardState(const Problem& p, Scratch& s) {
+  if (p.rx) return ForwardRx(p, s, nullptr);
   if (p.kind == kReal) return ForwardStateK<kReal>(p, s);
   if (p.kind == kRx) return ForwardStateK<kRx>(p, s);
   ForwardStateK<kGeneral>(p, s);
@@ -321,12 +449,6 @@ void LayerBackK(const Problem& p, Scratch& s, int l, F* gs) {
 }
 
 void LayerBack(const Problem& p, Scratch& s, int l, F* gs) {
-  if (p.angles) {
-    for (int w = p.n - 1; w >= 0; --w)
-      GateBackRx(s.sr.data(), s.si.data(), s.lr.data(), s.li.data(), p.size,
-                 int64_t{1} << (p.n - 1 - w), &s.u[(l * p.n + w) * 4], gs + w * 8);
-    return;
-  }
   if (p.kind == kReal) return LayerBackK<kReal>(p, s, l, gs);
   if (p.kind == kRx) return LayerBackK<kRx>(p, s, l, gs);
   LayerBackK<kGeneral>(p, s, l, gs);
@@ -338,12 +460,6 @@ void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, floa
   LoadVectors(p, vec, b0, rows, s);
   GroupGates(p, b0, rows, s);
   ForwardState(p, s);
-  if (p.keep) {
-    // memcpy: XLA's buffers need not be aligned to a whole vector
-    float* out = p.keep + KeptOffset(p, b0);
-    std::memcpy(out, s.sr.data(), p.size * sizeof(F));
-    std::memcpy(out + p.size * kW, s.si.data(), p.size * sizeof(F));
-  }
   // probabilities in the measured order, then <Z_w> by folding: the sum of the first half
   // minus the second half is wire w's (the most significant left), the halves' sum carries on
   F* prob = s.tr.data();
@@ -373,12 +489,16 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
   s.Fit(size, n);
   LoadVectors(p, vec, b0, rows, s);
   GroupGates(p, b0, rows, s);
-  if (p.kept) {
-    const float* in = p.kept + KeptOffset(p, b0);
-    std::memcpy(s.sr.data(), in, size * sizeof(F));
-    std::memcpy(s.si.data(), in + size * kW, size * sizeof(F));
+  const F *yr, *yi;  // the last layer's output (ForwardState may swap s.sr's buffer)
+  if (p.angles) {
+    s.ys.resize(size_t(2) * p.m * size);
+    ForwardRx(p, s, s.ys.data());
+    yr = s.ys.data() + 2 * (p.m - 1) * size;
+    yi = yr + size;
   } else {
     ForwardState(p, s);
+    yr = s.sr.data();
+    yi = s.si.data();
   }
   // the cotangent of y_{m-1}: lam[k] = 2 y[k] O(Ginv(k)), O(j) = sum_w g_w (-1)^(bit w of j)
   F* obs = s.tr.data();
@@ -396,10 +516,25 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
   const int32_t* back = p.ginv[p.m].data();
   for (int64_t k = 0; k < size; ++k) {
     const F o = 2.0f * obs[back[k]];
-    s.lr[k] = o * s.sr[k];
-    s.li[k] = o * s.si[k];
+    s.lr[k] = o * yr[k];
+    s.li[k] = o * yi[k];
   }
   for (int l = p.m - 1; l >= 0; --l) {
+    if (p.angles) {  // gradients at the layer's output, then the cotangent undone (RxLayer)
+      const F* y = s.ys.data() + 2 * l * size;
+      s.gs.resize(size_t(n) * 8);
+      RxGrads(y, y + size, s.lr.data(), s.li.data(), p, s.gs.data());
+      for (int w = 0; w < n; ++w) {
+        double sum = 0;
+        for (int k = 0; k < kW; ++k) sum += s.gs[w][k];
+        gram[l * n + w] += static_cast<float>(sum);
+      }
+      RxLayer(s.lr.data(), s.li.data(), p, s, l, -1.0f);
+      Gather(s.lr.data(), s.li.data(), s.tr.data(), s.ti.data(), p.ginv[l].data(), size);
+      std::swap(s.lr, s.tr);
+      std::swap(s.li, s.ti);
+      continue;
+    }
     std::vector<F>& gs = s.gs;
     gs.assign(size_t(n) * 8, F{});
     LayerBack(p, s, l, gs.data());
@@ -409,12 +544,6 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
         for (int k = 0; k < rows; ++k)
           for (int q = 0; q < 8; ++q)
             gram[(((b0 + k) * p.m + l) * n + w) * 8 + q] = g[q][k];
-        continue;
-      }
-      if (p.angles) {
-        double sum = 0;
-        for (int k = 0; k < kW; ++k) sum += g[0][k];
-        gram[l * n + w] += static_cast<float>(sum);
         continue;
       }
       float* out = gram + (l * n + w) * 8;
@@ -469,6 +598,12 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
         const int bit = (a >> (bits - 1 - w)) & 1;
         outr[bit] += dr[a] * pr + di[a] * pi;  // d conj(prod)
         outi[bit] += di[a] * pr - dr[a] * pi;
+      }
+      if (p.encode) {  // dL/da = -(s d/dre v0 + c d/dim v1) / 2, v = (c, -i s)
+        const F c = s.vr[2 * (lo + w)], sn = -s.vi[2 * (lo + w) + 1];
+        const F da = -0.5f * (sn * outr[0] + c * outi[1]);
+        for (int k = 0; k < rows; ++k) dvec[(b0 + k) * n + lo + w] = da[k];
+        continue;
       }
       for (int k = 0; k < rows; ++k)
         for (int b = 0; b < 2; ++b) {
@@ -531,75 +666,54 @@ void BackwardAll(ffi::ThreadPool* pool, const Problem& p, int64_t batch, const f
 
 // mats: (m, n, 2, 2, 2) shared by every row, or (B, m, n, 2, 2, 2) each row's own (per_row).
 ffi::Error Check(ffi::Buffer<ffi::F32>& vec, ffi::Buffer<ffi::F32>& mats,
-                 ffi::Buffer<ffi::S32>& nets, int64_t& batch, int& n, int& m, bool& per_row) {
+                 ffi::Buffer<ffi::S32>& nets, int64_t& batch, int& n, int& m, bool& per_row,
+                 bool& encode) {
   const auto vd = vec.dimensions(), md = mats.dimensions(), nd = nets.dimensions();
   per_row = md.size() == 6;
-  if (vd.size() != 4 || (md.size() != 5 && !per_row) || nd.size() != 2 ||
+  encode = vd.size() == 2;  // (B, n): every wire's RX encoding angle
+  if ((vd.size() != 4 && !encode) || (md.size() != 5 && !per_row) || nd.size() != 2 ||
       (per_row && md[0] != vd[0]))
     return ffi::Error::InvalidArgument(
-        "complex circuit: expected vec (B, n, 2, 2), mats (m, n, 2, 2, 2) or "
-        "(B, m, n, 2, 2, 2), nets (m + 1, n)");
+        "complex circuit: expected vec (B, n, 2, 2) or (B, n) RX angles, mats (m, n, 2, 2, 2) "
+        "or (B, m, n, 2, 2, 2), nets (m + 1, n)");
   const size_t o = per_row ? 1 : 0;  // mats' first layer axis
   batch = vd[0];
   m = static_cast<int>(md[o]);
   n = static_cast<int>(md[o + 1]);
-  if (vd[1] != n || vd[2] != 2 || vd[3] != 2 || md[o + 2] != 2 || md[o + 3] != 2 ||
-      md[o + 4] != 2 ||
-      nd[0] != m + 1 || nd[1] != n || !ShapesOk(n, m))
+  if (vd[1] != n || (!encode && (vd[2] != 2 || vd[3] != 2)) || md[o + 2] != 2 ||
+      md[o + 3] != 2 || md[o + 4] != 2 || nd[0] != m + 1 || nd[1] != n || !ShapesOk(n, m))
     return ffi::Error::InvalidArgument(
-        "complex circuit: shapes must be vec (B, n, 2, 2), mats (m, n, 2, 2, 2), nets "
-        "(m + 1, n), with m >= 1 and 2 <= n <= 20");
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckKept(const Problem& p, int64_t batch, size_t count) {
-  const int64_t groups = (batch + kW - 1) / kW;
-  if (count != static_cast<size_t>(groups * 2 * p.size * kW))
-    return ffi::Error::InvalidArgument(
-        "complex circuit: kept states must be (ceil(B / 8), 2, 2^n, 8) floats");
-  return ffi::Error::Success();
-}
-
-ffi::Error RunForward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vec,
-                      ffi::Buffer<ffi::F32>& mats, ffi::Buffer<ffi::S32>& nets,
-                      ffi::ResultBuffer<ffi::F32>& z, ffi::ResultBuffer<ffi::F32>* keep) {
-  int64_t batch = 0;
-  int n = 0, m = 0;
-  bool per_row = false;
-  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
-  if (z->element_count() != static_cast<size_t>(batch * n))
-    return ffi::Error::InvalidArgument("complex circuit: z must be (B, n)");
-  Problem p;
-  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), nullptr, p);
-  if (per_row) p.row_mats = mats.typed_data();
-  if (keep) {
-    if (auto err = CheckKept(p, batch, (*keep)->element_count()); err.failure()) return err;
-    p.keep = (*keep)->typed_data();
-  }
-  ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
+        "complex circuit: shapes must be vec (B, n, 2, 2) or (B, n), mats (m, n, 2, 2, 2), "
+        "nets (m + 1, n), with m >= 1 and 2 <= n <= 20");
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
                    ffi::Buffer<ffi::S32> nets, ffi::ResultBuffer<ffi::F32> z) {
-  return RunForward(pool, vec, mats, nets, z, nullptr);
-}
-
-ffi::Error ForwardKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec,
-                       ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
-                       ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> keep) {
-  return RunForward(pool, vec, mats, nets, z, &keep);
-}
-
-ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vec,
-                       ffi::Buffer<ffi::F32>& mats, ffi::Buffer<ffi::S32>& nets,
-                       ffi::Buffer<ffi::S32>& inv, ffi::Buffer<ffi::F32>& g,
-                       ffi::Buffer<ffi::F32>* kept, ffi::ResultBuffer<ffi::F32>& dvec,
-                       ffi::ResultBuffer<ffi::F32>& gram) {
   int64_t batch = 0;
   int n = 0, m = 0;
-  bool per_row = false;
-  if (auto err = Check(vec, mats, nets, batch, n, m, per_row); err.failure()) return err;
+  bool per_row = false, encode = false;
+  if (auto err = Check(vec, mats, nets, batch, n, m, per_row, encode); err.failure())
+    return err;
+  if (z->element_count() != static_cast<size_t>(batch * n))
+    return ffi::Error::InvalidArgument("complex circuit: z must be (B, n)");
+  Problem p;
+  Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), nullptr, p);
+  if (per_row) p.row_mats = mats.typed_data();
+  p.encode = encode;
+  ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
+                    ffi::Buffer<ffi::S32> nets, ffi::Buffer<ffi::S32> inv,
+                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dvec,
+                    ffi::ResultBuffer<ffi::F32> gram) {
+  int64_t batch = 0;
+  int n = 0, m = 0;
+  bool per_row = false, encode = false;
+  if (auto err = Check(vec, mats, nets, batch, n, m, per_row, encode); err.failure())
+    return err;
   const auto gd = gram->dimensions();
   // gram (S, m, n): the angles mode (every gate RX(t), dL/dt per gate; shared mats only)
   const bool angles = gd.size() == 3 && !per_row;
@@ -613,35 +727,17 @@ ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& vec,
   Problem p;
   Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), inv.typed_data(), p);
   if (per_row) p.row_mats = mats.typed_data();
+  p.encode = encode;
   if (angles) {
-    if (p.kind != kRx)
+    if (!p.rx)
       return ffi::Error::InvalidArgument(
           "complex circuit: gram (S, m, n) asks for RX angles' gradients, but the layers' "
           "matrices are not all RX gates");
     p.angles = true;
   }
-  if (kept) {
-    if (auto err = CheckKept(p, batch, kept->element_count()); err.failure()) return err;
-    p.kept = kept->typed_data();
-  }
   BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
               gram->typed_data(), gd[0]);
   return ffi::Error::Success();
-}
-
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> mats,
-                    ffi::Buffer<ffi::S32> nets, ffi::Buffer<ffi::S32> inv,
-                    ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dvec,
-                    ffi::ResultBuffer<ffi::F32> gram) {
-  return RunBackward(pool, vec, mats, nets, inv, g, nullptr, dvec, gram);
-}
-
-ffi::Error BackwardKept(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec,
-                        ffi::Buffer<ffi::F32> mats, ffi::Buffer<ffi::S32> nets,
-                        ffi::Buffer<ffi::S32> inv, ffi::Buffer<ffi::F32> g,
-                        ffi::Buffer<ffi::F32> kept, ffi::ResultBuffer<ffi::F32> dvec,
-                        ffi::ResultBuffer<ffi::F32> gram) {
-  return RunBackward(pool, vec, mats, nets, inv, g, &kept, dvec, gram);
 }
 
 }  // namespace
@@ -665,7 +761,7 @@ extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const flo
   if (!ShapesOk(n, m)) return 1;
   Problem p;
   Build(n, m, mats, nets, inv, p);
-  if (angles && p.kind != kRx) return 2;
+  if (angles && !p.rx) return 2;
   p.angles = angles != 0;
   BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
   return 0;
@@ -690,23 +786,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexForwardKeep, ForwardKeep,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexBackwardKept, BackwardKept,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
