@@ -100,14 +100,15 @@ class Study(ABC):
                     f"{key}={shown} has no meaning in the {self.name} study (this run's "
                     f"study, from data={cfg.data.name}); remove it (default {default!r})."
                 )
-        from qtl.quantum.noise.device_models import check_device_model
-
         wires = {
             "head": len(cfg.task.labels) if isinstance(cfg.task.labels, list) else 0,
             "model.circuit": max(cfg.model.hidden_size, cfg.model.mlp_size),  # the widest layer
         }
         for where, opts in (("head", cfg.head), ("model.circuit", cfg.model.circuit)):
             if opts.noise.device_model is not None:
+                # imported only here: it loads PennyLane (~2 s), which a classical run never needs
+                from qtl.quantum.noise.device_models import check_device_model
+
                 name = opts.noise.device_model
                 check_device_model(name, f"{where}.noise.device_model", wires[where])
 
