@@ -15,14 +15,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pennylane as qml
 
 from qtl.config import ConfigError
+
+if TYPE_CHECKING:
+    import pennylane as qml
+
+# PennyLane is imported where a circuit is built or recorded, not with this module: its import
+# takes ~2 s (it loads matplotlib and SciPy), which a classical head's run never needs.
 
 # default.qubit asks for complex128 and JAX (x64 off) uses complex64: expected, not actionable.
 warnings.filterwarnings("ignore", message="Explicitly requested dtype complex128")
@@ -100,6 +105,8 @@ def entangler_pairs(kind: str, n_qubits: int) -> list[tuple[int, int]]:
 
 
 def _rotation(kind: str, angles: Any, wire: int) -> None:
+    import pennylane as qml
+
     if kind == "ry":
         qml.RY(angles, wires=wire)
     elif kind == "rx":
@@ -111,6 +118,8 @@ def _rotation(kind: str, angles: Any, wire: int) -> None:
 
 def dqc_ansatz(x: Any, theta: Any, spec: CircuitSpec) -> None:
     """Queue the circuit's gates; ``x`` is (..., n) angles (a leading batch axis broadcasts)."""
+    import pennylane as qml
+
     pairs = entangler_pairs(spec.entangler, spec.n_qubits)
     for wire in range(spec.n_qubits):
         if spec.encoding == "h_ry":
@@ -137,6 +146,8 @@ class Symbol:
 
 def record_tape(spec: CircuitSpec) -> qml.tape.QuantumScript:
     """The ansatz's gate list with :class:`Symbol` parameters, for compiling simulators."""
+    import pennylane as qml
+
     x = np.empty(spec.n_qubits, dtype=object)
     for i in range(spec.n_qubits):
         x[i] = Symbol("x", (i,))
@@ -153,6 +164,8 @@ def pennylane_circuit(spec: CircuitSpec) -> Callable[[jax.Array, jax.Array], jax
 
     Returns ``f(x, theta) -> (B, n)`` expectation values <Z_i>.
     """
+    import pennylane as qml
+
     device = qml.device("default.qubit", wires=spec.n_qubits)
 
     @qml.qnode(device, interface="jax", diff_method="backprop")
