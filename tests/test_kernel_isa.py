@@ -175,16 +175,19 @@ def _compare_driver(run: list[str], native: ctypes.CDLL) -> set[str]:
     return reported
 
 
-def _complex_case(n: int, m: int, batch: int, kind: str, seed: int) -> tuple:
-    """Inputs of the complex kernel's plain entries: random wire states, a ring's networks and
-    layers of RX matrices (real diagonal, imaginary off-diagonal), RY matrices (real) or
-    general complex 2x2s: each of the kernel's gate kinds."""
+def _complex_case(n: int, m: int, batch: int, kind: str, seed: int, encode: bool = False):
+    """Inputs of the complex kernel's plain entries: random wire states (``encode``: RX
+    encoding angles, (batch, n)), a ring's networks and layers of RX matrices (real diagonal,
+    imaginary off-diagonal), RY matrices (real) or general complex 2x2s: each of the kernel's
+    gate kinds."""
     from qtl.quantum.circuit import ring_pairs
     from qtl.quantum.fast import _network_columns, network_indices
 
     rng = np.random.default_rng(seed)
     vec = rng.normal(size=(batch, n, 2, 2))
     vec /= np.linalg.norm(vec.reshape(batch, n, 4), axis=-1)[..., None, None]
+    if encode:
+        vec = rng.uniform(-2 * np.pi, 2 * np.pi, size=(batch, n))
     t = rng.uniform(0, 2 * np.pi, size=(m, n))
     c, s = np.cos(t / 2), np.sin(t / 2)
     mats = np.zeros((m, n, 2, 2, 2))
@@ -216,6 +219,39 @@ def _run_complex(lib: ctypes.CDLL, case: tuple, angles: bool = False) -> list[np
     status = lib.qtl_complex_backward_plain(n, m, ctypes.c_int64(batch), *args, *more, angles)
     assert status == 0
     return [z, dv, gram]
+
+
+def _run_complex_rx(lib: ctypes.CDLL, case: tuple, hadamard: bool) -> list[np.ndarray]:
+    """The QViT's circuits (RX encoding angles, RX layers) through the kernel's plain entries,
+    in the Hadamard basis or gate by gate."""
+    n, m, batch, vec, mats, nets, inv, g = case
+    p = ctypes.c_void_p
+    z, dv, gram = np.zeros((batch, n), np.float32), np.zeros_like(vec), np.zeros((m, n), np.float32)
+    args = [a.ctypes.data_as(p) for a in (vec, mats, nets)]
+    b = ctypes.c_int64(batch)
+    assert lib.qtl_complex_rx_forward_plain(n, m, b, *args, z.ctypes, int(hadamard)) == 0
+    more = [a.ctypes.data_as(p) for a in (inv, g, dv, gram)]
+    assert lib.qtl_complex_rx_backward_plain(n, m, b, *args, *more, int(hadamard)) == 0
+    return [z, dv, gram]
+
+
+@pytest.mark.parametrize("n, m, batch", [(8, 3, 21), (8, 1, 8), (5, 2, 11), (2, 1, 3), (11, 2, 9)])
+def test_the_hadamard_basis_gives_the_gate_by_gate_results(native, n, m, batch):
+    """The QViT's RX circuits run as diagonals in the Hadamard basis (what XLA gets): <Z>, the
+    encoding angles' and the layers' angles' gradients must be those of applying and undoing
+    every RX gate in the computational basis, on the same inputs (odd widths: a wire alone)."""
+    case = _complex_case(n, m, batch, "rx", seed=n + m, encode=True)
+    got = _run_complex_rx(native, case, hadamard=True)
+    want = _run_complex_rx(native, case, hadamard=False)
+    for name, a, w in zip(("z", "dL/da", "dL/dt"), got, want, strict=True):
+        scale = max(1.0, float(np.max(np.abs(w))))
+        np.testing.assert_allclose(a, w, rtol=0, atol=2e-5 * scale, err_msg=name)
+    assert np.max(np.abs(want[2])) > 1e-3  # the gradients are not all zero
+    general = _complex_case(n, m, batch, "general", seed=1, encode=True)
+    out = np.zeros((batch, n), np.float32)
+    ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in general[3:6]]
+    forward = native.qtl_complex_rx_forward_plain
+    assert forward(n, m, ctypes.c_int64(batch), *ptrs, out.ctypes, 1) == 2  # not RX: refused
 
 
 def test_the_rx_angles_gradient_is_the_entries_gradient_chained(native):
@@ -270,6 +306,17 @@ def test_the_arm64_build_gives_the_x86_results(native, tmp_path):
             for a, w in zip(got, want, strict=True):  # float32 sums in another order
                 scale = max(1.0, float(np.max(np.abs(w))))
                 np.testing.assert_allclose(a.reshape(w.shape), w, rtol=0, atol=2e-5 * scale)
+    # the QViT's path: an RX encoding and RX layers in the Hadamard basis (odd n: a lone wire)
+    for n, m, batch in [(8, 3, 17), (5, 2, 6)]:
+        case = _complex_case(n, m, batch, "rx", seed=n + m, encode=True)
+        got, isa = _driver_results(
+            [QEMU, str(exe), "complex-encode"], case, [batch * n, batch * n, m * n]
+        )
+        assert isa == "neon"
+        want = _run_complex_rx(native, case, hadamard=True)
+        for a, w in zip(got, want, strict=True):
+            scale = max(1.0, float(np.max(np.abs(w))))
+            np.testing.assert_allclose(a.reshape(w.shape), w, rtol=0, atol=2e-5 * scale)
 
 
 NATIVE_LANE_BITS = {"avx512f": 4, "avx2+fma": 3}  # others: 128-bit vectors, 2

@@ -119,12 +119,16 @@ def bench_layer(
     circuit: QuantumLayerConfig,
     *,
     steps: int,
-    warmup: int = 2,
+    warmup: int = 15,
     max_seconds: float = 60.0,
     phase: bool = False,
 ) -> dict[str, Any]:
     """Median ms of value_and_grad through one quantum layer on a (rows, wires) batch
-    (``phase=True``: fast's phase-polynomial path for RX + CNOT circuits, for A/B)."""
+    (``phase=True``: fast's phase-polynomial path for RX + CNOT circuits, for A/B).
+
+    The warm-up is long because a layer called alone starts slow: at d = 8 (1568 rows, AMD
+    EPYC) its first ~12 calls took ~2x the later ones, as if on one thread while XLA's pool
+    threads wake up; a train step makes 20 such calls and is past that in its warm-up."""
     spec = layer_spec(circuit, wires)
     if not phase or circuit.simulator != "fast":
         sim = make_simulator(circuit, wires)
@@ -161,14 +165,21 @@ def gemm_rate(seconds: float = 1.0) -> float:
 
 
 def arithmetic_bound(wires: int, layers: int, gflops: float) -> dict[str, Any]:
-    """A per-circuit floor of value_and_grad on a state vector: each RX layer is n 2x2 gates,
-    a real cosine and an imaginary sine per pair, 6 flops per output amplitude (2^n
-    amplitudes, 12 n 2^(n-1) flops); the adjoint backward undoes each gate, carries the
-    cotangent back and takes one inner product per gate: ~3x the forward. The encoding
-    layer acts on |0> (a product state, free). At the machine's GEMM rate, memory and
-    overhead not counted: a floor, not an estimate."""
-    forward = 12 * wires * 2 ** (wires - 1) * layers
-    flops = 4 * forward
+    """A per-circuit floor of value_and_grad for the formulation ``fast`` runs: the QViT's
+    circuit (an RX encoding, then RX layers between CNOT networks) in the Hadamard basis,
+    where the encoding is a product state, each later RX layer one complex multiply per
+    amplitude (6 flops; a network only moves amplitudes) and <Z_w> the pairs' 2 Re conj(a) b
+    (4 flops per pair and wire). The adjoint backward recomputes that forward, builds the
+    cotangent (8 flops per pair and wire), and per layer takes the gradient (Im(conj(lam) y):
+    3 flops per amplitude, summed with signs: 2) and undoes the layer on the state and the
+    cotangent (12); the encoding's gradient is one more such sum (5). Over 2^n amplitudes, at
+    the machine's GEMM rate, memory and overhead not counted: a floor, not an estimate. (Gate
+    by gate in the computational basis it is 12 n 2^(n-1) flops per layer, ~4x that for
+    value_and_grad.)"""
+    amps, rot = 2**wires, layers - 1  # the first RX layer merges into the encoding
+    forward = amps * (6 + 6 * rot) + 2 * wires * amps
+    backward = amps * (6 + 6 * rot) + 4 * wires * amps + 17 * rot * amps + 5 * amps
+    flops = forward + backward
     return {"flops": flops, "gemm_gflops": gflops, "bound_us_per_circuit": flops / gflops / 1e3}
 
 

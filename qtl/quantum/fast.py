@@ -728,7 +728,10 @@ def _complex_kernel(
     ``angles=True`` (every layer one RX per wire, the QViT's): ``f(vectors, t)`` with ``t``
     (m, n) the RX angles; the kernel keeps each layer's output from its forward and takes
     every gate's gradient against its angle at the layer's output (the layer's gates
-    commute), so the backward never undoes the state (docs/simulator.md has the A/B).
+    commute), so the backward never undoes the state. With the RX encoding's angles as
+    ``vectors`` too (the QViT's whole circuit), it runs in the Hadamard basis instead, where
+    each RX layer is one diagonal and every gradient a sum over amplitudes (docs/simulator.md
+    has the A/B of each).
     """
     n = plan.n_qubits
     cnots = [pairs for kind, pairs in plan.steps if kind == "cnot"] + [plan.folded]

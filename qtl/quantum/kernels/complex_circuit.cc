@@ -80,6 +80,12 @@ struct Problem {
   bool encode = false;  // vec is (B, n) RX angles a: the wire states are RX(a)|0>, built here
   bool rx = false;      // every gate is RX(t) (AllRx) and shared by every row
   bool angles = false;  // and the backward returns dL/dt, (m, n) per slot
+  // RX layers after an RX encoding, run in the Hadamard basis (UseHadamard, below): there the
+  // networks' gather maps (m + 1, each 2^n entries; hginv their inverses) and every layer's
+  // diagonal (m, 2^n) as real and imaginary parts
+  bool hadamard = false;
+  std::vector<std::vector<int32_t>> hg, hginv;
+  std::vector<float> dr, di;
 };
 
 // What every gate of a circuit has as exact zeros, read from its matrices: RY layers are
@@ -129,6 +135,75 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
   p.rx = AllRx(p.u);
 }
 
+// ---- The Hadamard basis (RX layers after an RX encoding: the QViT's circuits)
+//
+// RX(t) = H diag(e^{-it/2}, e^{it/2}) H, so in the basis H^n (H on every wire) a layer of RX
+// gates is one diagonal, D[j] = prod_w e^{-i s_w(j) t_w / 2} with s_w(j) = +1 where wire w's
+// bit of j is 0, else -1: one complex multiply per amplitude instead of n gates. A CNOT
+// network stays a permutation there: H^n P_A H^n = P_{A^-T} for |k> -> |A k>, so its gather
+// map G (= A^-1) becomes G^-T... as a gather, (G^-1)^T. The encoding's wire state H RX(a)|0>
+// is (e^{-ia/2}, e^{ia/2}) / sqrt 2, and <Z_w> of the state is <X_w> of its H^n image, read
+// from pairs of amplitudes. Every gradient is then a fold: for y = D u (or the encoding's
+// product state, which is a diagonal too), dL/dt_w = 1/2 sum_j s_w(j) Im(conj(lam_j) y_j).
+
+// The linear map over GF(2) whose image of bit b is col[b], in full.
+std::vector<int32_t> MapOfColumns(const std::vector<int32_t>& col, int n) {
+  std::vector<int32_t> map(size_t{1} << n, 0);
+  for (int64_t j = 1; j < static_cast<int64_t>(map.size()); ++j)
+    map[j] = map[j & (j - 1)] ^ col[__builtin_ctzll(j)];
+  return map;
+}
+
+// The transpose over GF(2) of the matrix whose column b is col[b].
+std::vector<int32_t> Transposed(const std::vector<int32_t>& col, int n) {
+  std::vector<int32_t> t(n, 0);
+  for (int a = 0; a < n; ++a)
+    for (int b = 0; b < n; ++b) t[b] |= ((col[a] >> b) & 1) << a;
+  return t;
+}
+
+// The Hadamard-basis maps and diagonals of a problem whose layers are all RX (p.rx).
+void UseHadamard(Problem& p) {
+  const int n = p.n;
+  const int64_t size = p.size;
+  for (int l = 0; l <= p.m; ++l) {
+    const std::vector<int32_t>& g = p.g[l];
+    std::vector<int32_t> inv(size), col(n), col_inv(n);
+    for (int64_t j = 0; j < size; ++j) inv[g[j]] = static_cast<int32_t>(j);
+    for (int b = 0; b < n; ++b) {
+      col[b] = g[int64_t{1} << b];
+      col_inv[b] = inv[int64_t{1} << b];
+    }
+    p.hg.push_back(MapOfColumns(Transposed(col_inv, n), n));  // (G^-1)^T
+    p.hginv.push_back(MapOfColumns(Transposed(col, n), n));   // its inverse, G^T
+  }
+  // D in double (n unit factors per entry), wire 0 the most significant bit like Product
+  p.dr.resize(size_t(p.m) * size);
+  p.di.resize(size_t(p.m) * size);
+  std::vector<double> re(size), im(size);
+  for (int l = 0; l < p.m; ++l) {
+    re[0] = 1.0;
+    im[0] = 0.0;
+    int64_t len = 1;
+    for (int w = 0; w < n; ++w) {
+      const double c = p.u[(l * n + w) * 4].r, sn = -p.u[(l * n + w) * 4 + 1].i;  // u01 = -is
+      for (int64_t j = len - 1; j >= 0; --j) {
+        const double pr = re[j], pi = im[j];
+        re[2 * j + 1] = pr * c - pi * sn;  // bit 1: e^{+it/2} = c + is
+        im[2 * j + 1] = pr * sn + pi * c;
+        re[2 * j] = pr * c + pi * sn;  // bit 0: e^{-it/2} = c - is
+        im[2 * j] = pi * c - pr * sn;
+      }
+      len *= 2;
+    }
+    for (int64_t j = 0; j < size; ++j) {
+      p.dr[l * size + j] = static_cast<float>(re[j]);
+      p.di[l * size + j] = static_cast<float>(im[j]);
+    }
+  }
+  p.hadamard = true;
+}
+
 // Scratch that lives with its thread (XLA's pool threads live as long as the process).
 struct Scratch {
   std::vector<F> sr, si, tr, ti, lr, li;
@@ -153,11 +228,18 @@ Scratch& ThreadScratch() {
 void LoadVectors(const Problem& p, const float* vec, int64_t b0, int rows, Scratch& s) {
   const int n = p.n;
   if (p.encode) {  // RX(a)|0> = (cos(a/2), -i sin(a/2)); lanes past the rows: a = 0, |0>
+    constexpr float kHalf = 0.70710678118654752f;  // 1 / sqrt 2
     for (int w = 0; w < n; ++w) {
       F a = {};
       for (int k = 0; k < rows; ++k) a[k] = vec[(b0 + k) * n + w];
       F sn, c;
       SinCos(0.5f * a, sn, c);
+      if (p.hadamard) {  // H RX(a)|0> = (c - is, c + is) / sqrt 2
+        s.vr[2 * w] = s.vr[2 * w + 1] = kHalf * c;
+        s.vi[2 * w] = -kHalf * sn;
+        s.vi[2 * w + 1] = kHalf * sn;
+        continue;
+      }
       s.vr[2 * w] = c;
       s.vi[2 * w] = F{};
       s.vr[2 * w + 1] = F{};
@@ -455,31 +537,220 @@ void LayerBack(const Problem& p, Scratch& s, int l, F* gs) {
   LayerBackK<kGeneral>(p, s, l, gs);
 }
 
+// out[w] = sum_j s_w(j) v[j] for every wire, s_w(j) = +1 where wire w's bit of j is 0, else
+// -1: halve v n times, the first half minus the second being the next wire's (v overwritten).
+void Fold(F* __restrict v, int n, int64_t size, F* out) {
+  int64_t len = size;
+  for (int w = 0; w < n; ++w) {
+    const int64_t half = len / 2;
+    F acc0 = {}, acc1 = {};  // two chains: the adds' latency, not their count, bounds a chain
+    int64_t j = 0;
+    for (; j + 1 < half; j += 2) {
+      acc0 += v[j] - v[j + half];
+      acc1 += v[j + 1] - v[j + 1 + half];
+      v[j] += v[j + half];
+      v[j + 1] += v[j + 1 + half];
+    }
+    if (j < half) {
+      acc0 += v[j] - v[j + half];
+      v[j] += v[j + half];
+    }
+    out[w] = acc0 + acc1;
+    len = half;
+  }
+}
+
+// out[w] = sum_j s_w(j) Im(conj(lam_j) y_j) (2 dL/dt_w at a diagonal's output y), the first
+// halving done as Im(...) is formed; buf (2^(n-1)) is scratch.
+void FoldIm(const F* __restrict lr, const F* __restrict li, const F* __restrict yr,
+            const F* __restrict yi, F* __restrict buf, int n, int64_t size, F* out) {
+  const int64_t half = size / 2;
+  F acc = {};
+  for (int64_t j = 0; j < half; ++j) {
+    const int64_t k = j + half;
+    const F a = lr[j] * yi[j] - li[j] * yr[j], b = lr[k] * yi[k] - li[k] * yr[k];
+    acc += a - b;
+    buf[j] = a + b;
+  }
+  out[0] = acc;
+  Fold(buf, n - 1, half, out + 1);
+}
+
+// dst[j] = D[j] src[G(j)]: a network, then a layer's diagonal (Hadamard basis).
+QTL_INLINE void GatherPhase(const F* __restrict sr, const F* __restrict si, F* __restrict dr,
+                            F* __restrict di, const int32_t* map, const float* pr,
+                            const float* pi, int64_t size) {
+  for (int64_t j = 0; j < size; ++j) {
+    const F ar = sr[map[j]], ai = si[map[j]];
+    const float c = pr[j], sn = pi[j];
+    dr[j] = ar * c - ai * sn;
+    di[j] = ar * sn + ai * c;
+  }
+}
+
+// The same undone: dst[k] = conj(D[i]) src[i], i = G^-1(k).
+QTL_INLINE void UnphaseGather(const F* __restrict sr, const F* __restrict si, F* __restrict dr,
+                              F* __restrict di, const int32_t* inv, const float* pr,
+                              const float* pi, int64_t size) {
+  for (int64_t k = 0; k < size; ++k) {
+    const int32_t i = inv[k];
+    const F ar = sr[i], ai = si[i];
+    const float c = pr[i], sn = pi[i];
+    dr[k] = ar * c + ai * sn;
+    di[k] = ai * c - ar * sn;
+  }
+}
+
+// <X_w> of a state for every wire, two wires a pass: 2 Re sum conj(a) b over w's pairs (a, b).
+void XExpect(const F* __restrict r, const F* __restrict i, int n, int64_t size, F* out) {
+  int w = 0;
+  for (; w + 1 < n; w += 2) {
+    const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
+    F xa0 = {}, xa1 = {}, xb0 = {}, xb1 = {};
+    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+      for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
+        for (int64_t j = b0; j < b0 + db; ++j) {
+          const int64_t j1 = j + db, j2 = j + da, j3 = j + da + db;
+          xa0 += r[j] * r[j2] + i[j] * i[j2];
+          xa1 += r[j1] * r[j3] + i[j1] * i[j3];
+          xb0 += r[j] * r[j1] + i[j] * i[j1];
+          xb1 += r[j2] * r[j3] + i[j2] * i[j3];
+        }
+    out[w] = 2.0f * (xa0 + xa1);
+    out[w + 1] = 2.0f * (xb0 + xb1);
+  }
+  if (w < n) {
+    F acc = {};
+    for (int64_t j = 0; j < size; j += 2) acc += r[j] * r[j + 1] + i[j] * i[j + 1];
+    out[w] = 2.0f * acc;
+  }
+}
+
+// The cotangent of sum_w g_w <X_w>: lam[j] = 2 sum_w g_w state[j ^ (wire w's bit)].
+void XCotangent(const F* __restrict r, const F* __restrict i, const F* gw, int n, int64_t size,
+                F* __restrict lr, F* __restrict li) {
+  std::fill(lr, lr + size, F{});
+  std::fill(li, li + size, F{});
+  int w = 0;
+  for (; w + 1 < n; w += 2) {
+    const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
+    const F ga = 2.0f * gw[w], gb = 2.0f * gw[w + 1];
+    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+      for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
+        for (int64_t j = b0; j < b0 + db; ++j) {
+          const int64_t j1 = j + db, j2 = j + da, j3 = j + da + db;
+          lr[j] += ga * r[j2] + gb * r[j1];
+          li[j] += ga * i[j2] + gb * i[j1];
+          lr[j1] += ga * r[j3] + gb * r[j];
+          li[j1] += ga * i[j3] + gb * i[j];
+          lr[j2] += ga * r[j] + gb * r[j3];
+          li[j2] += ga * i[j] + gb * i[j3];
+          lr[j3] += ga * r[j1] + gb * r[j2];
+          li[j3] += ga * i[j1] + gb * i[j2];
+        }
+  }
+  if (w < n) {
+    const F g = 2.0f * gw[w];
+    for (int64_t j = 0; j < size; j += 2) {
+      lr[j] += g * r[j + 1];
+      li[j] += g * i[j + 1];
+      lr[j + 1] += g * r[j];
+      li[j + 1] += g * i[j];
+    }
+  }
+}
+
+// The forward in the Hadamard basis: s.sr / s.si end as the last layer's output (before the
+// last network). ys: also every layer's output there, (m, 2, 2^n), and the encoding's
+// product state after them (the backward reads them instead of undoing the state).
+void ForwardHadamard(const Problem& p, Scratch& s, F* ys) {
+  const int64_t size = p.size;
+  F* pr = ys ? ys + 2 * p.m * size : s.tr.data();
+  F* pi = ys ? pr + size : s.ti.data();
+  Product(s, 0, p.n, pr, pi);
+  for (int l = 0; l < p.m; ++l) {
+    F* r = ys ? ys + 2 * l * size : s.sr.data();
+    F* i = ys ? r + size : s.si.data();
+    GatherPhase(pr, pi, r, i, p.hg[l].data(), &p.dr[l * size], &p.di[l * size], size);
+    if (!ys && l + 1 < p.m) {
+      std::swap(s.sr, s.tr);
+      std::swap(s.si, s.ti);
+      r = s.tr.data();
+      i = s.ti.data();
+    }
+    pr = r;
+    pi = i;
+  }
+}
+
+void ForwardGroupHadamard(const Problem& p, int64_t b0, int rows, float* z, Scratch& s) {
+  ForwardHadamard(p, s, nullptr);
+  Gather(s.sr.data(), s.si.data(), s.tr.data(), s.ti.data(), p.hg[p.m].data(), p.size);
+  F x[kMaxQubits];
+  XExpect(s.tr.data(), s.ti.data(), p.n, p.size, x);
+  for (int w = 0; w < p.n; ++w)
+    for (int k = 0; k < rows; ++k) z[(b0 + k) * p.n + w] = x[w][k];
+}
+
+// The adjoint method in the Hadamard basis: the forward recomputed keeping each layer's
+// output, then per layer the gradient (a fold) and the cotangent undone (a multiply by
+// conj(D) and the network's inverse).
+void BackwardGroupHadamard(const Problem& p, const float* gz, int64_t b0, int rows,
+                           float* dvec, float* gram, Scratch& s) {
+  const int n = p.n;
+  const int64_t size = p.size;
+  s.ys.resize(size_t(2) * (p.m + 1) * size);
+  F* ys = s.ys.data();
+  ForwardHadamard(p, s, ys);
+  const F* last = ys + 2 * (p.m - 1) * size;
+  Gather(last, last + size, s.tr.data(), s.ti.data(), p.hg[p.m].data(), size);
+  F gw[kMaxQubits], out[kMaxQubits];
+  for (int w = 0; w < n; ++w) {
+    gw[w] = F{};
+    for (int k = 0; k < rows; ++k) gw[w][k] = gz[(b0 + k) * n + w];
+  }
+  XCotangent(s.tr.data(), s.ti.data(), gw, n, size, s.lr.data(), s.li.data());
+  Gather(s.lr.data(), s.li.data(), s.tr.data(), s.ti.data(), p.hginv[p.m].data(), size);
+  std::swap(s.lr, s.tr);
+  std::swap(s.li, s.ti);
+  for (int l = p.m - 1; l >= 0; --l) {
+    const F* y = ys + 2 * l * size;
+    FoldIm(s.lr.data(), s.li.data(), y, y + size, s.tr.data(), n, size, out);
+    for (int w = 0; w < n; ++w) {
+      double sum = 0;
+      for (int k = 0; k < kW; ++k) sum += out[w][k];
+      gram[l * n + w] += static_cast<float>(0.5 * sum);
+    }
+    UnphaseGather(s.lr.data(), s.li.data(), s.tr.data(), s.ti.data(), p.hginv[l].data(),
+                  &p.dr[l * size], &p.di[l * size], size);
+    std::swap(s.lr, s.tr);
+    std::swap(s.li, s.ti);
+  }
+  // the encoding's product state is a diagonal in its angles too
+  const F* product = ys + 2 * p.m * size;
+  FoldIm(s.lr.data(), s.li.data(), product, product + size, s.tr.data(), n, size, out);
+  for (int w = 0; w < n; ++w)
+    for (int k = 0; k < rows; ++k) dvec[(b0 + k) * n + w] = 0.5f * out[w][k];
+}
+
 void ForwardGroup(const Problem& p, const float* vec, int64_t b0, int rows, float* z) {
   Scratch& s = ThreadScratch();
   s.Fit(p.size, p.n);
   LoadVectors(p, vec, b0, rows, s);
+  if (p.hadamard) return ForwardGroupHadamard(p, b0, rows, z, s);
   GroupGates(p, b0, rows, s);
   ForwardState(p, s);
-  // probabilities in the measured order, then <Z_w> by folding: the sum of the first half
-  // minus the second half is wire w's (the most significant left), the halves' sum carries on
+  // probabilities in the measured order, then <Z_w> = their fold
   F* prob = s.tr.data();
   const int32_t* last = p.g[p.m].data();
   for (int64_t j = 0; j < p.size; ++j) {
     const F r = s.sr[last[j]], i = s.si[last[j]];
     prob[j] = r * r + i * i;
   }
-  int64_t len = p.size;
-  for (int w = 0; w < p.n; ++w) {
-    const int64_t half = len / 2;
-    F acc = {};
-    for (int64_t j = 0; j < half; ++j) {
-      acc += prob[j] - prob[j + half];
-      prob[j] += prob[j + half];
-    }
-    for (int k = 0; k < rows; ++k) z[(b0 + k) * p.n + w] = acc[k];
-    len = half;
-  }
+  F out[kMaxQubits];
+  Fold(prob, p.n, p.size, out);
+  for (int w = 0; w < p.n; ++w)
+    for (int k = 0; k < rows; ++k) z[(b0 + k) * p.n + w] = out[w][k];
 }
 
 void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t b0, int rows,
@@ -489,6 +760,7 @@ void BackwardGroup(const Problem& p, const float* vec, const float* gz, int64_t 
   const int64_t size = p.size;
   s.Fit(size, n);
   LoadVectors(p, vec, b0, rows, s);
+  if (p.hadamard) return BackwardGroupHadamard(p, gz, b0, rows, dvec, gram, s);
   GroupGates(p, b0, rows, s);
   const F *yr, *yi;  // the last layer's output (ForwardState may swap s.sr's buffer)
   if (p.angles) {
@@ -702,6 +974,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<
   Build(n, m, per_row ? nullptr : mats.typed_data(), nets.typed_data(), nullptr, p);
   if (per_row) p.row_mats = mats.typed_data();
   p.encode = encode;
+  if (encode && p.rx) UseHadamard(p);
   ForwardAll(&pool, p, batch, vec.typed_data(), z->typed_data());
   return ffi::Error::Success();
 }
@@ -735,6 +1008,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
           "complex circuit: gram (S, m, n) asks for RX angles' gradients, but the layers' "
           "matrices are not all RX gates");
     p.angles = true;
+    if (encode) UseHadamard(p);
   }
   BackwardAll(&pool, p, batch, vec.typed_data(), g.typed_data(), dvec->typed_data(),
               gram->typed_data(), gd[0]);
@@ -765,6 +1039,37 @@ extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const flo
   if (angles && !p.rx) return 2;
   p.angles = angles != 0;
   BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
+  return 0;
+}
+
+// The QViT's circuits as XLA runs them: vec (B, n) the RX encoding's angles, every layer's
+// gates RX (mats), gram (m, n) dL/dt, dvec (B, n) dL/da; hadamard != 0 in the Hadamard basis
+// (what XLA gets), 0 gate by gate in the computational basis: the two formulations, for the
+// tests to compare on the same inputs. 0 on success, 2 if the gates are not all RX.
+extern "C" int qtl_complex_rx_forward_plain(int n, int m, int64_t batch, const float* angles,
+                                            const float* mats, const int32_t* nets, float* z,
+                                            int hadamard) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, nullptr, p);
+  if (!p.rx) return 2;
+  p.encode = true;
+  if (hadamard) UseHadamard(p);
+  ForwardAll(nullptr, p, batch, angles, z);
+  return 0;
+}
+
+extern "C" int qtl_complex_rx_backward_plain(int n, int m, int64_t batch, const float* angles,
+                                             const float* mats, const int32_t* nets,
+                                             const int32_t* inv, const float* g, float* dvec,
+                                             float* gram, int hadamard) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, inv, p);
+  if (!p.rx) return 2;
+  p.encode = p.angles = true;
+  if (hadamard) UseHadamard(p);
+  BackwardAll(nullptr, p, batch, angles, g, dvec, gram, 1);
   return 0;
 }
 
