@@ -235,7 +235,11 @@ def _run_complex_rx(lib: ctypes.CDLL, case: tuple, hadamard: bool) -> list[np.nd
     return [z, dv, gram]
 
 
-@pytest.mark.parametrize("n, m, batch", [(8, 3, 21), (8, 1, 8), (5, 2, 11), (2, 1, 3), (11, 2, 9)])
+@pytest.mark.parametrize(
+    "n, m, batch",
+    # 13: the read-out's wide pairs over the whole state, the rest tile by tile (kTile)
+    [(8, 3, 21), (8, 1, 8), (5, 2, 11), (2, 1, 3), (11, 2, 9), (13, 1, 3)],
+)
 def test_the_hadamard_basis_gives_the_gate_by_gate_results(native, n, m, batch):
     """The QViT's RX circuits run as diagonals in the Hadamard basis (what XLA gets): <Z>, the
     encoding angles' and the layers' angles' gradients must be those of applying and undoing

@@ -601,13 +601,33 @@ QTL_INLINE void UnphaseGather(const F* __restrict sr, const F* __restrict si, F*
   }
 }
 
+// The read-out's passes over pairs of wires (w, w + 1), wire w's stride da, w + 1's da / 2:
+// pass(w, lo, hi) covers the amplitudes [lo, hi). Pairs whose quads span more than kTile
+// amplitudes go over the whole state; the rest, tile by tile, all of them while a tile is in
+// cache (at d = 16 a state is 4 MiB per part; at d <= 11 everything is one tile).
+constexpr int64_t kTile = 2048;
+
+template <class Pass>
+QTL_INLINE void OverWirePairs(int n, int64_t size, const Pass& pass) {
+  int w = 0;
+  for (; w + 1 < n && (int64_t{2} << (n - 1 - w)) > kTile; w += 2) pass(w, 0, size);
+  for (int64_t lo = 0; lo < size; lo += kTile)
+    for (int v = w; v < n; v += 2) pass(v, lo, std::min(size, lo + kTile));
+}
+
 // <X_w> of a state for every wire, two wires a pass: 2 Re sum conj(a) b over w's pairs (a, b).
 void XExpect(const F* __restrict r, const F* __restrict i, int n, int64_t size, F* out) {
-  int w = 0;
-  for (; w + 1 < n; w += 2) {
+  for (int w = 0; w < n; ++w) out[w] = F{};
+  OverWirePairs(n, size, [&](int w, int64_t lo, int64_t hi) {
+    if (w + 1 == n) {  // odd n: the last wire (stride 1) alone
+      F acc = {};
+      for (int64_t j = lo; j < hi; j += 2) acc += r[j] * r[j + 1] + i[j] * i[j + 1];
+      out[w] += 2.0f * acc;
+      return;
+    }
     const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
     F xa0 = {}, xa1 = {}, xb0 = {}, xb1 = {};
-    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+    for (int64_t a0 = lo; a0 < hi; a0 += 2 * da)
       for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
         for (int64_t j = b0; j < b0 + db; ++j) {
           const int64_t j1 = j + db, j2 = j + da, j3 = j + da + db;
@@ -616,14 +636,9 @@ void XExpect(const F* __restrict r, const F* __restrict i, int n, int64_t size, 
           xb0 += r[j] * r[j1] + i[j] * i[j1];
           xb1 += r[j2] * r[j3] + i[j2] * i[j3];
         }
-    out[w] = 2.0f * (xa0 + xa1);
-    out[w + 1] = 2.0f * (xb0 + xb1);
-  }
-  if (w < n) {
-    F acc = {};
-    for (int64_t j = 0; j < size; j += 2) acc += r[j] * r[j + 1] + i[j] * i[j + 1];
-    out[w] = 2.0f * acc;
-  }
+    out[w] += 2.0f * (xa0 + xa1);
+    out[w + 1] += 2.0f * (xb0 + xb1);
+  });
 }
 
 // The cotangent of sum_w g_w <X_w>: lam[j] = 2 sum_w g_w state[j ^ (wire w's bit)].
@@ -631,11 +646,20 @@ void XCotangent(const F* __restrict r, const F* __restrict i, const F* gw, int n
                 F* __restrict lr, F* __restrict li) {
   std::fill(lr, lr + size, F{});
   std::fill(li, li + size, F{});
-  int w = 0;
-  for (; w + 1 < n; w += 2) {
+  OverWirePairs(n, size, [&](int w, int64_t lo, int64_t hi) {
+    if (w + 1 == n) {
+      const F g = 2.0f * gw[w];
+      for (int64_t j = lo; j < hi; j += 2) {
+        lr[j] += g * r[j + 1];
+        li[j] += g * i[j + 1];
+        lr[j + 1] += g * r[j];
+        li[j + 1] += g * i[j];
+      }
+      return;
+    }
     const int64_t da = int64_t{1} << (n - 1 - w), db = da / 2;
     const F ga = 2.0f * gw[w], gb = 2.0f * gw[w + 1];
-    for (int64_t a0 = 0; a0 < size; a0 += 2 * da)
+    for (int64_t a0 = lo; a0 < hi; a0 += 2 * da)
       for (int64_t b0 = a0; b0 < a0 + da; b0 += 2 * db)
         for (int64_t j = b0; j < b0 + db; ++j) {
           const int64_t j1 = j + db, j2 = j + da, j3 = j + da + db;
@@ -648,16 +672,7 @@ void XCotangent(const F* __restrict r, const F* __restrict i, const F* gw, int n
           lr[j3] += ga * r[j1] + gb * r[j2];
           li[j3] += ga * i[j1] + gb * i[j2];
         }
-  }
-  if (w < n) {
-    const F g = 2.0f * gw[w];
-    for (int64_t j = 0; j < size; j += 2) {
-      lr[j] += g * r[j + 1];
-      li[j] += g * i[j + 1];
-      lr[j + 1] += g * r[j];
-      li[j + 1] += g * i[j];
-    }
-  }
+  });
 }
 
 // The forward in the Hadamard basis: s.sr / s.si end as the last layer's output (before the
