@@ -141,7 +141,7 @@ void Build(int n, int m, const float* mats, const int32_t* nets, const int32_t* 
 // gates is one diagonal, D[j] = prod_w e^{-i s_w(j) t_w / 2} with s_w(j) = +1 where wire w's
 // bit of j is 0, else -1: one complex multiply per amplitude instead of n gates. A CNOT
 // network stays a permutation there: H^n P_A H^n = P_{A^-T} for |k> -> |A k>, so its gather
-// map G (= A^-1) becomes G^-T... as a gather, (G^-1)^T. The encoding's wire state H RX(a)|0>
+// map G (= A^-1) becomes (A^-T)^-1 = A^T = (G^-1)^T. The encoding's wire state H RX(a)|0>
 // is (e^{-ia/2}, e^{ia/2}) / sqrt 2, and <Z_w> of the state is <X_w> of its H^n image, read
 // from pairs of amplitudes. Every gradient is then a fold: for y = D u (or the encoding's
 // product state, which is a diagonal too), dL/dt_w = 1/2 sum_j s_w(j) Im(conj(lam_j) y_j).
