@@ -1030,17 +1030,41 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// The plain entries' bodies: 0 on success, 1 for bad shapes, 2 if RX gates are required
+// (encode: the RX encoding's angles as vec; angles: dL/dt per gate) and the gates are not.
+int PlainForward(int n, int m, int64_t batch, const float* vec, const float* mats,
+                 const int32_t* nets, float* z, bool encode, bool hadamard) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, nullptr, p);
+  if (encode && !p.rx) return 2;
+  p.encode = encode;
+  if (hadamard) UseHadamard(p);
+  ForwardAll(nullptr, p, batch, vec, z);
+  return 0;
+}
+
+int PlainBackward(int n, int m, int64_t batch, const float* vec, const float* mats,
+                  const int32_t* nets, const int32_t* inv, const float* g, float* dvec,
+                  float* gram, bool angles, bool encode, bool hadamard) {
+  if (!ShapesOk(n, m)) return 1;
+  Problem p;
+  Build(n, m, mats, nets, inv, p);
+  if ((angles || encode) && !p.rx) return 2;
+  p.angles = angles;
+  p.encode = encode;
+  if (hadamard) UseHadamard(p);
+  BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
+  return 0;
+}
+
 }  // namespace
 
 // The same kernels without XLA, on the calling thread (for the tests that compare builds for
 // different instruction sets on exactly the same inputs). gram: (m, n, 2, 2, 2). 0 on success.
 extern "C" int qtl_complex_forward_plain(int n, int m, int64_t batch, const float* vec,
                                          const float* mats, const int32_t* nets, float* z) {
-  if (!ShapesOk(n, m)) return 1;
-  Problem p;
-  Build(n, m, mats, nets, nullptr, p);
-  ForwardAll(nullptr, p, batch, vec, z);
-  return 0;
+  return PlainForward(n, m, batch, vec, mats, nets, z, false, false);
 }
 
 // angles != 0: every gate is RX(t) and gram is (m, n), dL/dt (2 if the gates are not RX).
@@ -1048,13 +1072,8 @@ extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const flo
                                           const float* mats, const int32_t* nets,
                                           const int32_t* inv, const float* g, float* dvec,
                                           float* gram, int angles) {
-  if (!ShapesOk(n, m)) return 1;
-  Problem p;
-  Build(n, m, mats, nets, inv, p);
-  if (angles && !p.rx) return 2;
-  p.angles = angles != 0;
-  BackwardAll(nullptr, p, batch, vec, g, dvec, gram, 1);
-  return 0;
+  return PlainBackward(n, m, batch, vec, mats, nets, inv, g, dvec, gram, angles != 0, false,
+                       false);
 }
 
 // The QViT's circuits as XLA runs them: vec (B, n) the RX encoding's angles, every layer's
@@ -1064,28 +1083,15 @@ extern "C" int qtl_complex_backward_plain(int n, int m, int64_t batch, const flo
 extern "C" int qtl_complex_rx_forward_plain(int n, int m, int64_t batch, const float* angles,
                                             const float* mats, const int32_t* nets, float* z,
                                             int hadamard) {
-  if (!ShapesOk(n, m)) return 1;
-  Problem p;
-  Build(n, m, mats, nets, nullptr, p);
-  if (!p.rx) return 2;
-  p.encode = true;
-  if (hadamard) UseHadamard(p);
-  ForwardAll(nullptr, p, batch, angles, z);
-  return 0;
+  return PlainForward(n, m, batch, angles, mats, nets, z, true, hadamard != 0);
 }
 
 extern "C" int qtl_complex_rx_backward_plain(int n, int m, int64_t batch, const float* angles,
                                              const float* mats, const int32_t* nets,
                                              const int32_t* inv, const float* g, float* dvec,
                                              float* gram, int hadamard) {
-  if (!ShapesOk(n, m)) return 1;
-  Problem p;
-  Build(n, m, mats, nets, inv, p);
-  if (!p.rx) return 2;
-  p.encode = p.angles = true;
-  if (hadamard) UseHadamard(p);
-  BackwardAll(nullptr, p, batch, angles, g, dvec, gram, 1);
-  return 0;
+  return PlainBackward(n, m, batch, angles, mats, nets, inv, g, dvec, gram, true, true,
+                       hadamard != 0);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QtlComplexForward, Forward,
