@@ -47,4 +47,8 @@ def configure_jax(cache_dir: str | os.PathLike | None = None) -> None:
     except OSError:
         return  # read-only location: run without the cache
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # programs that compile in under a second are recompiled rather than cached (the cache
+    # stays small over a long sweep); QTL_JAX_CACHE_MIN_SECONDS=0 caches every one (the tests'
+    # many short launches of the same tiny programs)
+    min_seconds = float(os.environ.get("QTL_JAX_CACHE_MIN_SECONDS", "1.0"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)

@@ -13,6 +13,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 ROOT = Path(__file__).resolve().parents[1]
 # One compilation cache for the session and its subprocesses: each step compiles once.
 os.environ.setdefault("QTL_JAX_CACHE", str(ROOT / ".cache" / "jax-tests"))
+# ... and every program in it, however fast it compiles: the suite starts the same tiny runs
+# dozens of times, and their sub-second compiles were ~a third of each launch.
+os.environ.setdefault("QTL_JAX_CACHE_MIN_SECONDS", "0")
 
 from qtl.runtime import configure_jax  # noqa: E402
 

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pennylane as qml
 
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates
 from qtl.quantum.noise.channels import NoiseParams
 
 _P = [np.eye(2), qml.matrix(qml.PauliX(0)), qml.matrix(qml.PauliY(0)), qml.matrix(qml.PauliZ(0))]
@@ -28,7 +28,7 @@ def _value(sym, x: np.ndarray, theta: np.ndarray) -> float:
 
 def mixed_z(spec: CircuitSpec, params: NoiseParams, x: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Exact noisy <Z_i> (float64) of one example on ``default.mixed``."""
-    ops = list(record_tape(spec).operations)
+    ops = list(circuit_gates(spec))
     n = spec.n_qubits
     cnot_ad, cnot_pd = params.cnot_damping()
     dev = qml.device("default.mixed", wires=n)
@@ -43,7 +43,7 @@ def mixed_z(spec: CircuitSpec, params: NoiseParams, x: np.ndarray, theta: np.nda
     def circuit():
         for op in ops:
             reps = params.pulses.get(op.name, 1)
-            wires = op.wires.tolist()
+            wires = op.wires
             if op.name == "CNOT":
                 qml.CNOT(wires=wires)
                 for _ in range(reps):
@@ -53,13 +53,12 @@ def mixed_z(spec: CircuitSpec, params: NoiseParams, x: np.ndarray, theta: np.nda
                     for w in wires:
                         damp(w, cnot_ad[w], cnot_pd[w])
                 continue
-            p = op.parameters[0] if op.parameters else None
-            p = p.item() if isinstance(p, np.ndarray) else p
+            p = op.param
             w = wires[0]
             if isinstance(p, Symbol):
-                type(op)(_value(p, x, theta), wires=w)
+                getattr(qml, op.name)(_value(p, x, theta), wires=w)
             else:
-                type(op)(wires=w)
+                getattr(qml, op.name)(wires=w)
             for _ in range(reps):
                 if params.depolarizing[w] > 0:
                     qml.DepolarizingChannel(params.depolarizing[w], wires=w)
@@ -84,15 +83,14 @@ def aer_z(spec: CircuitSpec, backend_name: str, x: np.ndarray, theta: np.ndarray
     backend = _backend(backend_name)
     n = spec.n_qubits
     qc = QuantumCircuit(n)
-    for op in record_tape(spec).operations:
-        w = op.wires.tolist()
+    for op in circuit_gates(spec):
+        w = op.wires
         if op.name == "CNOT":
             qc.cx(*w)
         elif op.name == "Hadamard":
             qc.h(w[0])
         else:
-            p = op.parameters[0]
-            p = p.item() if isinstance(p, np.ndarray) else p
+            p = op.param
             getattr(qc, op.name.lower())(_value(p, x, theta), w[0])
     compiled = transpile(
         qc, backend, initial_layout=list(range(n)), optimization_level=0, seed_transpiler=0

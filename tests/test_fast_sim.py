@@ -169,12 +169,12 @@ def test_batch_splitting_changes_nothing():
 def test_fast_rejects_inputs_after_the_first_entangler(monkeypatch):
     """Data re-uploading is not what the fast simulator was built for: say so, don't guess."""
     import qtl.quantum.fast as fast
+    from qtl.quantum.circuit import Gate, Symbol, circuit_gates
 
-    def reupload(x, theta, spec):
-        dqc_ansatz(x, theta, spec)
-        qml.RY(x[..., 0], wires=0)
+    def reupload(spec):
+        return (*circuit_gates(spec), Gate("RY", (0,), Symbol("x", (0,))))
 
-    monkeypatch.setattr("qtl.quantum.circuit.dqc_ansatz", reupload)
+    monkeypatch.setattr(fast, "circuit_gates", reupload)
     with pytest.raises(ValueError, match="before the first CNOT"):
         fast.compile_plan(CircuitSpec(3, 1))
 

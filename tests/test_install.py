@@ -1,6 +1,8 @@
 """The core install is JAX only: training (both studies) and search never import PyTorch,
 TensorFlow or transformers, even where the test extra has installed them (they serve
-mode=bench_step only), so `make demo` and `make demo-qvit` work in an environment without them."""
+mode=bench_step only), so `make demo` and `make demo-qvit` work in an environment without them.
+Nor do they import PennyLane: on qtl's own simulator the circuit is a plain gate list, and
+PennyLane's import (~2-3 s) is paid only by runs on its devices."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 from conftest import ROOT, TINY
 from helpers import _env
 
-OTHER_FRAMEWORKS = ("torch", "tensorflow", "keras", "transformers")
+OTHER_FRAMEWORKS = ("torch", "tensorflow", "keras", "transformers", "pennylane")
 
 # launch.py as `python launch.py ...` runs it, reporting at exit which frameworks were imported
 PROBE = f"""

@@ -12,7 +12,7 @@ The circuit: PennyLane's TensorFlow interface is deprecated (0.43) and unmaintai
 ``qml.qnn.KerasLayer`` is gone, and TensorFlow Quantum does not support TF 2.21; TensorCircuit-ng
 would add a dependency for one circuit. So :func:`tf_circuit` is an exact state-vector
 simulation in plain TF ops that executes qtl's one circuit definition
-(:func:`qtl.quantum.circuit.record_tape`) gate by gate, as PennyLane's ``default.qubit`` does
+(:func:`qtl.quantum.circuit.circuit_gates`) gate by gate, as PennyLane's ``default.qubit`` does
 (complex64 amplitudes, one 2x2 contraction per rotation, CNOTs as index flips, <Z> from the
 probabilities). It is differentiable by ``tf.GradientTape`` and compiles under XLA
 (``tf.function(jit_compile=True)``), and is tested equal to the JAX model.
@@ -95,13 +95,10 @@ def _apply_cnot(state: tf.Tensor, n: int, control: int, target: int) -> tf.Tenso
 
 def tf_circuit(spec: Any) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """``f(angles (B, n), theta) -> <Z> (B, n)``: qtl's recorded tape, gate by gate, in TF."""
-    from qtl.quantum.circuit import record_tape
+    from qtl.quantum.circuit import circuit_gates
 
     n = spec.n_qubits
-    ops = []
-    for op in record_tape(spec):
-        p = op.parameters[0] if op.parameters else None
-        ops.append((op.name, list(op.wires), p.item() if isinstance(p, np.ndarray) else p))
+    ops = [(op.name, op.wires, op.param) for op in circuit_gates(spec)]
 
     def run(x: tf.Tensor, theta: tf.Tensor) -> tf.Tensor:
         batch = tf.shape(x)[0]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from qtl.quantum.circuit import CircuitSpec, Symbol, dqc_ansatz, pennylane_circuit, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates, dqc_ansatz, pennylane_circuit
 
 CircuitFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -60,7 +60,7 @@ def _tensorcircuit(spec: CircuitSpec) -> CircuitFn:
 
     tc.set_backend("jax")
     tc.set_dtype("complex64")
-    ops = record_tape(spec).operations
+    ops = circuit_gates(spec)
 
     def value(sym: Symbol, x: jax.Array, theta: jax.Array) -> jax.Array:
         return x[sym.index[0]] if sym.array == "x" else theta[sym.index]
@@ -68,15 +68,13 @@ def _tensorcircuit(spec: CircuitSpec) -> CircuitFn:
     def one(x: jax.Array, theta: jax.Array) -> jax.Array:
         c = tc.Circuit(spec.n_qubits)
         for op in ops:
-            wires = op.wires.tolist()
+            wires = op.wires
             if op.name == "CNOT":
                 c.cnot(*wires)
             elif op.name == "Hadamard":
                 c.h(wires[0])
             else:
-                sym = op.parameters[0]
-                sym = sym.item() if hasattr(sym, "item") else sym
-                getattr(c, op.name.lower())(wires[0], theta=value(sym, x, theta))
+                getattr(c, op.name.lower())(wires[0], theta=value(op.param, x, theta))
         return jnp.stack([jnp.real(c.expectation_ps(z=[i])) for i in range(spec.n_qubits)])
 
     batched = jax.vmap(one, in_axes=(0, None))
@@ -106,15 +104,14 @@ def _qulacs(spec: CircuitSpec) -> CircuitFn:
     n = spec.n_qubits
     circuit = ParametricQuantumCircuit(n)
     symbols: list[Symbol] = []  # the angle of each parametric gate, in qulacs' order
-    for op in record_tape(spec).operations:
-        wires = op.wires.tolist()
+    for op in circuit_gates(spec):
+        wires = op.wires
         if op.name == "CNOT":
             circuit.add_CNOT_gate(*wires)
         elif op.name == "Hadamard":
             circuit.add_H_gate(wires[0])
         elif op.name in ("RX", "RY", "RZ"):
-            sym = op.parameters[0]
-            symbols.append(sym.item() if hasattr(sym, "item") else sym)
+            symbols.append(op.param)
             getattr(circuit, f"add_parametric_{op.name}_gate")(wires[0], 0.0)
         else:
             raise ValueError(f"qulacs peer: gate {op.name} is not mapped")

@@ -6,8 +6,8 @@ on every wire; then `depth` times a rotation layer RY(theta[l, i]) followed by a
 (h_ry | rx | ry), the entangler (ring | chain | even_odd | qvit_ring) or the trainable
 rotation (ry | rx | rz_ry). The QViT's quantum layers (Comajoan Cara et al.'s design) are the member
 encoding=rx, rotation=rx, entangler=qvit_ring: raw features as RX angles, no Hadamards, and a
-ring that is a single CNOT on two wires. Every simulator runs this one definition: PennyLane
-executes it, and ``qtl.quantum.fast`` compiles its recorded tape.
+ring that is a single CNOT on two wires. Every simulator runs this one definition, a plain gate
+list (:func:`circuit_gates`): PennyLane executes it, and ``qtl.quantum.fast`` compiles it.
 """
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import cache
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qtl.config import ConfigError
 
-if TYPE_CHECKING:
-    import pennylane as qml
-
-# PennyLane is imported where a circuit is built or recorded, not with this module: its import
-# takes ~2 s (it loads matplotlib and SciPy), which a classical head's run never needs.
+# PennyLane is imported only where it runs a circuit, not with this module: its import takes
+# ~2-3 s, which a run on a classical head or on qtl's own simulators never needs.
 
 # default.qubit asks for complex128 and JAX (x64 off) uses complex64: expected, not actionable.
 warnings.filterwarnings("ignore", message="Explicitly requested dtype complex128")
@@ -104,38 +101,6 @@ def entangler_pairs(kind: str, n_qubits: int) -> list[tuple[int, int]]:
     raise ValueError(f"entangler='{kind}' is not one of: {', '.join(ALL_ENTANGLERS)}")
 
 
-def _rotation(kind: str, angles: Any, wire: int) -> None:
-    import pennylane as qml
-
-    if kind == "ry":
-        qml.RY(angles, wires=wire)
-    elif kind == "rx":
-        qml.RX(angles, wires=wire)
-    else:  # rz_ry
-        qml.RZ(angles[..., 0], wires=wire)
-        qml.RY(angles[..., 1], wires=wire)
-
-
-def dqc_ansatz(x: Any, theta: Any, spec: CircuitSpec) -> None:
-    """Queue the circuit's gates; ``x`` is (..., n) angles (a leading batch axis broadcasts)."""
-    import pennylane as qml
-
-    pairs = entangler_pairs(spec.entangler, spec.n_qubits)
-    for wire in range(spec.n_qubits):
-        if spec.encoding == "h_ry":
-            qml.Hadamard(wires=wire)
-            qml.RY(x[..., wire], wires=wire)
-        elif spec.encoding == "ry":
-            qml.RY(x[..., wire], wires=wire)
-        else:  # rx
-            qml.RX(x[..., wire], wires=wire)
-    for layer in range(spec.depth):
-        for wire in range(spec.n_qubits):
-            _rotation(spec.rotation, theta[layer, wire], wire)
-        for control, target in pairs:
-            qml.CNOT(wires=[control, target])
-
-
 @dataclass(frozen=True)
 class Symbol:
     """A named placeholder parameter: ('x', (i,)) or ('theta', (layer, wire[, k]))."""
@@ -144,19 +109,60 @@ class Symbol:
     index: tuple[int, ...]
 
 
-def record_tape(spec: CircuitSpec) -> qml.tape.QuantumScript:
-    """The ansatz's gate list with :class:`Symbol` parameters, for compiling simulators."""
+@dataclass(frozen=True)
+class Gate:
+    """One gate of the circuit: its PennyLane operation name, wires, and angle (None: fixed)."""
+
+    name: str  # Hadamard | RX | RY | RZ | CNOT
+    wires: tuple[int, ...]
+    param: Symbol | None = None
+
+    @property
+    def parameters(self) -> list[Symbol]:
+        """The angle as a list, like a PennyLane operation's ``parameters``."""
+        return [] if self.param is None else [self.param]
+
+
+@cache
+def circuit_gates(spec: CircuitSpec) -> tuple[Gate, ...]:
+    """The circuit as a gate list with :class:`Symbol` angles: its one definition.
+
+    PennyLane runs it through :func:`dqc_ansatz`; the fast, noisy and TensorFlow simulators
+    compile it. Plain data, so a run on ``fast`` never imports PennyLane (~2-3 s: it loads
+    SciPy, NetworkX and its own JAX interface)."""
+    n = spec.n_qubits
+    gates: list[Gate] = []
+    for wire in range(n):
+        x = Symbol("x", (wire,))
+        if spec.encoding == "h_ry":
+            gates += [Gate("Hadamard", (wire,)), Gate("RY", (wire,), x)]
+        else:  # ry | rx: one rotation by the raw feature
+            gates.append(Gate(spec.encoding.upper(), (wire,), x))
+    pairs = entangler_pairs(spec.entangler, n)
+    for layer in range(spec.depth):
+        for wire in range(n):
+            if spec.rotation == "rz_ry":
+                gates.append(Gate("RZ", (wire,), Symbol("theta", (layer, wire, 0))))
+                gates.append(Gate("RY", (wire,), Symbol("theta", (layer, wire, 1))))
+            else:
+                gates.append(Gate(spec.rotation.upper(), (wire,), Symbol("theta", (layer, wire))))
+        gates += [Gate("CNOT", pair) for pair in pairs]
+    return tuple(gates)
+
+
+def dqc_ansatz(x: Any, theta: Any, spec: CircuitSpec) -> None:
+    """Queue the circuit's gates in PennyLane; ``x`` is (..., n) angles (a leading batch axis
+    broadcasts)."""
     import pennylane as qml
 
-    x = np.empty(spec.n_qubits, dtype=object)
-    for i in range(spec.n_qubits):
-        x[i] = Symbol("x", (i,))
-    theta = np.empty(spec.theta_shape, dtype=object)
-    for index in np.ndindex(*spec.theta_shape):
-        theta[index] = Symbol("theta", index)
-    with qml.queuing.AnnotatedQueue() as queue:
-        dqc_ansatz(x, theta, spec)
-    return qml.tape.QuantumScript.from_queue(queue)
+    for gate in circuit_gates(spec):
+        op = getattr(qml, gate.name)
+        if gate.param is None:
+            op(wires=list(gate.wires))
+            continue
+        sym = gate.param
+        angle = x[..., sym.index[0]] if sym.array == "x" else theta[sym.index]
+        op(angle, wires=gate.wires[0])
 
 
 def pennylane_circuit(spec: CircuitSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl.config import ConfigError
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates
 
 # device-name prefix -> (the plugin's module, the qtl extra that installs it)
 PLUGINS = {"qiskit.": ("pennylane_qiskit", "devices")}
@@ -148,11 +148,9 @@ class DeviceRunner:
         self.options = options_of(opts.device)
         self.shots: int | None = opts.shots
         gradient = str(getattr(opts.gradient, "value", opts.gradient))
-        self.template = list(record_tape(spec).operations)
+        self.template = list(circuit_gates(spec))
         # each parametrised gate's angle: ('x', (i,)) or ('theta', index), in tape order
-        self.slots = [op.parameters[0] for op in self.template if op.parameters]
-        self.slots = [s.item() if isinstance(s, np.ndarray) else s for s in self.slots]
-        assert all(isinstance(s, Symbol) for s in self.slots)
+        self.slots: list[Symbol] = [op.param for op in self.template if op.param is not None]
         noisy = _has_channels(opts.noise)
         self.noise = noise_params(spec, opts.noise) if noisy else None
         self.device = self._make(None)
@@ -275,12 +273,13 @@ class DeviceRunner:
             ops: list[Any] = []
             k = 0
             for op in self.template:
-                wires = op.wires.tolist()
-                if op.parameters:
-                    ops.append(type(op)(angles[r][k], wires=wires))
+                wires = list(op.wires)
+                gate = getattr(qml, op.name)
+                if op.param is not None:
+                    ops.append(gate(angles[r][k], wires=wires))
                     k += 1
                 else:
-                    ops.append(type(op)(wires=wires))
+                    ops.append(gate(wires=wires))
                 if noise is not None:
                     ops += _channels(op.name, wires, noise)
             if noise is not None and noise.readout:

@@ -1,8 +1,8 @@
-"""A state-vector simulator compiled from the DQC circuit's own tape (``head.simulator=fast``).
+"""A state-vector simulator compiled from the circuit's own gate list (``head.simulator=fast``).
 
 Why it is fast, and still exact:
-- the circuit is read from the PennyLane tape of :func:`qtl.quantum.circuit.dqc_ansatz`, so
-  there is one definition; the tape is split into single-qubit segments and CNOT networks;
+- the circuit is read from :func:`qtl.quantum.circuit.circuit_gates`, the list PennyLane runs
+  too, so there is one definition; it is split into single-qubit segments and CNOT networks;
 - amplitudes are real float32 when every gate is real (H, RY, CNOT), complex64 otherwise;
 - the segment before the first CNOT acts on |0...0> as a product state, built in one pass;
 - a CNOT network is a permutation of basis states: one gather, whose gradient is the gather
@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 
 from qtl.quantum import kernels
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Gate, Symbol, circuit_gates
 
 MAX_QUBITS = 30  # int32 basis indices; 2^30 float32 amplitudes = 4 GiB per example
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: the simulator must stay float32-exact
@@ -106,7 +106,7 @@ def network_indices(n_qubits: int, pairs: list[tuple[int, int]]) -> tuple[np.nda
 
 @dataclass
 class _Plan:
-    """The tape, cut into what the simulator does with each part."""
+    """The gate list, cut into what the simulator does with each part."""
 
     n_qubits: int
     prefix: dict[int, list] = field(default_factory=dict)  # wire -> gates before any CNOT
@@ -119,23 +119,15 @@ class _Plan:
     real: bool = True
 
 
-def _param(op) -> Symbol | None:
-    if not op.parameters:
-        return None
-    p = op.parameters[0]
-    p = p.item() if isinstance(p, np.ndarray) else p
-    if not isinstance(p, Symbol):
-        raise ValueError(
-            f"fast simulator: gate {op.name} has a fixed parameter {p!r}; expected x or theta"
-        )
-    return p
+def _param(op: Gate) -> Symbol | None:
+    return op.param
 
 
 def compile_plan(spec: CircuitSpec) -> _Plan:
-    """Cut the recorded tape into prefix, alternating CNOT/local steps and a folded network."""
+    """Cut the gate list into prefix, alternating CNOT/local steps and a folded network."""
     plan = _Plan(spec.n_qubits)
     segments: list[tuple[str, list]] = []
-    for op in record_tape(spec).operations:
+    for op in circuit_gates(spec):
         if op.name not in _SUPPORTED:
             raise ValueError(
                 f"fast simulator: gate {op.name} is not supported ({', '.join(_SUPPORTED)})"
@@ -149,10 +141,10 @@ def compile_plan(spec: CircuitSpec) -> _Plan:
     if segments and segments[0][0] == "local":
         plan.prefix = _by_wire(segments.pop(0)[1])
     if segments and segments[-1][0] == "cnot":
-        plan.folded = [tuple(op.wires.tolist()) for op in segments.pop()[1]]
+        plan.folded = [tuple(op.wires) for op in segments.pop()[1]]
     for kind, ops in segments:
         if kind == "cnot":
-            plan.steps.append(("cnot", [tuple(op.wires.tolist()) for op in ops]))
+            plan.steps.append(("cnot", [tuple(op.wires) for op in ops]))
             continue
         gates = _by_wire(ops)
         if any(p is not None and p.array == "x" for g in gates.values() for _, p in g):

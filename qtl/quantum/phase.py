@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates
 
 MAX_QUBITS = 20  # the (G, 2^n) parity table: 20 qubits, 40 parities = 160 MiB of float32
 
@@ -52,19 +52,18 @@ def phase_table(spec: CircuitSpec) -> tuple[list[list[Symbol]], np.ndarray] | No
     to its coefficient, and the parities as rows over the final index bits (G, n) (column
     w: wire w). None when the circuit has gates other than RX and CNOT."""
     n = spec.n_qubits
-    ops = record_tape(spec).operations
+    ops = circuit_gates(spec)
     if not ops or any(op.name not in ("RX", "CNOT") for op in ops):
         return None
     rows = np.eye(n, dtype=np.uint8)  # current bit w = rows[w] . (initial bits), in H frame
     terms: list[tuple[np.ndarray, Symbol]] = []
     for op in ops:
-        wires = op.wires.tolist()
+        wires = op.wires
         if op.name == "CNOT":  # in the H frame the control and target swap: bit_c ^= bit_t
             control, target = wires
             rows[control] ^= rows[target]
             continue
-        sym = op.parameters[0]
-        sym = sym.item() if isinstance(sym, np.ndarray) else sym
+        sym = op.param
         if not isinstance(sym, Symbol):
             raise ValueError(f"fast simulator: gate RX has a fixed parameter {sym!r}")
         terms.append((rows[wires[0]].copy(), sym))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates
 from qtl.quantum.fast import cnot_network_matrix, column_angles, compile_plan, row_state_kernel
 from qtl.quantum.noise.channels import NoiseParams, apply_readout, phase_flip_probability
 from qtl.quantum.noise.trajectories import count_events
@@ -63,7 +63,7 @@ def _layout(ops: list, params: NoiseParams) -> list[tuple[str, object]]:
             segments.append((kind, [] if kind == "cnot" else {}))
         body = segments[-1][1]
         if kind == "cnot":
-            c, t = op.wires.tolist()
+            c, t = op.wires
             events = []
             for _ in range(reps):
                 if params.pair(c, t) > 0:
@@ -76,11 +76,9 @@ def _layout(ops: list, params: NoiseParams) -> list[tuple[str, object]]:
                         col += 1
             body.append((c, t, events))
             continue
-        (w,) = op.wires.tolist()
-        p = op.parameters[0] if op.parameters else None
-        sym = p.item() if isinstance(p, np.ndarray) else p
+        (w,) = op.wires
         items = body.setdefault(w, [])
-        items.append(("gate", op.name, sym))
+        items.append(("gate", op.name, op.param))
         dep = float(params.depolarizing[w])
         q = float(phase_flip_probability(params.phase_damping[w]))
         for _ in range(reps):
@@ -275,7 +273,7 @@ def pauli_frame_circuit(
     if not pauli_only(params):
         return None
     n, k = spec.n_qubits, int(trajectories)
-    ops = list(record_tape(spec).operations)
+    ops = list(circuit_gates(spec))
     events = count_events(ops, params)
     segments = _layout(ops, params)
     # the kernel's plan: a prefix, then (network, layer) pairs, then the measured network

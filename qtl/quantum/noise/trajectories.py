@@ -1,7 +1,7 @@
 """Noisy circuits as quantum trajectories (Monte-Carlo wave functions), gate by gate in JAX.
 
 Each trajectory is a pure state: after every gate of the recorded tape
-(:func:`qtl.quantum.circuit.record_tape`, the circuit's one definition) the channels of
+(:func:`qtl.quantum.circuit.circuit_gates`, the circuit's one definition) the channels of
 :mod:`qtl.quantum.noise.channels` pick one Kraus branch at random. Pauli channels
 (depolarizing, phase damping as a Z flip) pick with fixed probabilities, so no norm changes;
 amplitude damping jumps with probability gamma P(wire = 1) (the branch's ||K psi||^2) and the
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl.quantum.circuit import CircuitSpec, Symbol, record_tape
+from qtl.quantum.circuit import CircuitSpec, Symbol, circuit_gates
 from qtl.quantum.noise.channels import NoiseParams, apply_readout, phase_flip_probability
 
 _C = jnp.complex64
@@ -50,9 +50,7 @@ def _gate_matrix(op, x: jax.Array, theta: jax.Array) -> jax.Array:
     m = x.shape[0]
     if op.name == "Hadamard":
         return jnp.broadcast_to(jnp.asarray(_H), (m, 2, 2))
-    p = op.parameters[0]
-    sym = p.item() if isinstance(p, np.ndarray) else p
-    a = _angle(sym, x, theta).astype(jnp.float32) / 2
+    a = _angle(op.param, x, theta).astype(jnp.float32) / 2
     c, s = jnp.cos(a).astype(_C), jnp.sin(a).astype(_C)
     zero = jnp.zeros_like(c)
     if op.name == "RY":
@@ -202,7 +200,7 @@ def _run_ops(ops, state: _State, noise: _Noise, params: NoiseParams, x, theta) -
     cnot_ad, cnot_pd = params.cnot_damping()
     for op in ops:
         reps = params.pulses.get(op.name, 1)
-        wires = op.wires.tolist()
+        wires = op.wires
         if op.name == "CNOT":
             c, t = wires
             state.cnot(c, t)
@@ -232,7 +230,7 @@ def count_events(ops: list, params: NoiseParams) -> int:
     count = 0
     for op in ops:
         reps = params.pulses.get(op.name, 1)
-        wires = op.wires.tolist()
+        wires = op.wires
         if op.name == "CNOT":
             c, t = wires
             per = int(params.pair(c, t) > 0)
@@ -258,7 +256,7 @@ def trajectory_circuit(
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """``f(x (B, n), theta, key) -> (B, n)``: the mean <Z_i> over ``trajectories`` per row,
     read through the readout error. Same keys, same trajectories."""
-    ops = list(record_tape(spec).operations)
+    ops = list(circuit_gates(spec))
     n = spec.n_qubits
     blocks = _blocks(ops, max(4, n))
     k = int(trajectories)
