@@ -641,23 +641,26 @@ void XExpect(const F* __restrict r, const F* __restrict i, int n, int64_t size, 
   });
 }
 
-// The cotangent of sum_w g_w <X_w>: lam[j] = 2 sum_w g_w state[j ^ (wire w's bit)], each
-// amplitude summed from its n partners at once: one store per amplitude. (Wire pairs a pass,
-// read-modify-writing lam n / 2 times, took 11-15% longer per backward at d = 8 and 15-20%
-// at d = 16, AMD EPYC Zen 3.)
-void XCotangent(const F* __restrict r, const F* __restrict i, const F* gw, int n, int64_t size,
-                F* __restrict lr, F* __restrict li) {
+// The cotangent of sum_w g_w <X_w> of the state after a network, in the basis before it:
+// lam[j] = 2 sum_w g_w y[j ^ flip[w]], y the state before the network and flip[w] = G(wire w's
+// bit) (G, its gather map, is linear over GF(2), so X_w after it flips the bits flip[w]
+// before it). So neither the state nor the cotangent is gathered through the last network.
+// Each amplitude is summed from its n partners at once: one store per amplitude. (Wire
+// pairs a pass, read-modify-writing lam n / 2 times between two gathers, took longer per
+// backward at every d measured, AMD EPYC Zen 3: docs/simulator.md.)
+void XCotangent(const F* __restrict r, const F* __restrict i, const F* gw, const int32_t* map,
+                int n, int64_t size, F* __restrict lr, F* __restrict li) {
   F g2[kMaxQubits];
-  int64_t bit[kMaxQubits];
+  int64_t flip[kMaxQubits];
   for (int w = 0; w < n; ++w) {
     g2[w] = 2.0f * gw[w];
-    bit[w] = int64_t{1} << (n - 1 - w);
+    flip[w] = map[int64_t{1} << (n - 1 - w)];
   }
   for (int64_t j = 0; j < size; ++j) {
-    F ar = g2[0] * r[j ^ bit[0]], ai = g2[0] * i[j ^ bit[0]];
+    F ar = g2[0] * r[j ^ flip[0]], ai = g2[0] * i[j ^ flip[0]];
     for (int w = 1; w < n; ++w) {
-      ar += g2[w] * r[j ^ bit[w]];
-      ai += g2[w] * i[j ^ bit[w]];
+      ar += g2[w] * r[j ^ flip[w]];
+      ai += g2[w] * i[j ^ flip[w]];
     }
     lr[j] = ar;
     li[j] = ai;
@@ -707,16 +710,12 @@ void BackwardGroupHadamard(const Problem& p, const float* gz, int64_t b0, int ro
   F* ys = s.ys.data();
   ForwardHadamard(p, s, ys);
   const F* last = ys + 2 * (p.m - 1) * size;
-  Gather(last, last + size, s.tr.data(), s.ti.data(), p.hg[p.m].data(), size);
   F gw[kMaxQubits], out[kMaxQubits];
   for (int w = 0; w < n; ++w) {
     gw[w] = F{};
     for (int k = 0; k < rows; ++k) gw[w][k] = gz[(b0 + k) * n + w];
   }
-  XCotangent(s.tr.data(), s.ti.data(), gw, n, size, s.lr.data(), s.li.data());
-  Gather(s.lr.data(), s.li.data(), s.tr.data(), s.ti.data(), p.hginv[p.m].data(), size);
-  std::swap(s.lr, s.tr);
-  std::swap(s.li, s.ti);
+  XCotangent(last, last + size, gw, p.hg[p.m].data(), n, size, s.lr.data(), s.li.data());
   for (int l = p.m - 1; l >= 0; --l) {
     const F* y = ys + 2 * l * size;
     FoldIm(s.lr.data(), s.li.data(), y, y + size, s.tr.data(), n, size, out);
