@@ -117,11 +117,6 @@ class Gate:
     wires: tuple[int, ...]
     param: Symbol | None = None
 
-    @property
-    def parameters(self) -> list[Symbol]:
-        """The angle as a list, like a PennyLane operation's ``parameters``."""
-        return [] if self.param is None else [self.param]
-
 
 @cache
 def circuit_gates(spec: CircuitSpec) -> tuple[Gate, ...]:
