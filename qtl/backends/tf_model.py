@@ -94,7 +94,7 @@ def _apply_cnot(state: tf.Tensor, n: int, control: int, target: int) -> tf.Tenso
 
 
 def tf_circuit(spec: Any) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``f(angles (B, n), theta) -> <Z> (B, n)``: qtl's recorded tape, gate by gate, in TF."""
+    """``f(angles (B, n), theta) -> <Z> (B, n)``: qtl's gate list, gate by gate, in TF."""
     from qtl.quantum.circuit import circuit_gates
 
     n = spec.n_qubits

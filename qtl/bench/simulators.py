@@ -3,8 +3,8 @@
 ``fast`` and ``pennylane`` are qtl's own (``qtl.quantum``); ``tensorcircuit`` (tensorcircuit-ng,
 jax backend, vmap over the batch), ``lightning`` (PennyLane lightning.qubit, adjoint
 gradients) and ``qulacs`` (its C++ adjoint ``backprop``, one pass per example) are optional
-peers. The tensorcircuit and qulacs circuits are built by walking the same recorded tape, so all
-simulate exactly the gates of :func:`qtl.quantum.circuit.dqc_ansatz`.
+peers. The tensorcircuit and qulacs circuits are built by walking the same gate list, so all
+simulate exactly the gates of :func:`qtl.quantum.circuit.circuit_gates`.
 """
 
 from __future__ import annotations

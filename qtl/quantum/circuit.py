@@ -1,4 +1,4 @@
-"""The circuit family of both studies, written once as a PennyLane quantum function.
+"""The circuit family of both studies, written once as a gate list that PennyLane runs.
 
 The chest X-ray study's DQC circuit (Chan et al., §III) is the default: on |0...0>, H then RY(x_i)
 on every wire; then `depth` times a rotation layer RY(theta[l, i]) followed by a CNOT ring

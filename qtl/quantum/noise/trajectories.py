@@ -1,6 +1,6 @@
 """Noisy circuits as quantum trajectories (Monte-Carlo wave functions), gate by gate in JAX.
 
-Each trajectory is a pure state: after every gate of the recorded tape
+Each trajectory is a pure state: after every gate of the gate list
 (:func:`qtl.quantum.circuit.circuit_gates`, the circuit's one definition) the channels of
 :mod:`qtl.quantum.noise.channels` pick one Kraus branch at random. Pauli channels
 (depolarizing, phase damping as a Z flip) pick with fixed probabilities, so no norm changes;
