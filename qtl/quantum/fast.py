@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 
 from qtl.quantum import kernels
-from qtl.quantum.circuit import CircuitSpec, Gate, Symbol, circuit_gates
+from qtl.quantum.circuit import CircuitSpec, circuit_gates
 
 MAX_QUBITS = 30  # int32 basis indices; 2^30 float32 amplitudes = 4 GiB per example
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: the simulator must stay float32-exact
@@ -119,10 +119,6 @@ class _Plan:
     real: bool = True
 
 
-def _param(op: Gate) -> Symbol | None:
-    return op.param
-
-
 def compile_plan(spec: CircuitSpec) -> _Plan:
     """Cut the gate list into prefix, alternating CNOT/local steps and a folded network."""
     plan = _Plan(spec.n_qubits)
@@ -156,7 +152,7 @@ def compile_plan(spec: CircuitSpec) -> _Plan:
 def _by_wire(ops) -> dict[int, list]:
     gates: dict[int, list] = {}
     for op in ops:
-        gates.setdefault(op.wires[0], []).append((op.name, _param(op)))
+        gates.setdefault(op.wires[0], []).append((op.name, op.param))
     return gates
 
 

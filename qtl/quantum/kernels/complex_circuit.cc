@@ -81,7 +81,8 @@ struct Problem {
   bool rx = false;      // every gate is RX(t) (AllRx) and shared by every row
   bool angles = false;  // and the backward returns dL/dt, (m, n) per slot
   // RX layers after an RX encoding, run in the Hadamard basis (UseHadamard, below): there the
-  // networks' gather maps (m + 1, each 2^n entries; hginv their inverses) and every layer's
+  // networks' gather maps (m + 1, each 2^n entries; hginv the inverses of the first m, which
+  // the backward undoes: the last one it never gathers through, XCotangent) and every layer's
   // diagonal (m, 2^n) as real and imaginary parts
   bool hadamard = false;
   std::vector<std::vector<int32_t>> hg, hginv;
@@ -175,7 +176,7 @@ void UseHadamard(Problem& p) {
       col_inv[b] = inv[int64_t{1} << b];
     }
     p.hg.push_back(MapOfColumns(Transposed(col_inv, n), n));  // (G^-1)^T
-    p.hginv.push_back(MapOfColumns(Transposed(col, n), n));   // its inverse, G^T
+    if (l < p.m) p.hginv.push_back(MapOfColumns(Transposed(col, n), n));  // its inverse, G^T
   }
   // D in double (n unit factors per entry), wire 0 the most significant bit like Product
   p.dr.resize(size_t(p.m) * size);
